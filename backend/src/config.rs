@@ -1,0 +1,85 @@
+//! How an [`Engine`](crate::Engine) is set up.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Settings for loading a model into an [`Engine`](crate::Engine).
+///
+/// ```
+/// let config = geek_backend::EngineConfig::new("model.gguf").with_threads(2).with_n_ctx(2048);
+/// assert_eq!(config.threads, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// The GGUF file.
+    pub model: PathBuf,
+    /// Context size in tokens, shared by all live sequences (one unified KV cache).
+    pub n_ctx: u32,
+    /// Most tokens handed to one `llama_decode` call.
+    pub n_batch: u32,
+    /// Physical micro-batch size.
+    pub n_ubatch: u32,
+    /// Threads for generation. Set explicitly: llama.cpp's own default (4) halves speed on a
+    /// 2-core machine.
+    pub threads: i32,
+    /// Threads for prompt processing.
+    pub threads_batch: i32,
+    /// Layers offloaded to the GPU (needs the `cuda` feature; ignored on CPU builds).
+    pub n_gpu_layers: u32,
+    /// How many sequences may be alive at once (including the engine's scratch sequences).
+    pub max_sequences: u32,
+    /// GGUF LoRA adapters loaded with the model; switch between them with
+    /// [`Engine::set_lora`](crate::Engine::set_lora).
+    pub lora_adapters: Vec<PathBuf>,
+}
+
+impl EngineConfig {
+    /// Defaults: 4096-token context, 512-token batches, one thread per available core.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        let threads = default_threads();
+        EngineConfig {
+            model: model.into(),
+            n_ctx: 4096,
+            n_batch: 512,
+            n_ubatch: 512,
+            threads,
+            threads_batch: threads,
+            n_gpu_layers: 0,
+            max_sequences: 32,
+            lora_adapters: Vec::new(),
+        }
+    }
+
+    /// Sets both generation and prompt threads.
+    pub fn with_threads(mut self, threads: i32) -> Self {
+        self.threads = threads;
+        self.threads_batch = threads;
+        self
+    }
+
+    /// Sets the context size.
+    pub fn with_n_ctx(mut self, n_ctx: u32) -> Self {
+        self.n_ctx = n_ctx;
+        self
+    }
+
+    /// Sets the number of sequences that may be alive at once.
+    pub fn with_max_sequences(mut self, n: u32) -> Self {
+        self.max_sequences = n;
+        self
+    }
+
+    /// Adds a GGUF LoRA adapter to load with the model.
+    pub fn with_lora(mut self, path: impl Into<PathBuf>) -> Self {
+        self.lora_adapters.push(path.into());
+        self
+    }
+}
+
+/// One thread per available core (2 on the reference machine).
+pub fn default_threads() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as i32)
+        .unwrap_or(2)
+}

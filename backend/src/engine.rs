@@ -1,0 +1,642 @@
+//! The handle side of the inference engine: [`Engine`], [`Sequence`] and what they return.
+//!
+//! One thread owns the llama.cpp model and context (see `worker.rs`); everything here talks to
+//! it over a channel. Every call returns at once with a [`Reply`] (or a [`Generation`] stream)
+//! that can be `.await`ed from async code or `.wait()`ed from a plain thread.
+//!
+//! ```no_run
+//! use geek_backend::{Engine, EngineConfig, GenerateParams};
+//!
+//! let engine = Engine::load(EngineConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+//! let seq = engine.sequence()?;
+//! seq.append("The capital of France is").wait()?;
+//! // Only the new tokens are decoded: the prompt stays in the KV cache.
+//! let scores = seq.score(&[" Paris", " Berlin"]).wait()?;
+//! assert!(scores[0] > scores[1]);
+//! let answer = seq.generate(GenerateParams::greedy(16).stop_at("\n")).wait()?;
+//! println!("{}", answer.text);
+//! # Ok::<(), geek_backend::Error>(())
+//! ```
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::gguf::GgufFile;
+use crate::sampling::GenerateParams;
+use crate::{EngineConfig, Error, Result};
+
+/// What the engine knows about its model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// `general.name`, when present.
+    pub name: Option<String>,
+    /// Number of weights.
+    pub n_params: u64,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// Context length the model was trained with.
+    pub n_ctx_train: u32,
+    /// Context size of this engine.
+    pub n_ctx: u32,
+    /// Vocabulary size.
+    pub n_vocab: i32,
+    /// Transformer layers.
+    pub n_layer: u32,
+    /// Embedding width.
+    pub n_embd: i32,
+    /// The chat template from the GGUF metadata.
+    pub chat_template: Option<String>,
+    /// Loaded LoRA adapters, in [`Engine::set_lora`] index order.
+    pub lora_adapters: Vec<PathBuf>,
+}
+
+/// One chat turn, for [`Engine::chat_prompt`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text of the turn.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// How much of a request's prompt had to be decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillStats {
+    /// Tokens decoded for this request.
+    pub decoded: usize,
+    /// Tokens already in the KV cache, not decoded again.
+    pub reused: usize,
+    /// Tokens in the sequence after the request (what a stateless server would re-decode).
+    pub total: usize,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// The output reached this stop string (not part of the returned text).
+    Stop(String),
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    /// The [`Generation`] was dropped before the end.
+    Cancelled,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The generated text, ending before the stop string if one matched.
+    pub text: String,
+    /// Every generated token, stop string and end-of-generation token included. They all stay
+    /// in the sequence: the next append continues after them.
+    pub tokens: Vec<i32>,
+    /// Why generation ended.
+    pub stop: StopReason,
+    /// Prompt decoding of this request.
+    pub prefill: PrefillStats,
+    /// Seconds spent before the first token was sampled.
+    pub prefill_seconds: f64,
+    /// Seconds spent generating.
+    pub generation_seconds: f64,
+}
+
+/// One event of a streamed generation.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// Newly generated text (whole UTF-8 characters, never part of a stop string).
+    Piece(String),
+    /// Generation ended normally.
+    Done(Completion),
+    /// Generation failed.
+    Failed(Error),
+}
+
+/// Counters of the whole engine, to prove KV reuse and batching.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Sum over requests of the sequence length they ran on: what a stateless API would decode.
+    pub prompt_tokens_requested: u64,
+    /// Prompt tokens actually decoded.
+    pub prompt_tokens_decoded: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// `llama_decode` calls.
+    pub decode_calls: u64,
+    /// Tokens passed to `llama_decode` over all calls.
+    pub batch_tokens: u64,
+    /// Sequences alive now.
+    pub live_sequences: usize,
+}
+
+pub(crate) enum Input {
+    Text(String),
+    Tokens(Vec<i32>),
+}
+
+pub(crate) type ReplyTx<T> = oneshot::Sender<Result<T>>;
+
+pub(crate) enum Command {
+    Tokenize {
+        text: String,
+        add_special: bool,
+        reply: ReplyTx<Vec<i32>>,
+    },
+    Detokenize {
+        tokens: Vec<i32>,
+        reply: ReplyTx<String>,
+    },
+    ChatPrompt {
+        messages: Vec<ChatMessage>,
+        add_assistant: bool,
+        reply: ReplyTx<String>,
+    },
+    Append {
+        seq: i32,
+        input: Input,
+        reply: ReplyTx<PrefillStats>,
+    },
+    Generate {
+        seq: i32,
+        params: Box<GenerateParams>,
+        events: tmpsc::UnboundedSender<GenEvent>,
+    },
+    Score {
+        seq: i32,
+        candidates: Vec<String>,
+        reply: ReplyTx<Vec<f32>>,
+    },
+    Logits {
+        seq: i32,
+        reply: ReplyTx<Vec<f32>>,
+    },
+    Tokens {
+        seq: i32,
+        reply: ReplyTx<Vec<i32>>,
+    },
+    Fork {
+        src: i32,
+        dst: i32,
+        reply: ReplyTx<()>,
+    },
+    Truncate {
+        seq: i32,
+        len: usize,
+        reply: ReplyTx<()>,
+    },
+    Release {
+        seq: i32,
+    },
+    SetLora {
+        index: Option<usize>,
+        scale: f32,
+        reply: ReplyTx<()>,
+    },
+    Stats {
+        reply: ReplyTx<EngineStats>,
+    },
+}
+
+/// Sequence ids in use; shared by handles (which allocate) and the worker (scratch sequences).
+#[derive(Debug)]
+pub(crate) struct SeqIds {
+    free: Mutex<Vec<i32>>,
+    pub(crate) max: usize,
+}
+
+impl SeqIds {
+    pub(crate) fn new(max: u32) -> Self {
+        SeqIds {
+            free: Mutex::new((0..max as i32).rev().collect()),
+            max: max as usize,
+        }
+    }
+
+    pub(crate) fn alloc(&self) -> Result<i32> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.pop().ok_or(Error::NoFreeSequence { max: self.max })
+    }
+
+    pub(crate) fn release(&self, id: i32) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        free.push(id);
+    }
+}
+
+struct Shared {
+    tx: Option<mpsc::Sender<Command>>,
+    ids: Arc<SeqIds>,
+    info: ModelInfo,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Shared {
+    fn send(&self, cmd: Command) {
+        // A send error means the worker is gone; the dropped reply sender then reports
+        // `EngineStopped` to whoever waits.
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(cmd);
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker loop; wait so the model is freed before we return.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A loaded model with its llama.cpp context, owned by one engine thread. Cheap to clone;
+/// the engine stops when the last clone and the last [`Sequence`] are dropped.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.shared.info.path)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads the model on a new engine thread. The file is checked first, so a missing, non-GGUF,
+    /// truncated or unsupported file gives a typed error instead of a llama.cpp failure.
+    pub fn load(config: EngineConfig) -> Result<Engine> {
+        let gguf = GgufFile::open(&config.model)?;
+        gguf.check_architecture()?;
+        for adapter in &config.lora_adapters {
+            GgufFile::open(adapter)?;
+        }
+        if config.n_ctx == 0 || config.n_batch == 0 || config.threads <= 0 {
+            return Err(Error::InvalidParameter(
+                "n_ctx, n_batch and threads must be positive".into(),
+            ));
+        }
+        if config.max_sequences == 0 || config.max_sequences > 256 {
+            return Err(Error::InvalidParameter(
+                "max_sequences must be between 1 and 256".into(),
+            ));
+        }
+        let ids = Arc::new(SeqIds::new(config.max_sequences));
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let worker_ids = ids.clone();
+        let thread = std::thread::Builder::new()
+            .name("geek-engine".into())
+            .spawn(move || crate::worker::run(config, gguf, worker_ids, rx, ready_tx))
+            .map_err(|e| Error::ModelLoad {
+                path: PathBuf::new(),
+                reason: format!("cannot start the engine thread: {e}"),
+            })?;
+        let info = match ready_rx.recv() {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::EngineStopped);
+            }
+        };
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                tx: Some(tx),
+                ids,
+                info,
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Facts about the loaded model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    /// A new, empty sequence with its own KV cache.
+    pub fn sequence(&self) -> Result<Sequence> {
+        Ok(Sequence {
+            id: self.shared.ids.alloc()?,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Tokenizes `text`; `add_special` adds the BOS token when the model wants one.
+    /// Special tokens written in the text (`<|im_start|>`) are parsed as such.
+    pub fn tokenize(&self, text: impl Into<String>, add_special: bool) -> Reply<Vec<i32>> {
+        self.request(|reply| Command::Tokenize {
+            text: text.into(),
+            add_special,
+            reply,
+        })
+    }
+
+    /// Turns tokens back into text (special tokens rendered).
+    pub fn detokenize(&self, tokens: Vec<i32>) -> Reply<String> {
+        self.request(|reply| Command::Detokenize { tokens, reply })
+    }
+
+    /// Renders messages with the chat template stored in the model's GGUF metadata.
+    pub fn chat_prompt(&self, messages: &[ChatMessage], add_assistant: bool) -> Reply<String> {
+        let messages = messages.to_vec();
+        self.request(|reply| Command::ChatPrompt {
+            messages,
+            add_assistant,
+            reply,
+        })
+    }
+
+    /// Switches to LoRA adapter `index` of [`EngineConfig::lora_adapters`] at `scale`, or back to
+    /// the base model with `None`. The KV caches of live sequences were computed with other
+    /// weights, so they are cleared and re-decoded on next use. Fails while requests run.
+    pub fn set_lora(&self, index: Option<usize>, scale: f32) -> Reply<()> {
+        self.request(|reply| Command::SetLora {
+            index,
+            scale,
+            reply,
+        })
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> Reply<EngineStats> {
+        self.request(|reply| Command::Stats { reply })
+    }
+
+    fn request<T>(&self, make: impl FnOnce(ReplyTx<T>) -> Command) -> Reply<T> {
+        request(&self.shared, make)
+    }
+}
+
+fn request<T>(shared: &Shared, make: impl FnOnce(ReplyTx<T>) -> Command) -> Reply<T> {
+    let (tx, rx) = oneshot::channel();
+    shared.send(make(tx));
+    Reply { rx }
+}
+
+/// A token sequence whose KV cache lives in the engine. Appends decode only the new tokens;
+/// [`fork`](Sequence::fork) shares the cache with a copy. One request at a time per sequence:
+/// a second one while the first runs fails with [`Error::SequenceBusy`]. Dropping the handle
+/// frees the cache (and cancels a running request).
+pub struct Sequence {
+    id: i32,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence").field("id", &self.id).finish()
+    }
+}
+
+impl Sequence {
+    /// The llama.cpp sequence id.
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    /// Appends text and decodes its tokens. The first append of a sequence adds BOS when the
+    /// model wants one; special tokens in the text are parsed.
+    pub fn append(&self, text: impl Into<String>) -> Reply<PrefillStats> {
+        let input = Input::Text(text.into());
+        self.request(|reply| Command::Append {
+            seq: self.id,
+            input,
+            reply,
+        })
+    }
+
+    /// Appends tokens as they are and decodes them.
+    pub fn append_tokens(&self, tokens: Vec<i32>) -> Reply<PrefillStats> {
+        self.request(|reply| Command::Append {
+            seq: self.id,
+            input: Input::Tokens(tokens),
+            reply,
+        })
+    }
+
+    /// Generates a continuation, streamed. The generated tokens stay in the sequence.
+    pub fn generate(&self, params: GenerateParams) -> Generation {
+        let (events, rx) = tmpsc::unbounded_channel();
+        self.shared.send(Command::Generate {
+            seq: self.id,
+            params: Box::new(params),
+            events,
+        });
+        Generation { rx }
+    }
+
+    /// Log-probability of each candidate continuation after the sequence (summed over its
+    /// tokens), without generating and without changing the sequence.
+    pub fn score(&self, candidates: &[&str]) -> Reply<Vec<f32>> {
+        let candidates = candidates.iter().map(|c| c.to_string()).collect();
+        self.request(|reply| Command::Score {
+            seq: self.id,
+            candidates,
+            reply,
+        })
+    }
+
+    /// The next-token logits after the sequence (vocabulary-sized).
+    pub fn logits(&self) -> Reply<Vec<f32>> {
+        self.request(|reply| Command::Logits {
+            seq: self.id,
+            reply,
+        })
+    }
+
+    /// The sequence's tokens (decoded or waiting to be).
+    pub fn tokens(&self) -> Reply<Vec<i32>> {
+        self.request(|reply| Command::Tokens {
+            seq: self.id,
+            reply,
+        })
+    }
+
+    /// Keeps only the first `len` tokens, dropping the rest from the KV cache.
+    pub fn truncate(&self, len: usize) -> Reply<()> {
+        self.request(|reply| Command::Truncate {
+            seq: self.id,
+            len,
+            reply,
+        })
+    }
+
+    /// A new sequence that starts as a copy of this one and shares its KV cache cells:
+    /// nothing is decoded again.
+    pub fn fork(&self) -> Fork {
+        match self.shared.ids.alloc() {
+            Err(e) => Fork {
+                state: ForkState::Failed(Some(e)),
+            },
+            Ok(dst) => {
+                let child = Sequence {
+                    id: dst,
+                    shared: self.shared.clone(),
+                };
+                let reply = self.request(|reply| Command::Fork {
+                    src: self.id,
+                    dst,
+                    reply,
+                });
+                Fork {
+                    state: ForkState::Waiting(reply, Some(child)),
+                }
+            }
+        }
+    }
+
+    fn request<T>(&self, make: impl FnOnce(ReplyTx<T>) -> Command) -> Reply<T> {
+        request(&self.shared, make)
+    }
+}
+
+impl Drop for Sequence {
+    fn drop(&mut self) {
+        self.shared.send(Command::Release { seq: self.id });
+        // The release is queued before any later use of the id, so it can be reused now.
+        self.shared.ids.release(self.id);
+    }
+}
+
+/// The answer to one request. `.await` it, or `.wait()` from a thread that is not running an
+/// async runtime.
+#[must_use = "a Reply does nothing unless awaited or waited on"]
+#[derive(Debug)]
+pub struct Reply<T> {
+    rx: oneshot::Receiver<Result<T>>,
+}
+
+impl<T> Reply<T> {
+    /// Blocks the current thread until the engine answers. Panics inside an async runtime.
+    pub fn wait(self) -> Result<T> {
+        self.rx.blocking_recv().unwrap_or(Err(Error::EngineStopped))
+    }
+}
+
+impl<T> Future for Reply<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::EngineStopped)))
+    }
+}
+
+enum ForkState {
+    Waiting(Reply<()>, Option<Sequence>),
+    Failed(Option<Error>),
+}
+
+/// The answer to [`Sequence::fork`]: the new sequence.
+#[must_use = "a Fork does nothing unless awaited or waited on"]
+pub struct Fork {
+    state: ForkState,
+}
+
+impl Fork {
+    /// Blocks until the copy is made.
+    pub fn wait(self) -> Result<Sequence> {
+        match self.state {
+            ForkState::Failed(e) => Err(e.unwrap_or(Error::EngineStopped)),
+            ForkState::Waiting(reply, child) => {
+                reply.wait()?;
+                child.ok_or(Error::EngineStopped)
+            }
+        }
+    }
+}
+
+impl Future for Fork {
+    type Output = Result<Sequence>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            ForkState::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(Error::EngineStopped))),
+            ForkState::Waiting(reply, child) => match Pin::new(reply).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => Poll::Ready(child.take().ok_or(Error::EngineStopped)),
+            },
+        }
+    }
+}
+
+/// A streamed generation. Dropping it cancels the generation.
+#[must_use = "a Generation is cancelled when dropped"]
+#[derive(Debug)]
+pub struct Generation {
+    rx: tmpsc::UnboundedReceiver<GenEvent>,
+}
+
+impl Generation {
+    /// The next event; `None` after `Done` or `Failed`.
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        self.rx.recv().await
+    }
+
+    /// The next event, blocking the current thread.
+    pub fn next_blocking(&mut self) -> Option<GenEvent> {
+        self.rx.blocking_recv()
+    }
+
+    /// Waits for the end, ignoring the streamed pieces.
+    pub async fn finish(mut self) -> Result<Completion> {
+        while let Some(ev) = self.rx.recv().await {
+            if let Some(done) = Self::terminal(ev) {
+                return done;
+            }
+        }
+        Err(Error::EngineStopped)
+    }
+
+    /// Blocks until the end, ignoring the streamed pieces.
+    pub fn wait(mut self) -> Result<Completion> {
+        while let Some(ev) = self.rx.blocking_recv() {
+            if let Some(done) = Self::terminal(ev) {
+                return done;
+            }
+        }
+        Err(Error::EngineStopped)
+    }
+
+    fn terminal(ev: GenEvent) -> Option<Result<Completion>> {
+        match ev {
+            GenEvent::Piece(_) => None,
+            GenEvent::Done(c) => Some(Ok(c)),
+            GenEvent::Failed(e) => Some(Err(e)),
+        }
+    }
+}

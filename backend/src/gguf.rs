@@ -1,0 +1,509 @@
+//! A small, dependency-free GGUF reader: header, metadata and tensor table.
+//!
+//! llama.cpp answers a broken file with a null pointer and a line on stderr. Reading the file
+//! ourselves first turns "missing", "not GGUF", "truncated" and "unknown architecture" into
+//! typed [`Error`]s, and gives `geek model info` its facts without loading any weights.
+//!
+//! ```no_run
+//! let info = geek_backend::gguf::GgufFile::open("model.gguf")?;
+//! println!("{} with {} parameters", info.architecture().unwrap_or("?"), info.parameter_count());
+//! # Ok::<(), geek_backend::Error>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// One metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any unsigned integer type.
+    U64(u64),
+    /// Any signed integer type.
+    I64(i64),
+    /// `f32` or `f64`.
+    F64(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A UTF-8 string (invalid bytes replaced).
+    String(String),
+    /// An array of values.
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// The value as an unsigned integer, when it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a string slice.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// Tensor name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// Dimensions, innermost first (ggml order).
+    pub dims: Vec<u64>,
+    /// ggml type id.
+    pub type_id: u32,
+    /// Offset of the data relative to the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// The ggml type name (`Q4_1`, `F32`, …) or `type<N>` for ids this reader does not know.
+    pub fn type_name(&self) -> String {
+        ggml_type(self.type_id)
+            .map(|t| t.name.to_string())
+            .unwrap_or_else(|| format!("type{}", self.type_id))
+    }
+
+    /// Size of the tensor's data in bytes, when the type is known.
+    pub fn n_bytes(&self) -> Option<u64> {
+        let t = ggml_type(self.type_id)?;
+        Some(self.n_elements() / t.block_size * t.type_size)
+    }
+}
+
+/// Block layout of a ggml tensor type.
+#[derive(Debug, Clone, Copy)]
+pub struct GgmlType {
+    /// Name as llama.cpp prints it.
+    pub name: &'static str,
+    /// Elements per block.
+    pub block_size: u64,
+    /// Bytes per block.
+    pub type_size: u64,
+}
+
+/// Block layout of the ggml type `id`, for the types this crate knows.
+pub fn ggml_type(id: u32) -> Option<GgmlType> {
+    let (name, block_size, type_size) = match id {
+        0 => ("F32", 1, 4),
+        1 => ("F16", 1, 2),
+        2 => ("Q4_0", 32, 18),
+        3 => ("Q4_1", 32, 20),
+        6 => ("Q5_0", 32, 22),
+        7 => ("Q5_1", 32, 24),
+        8 => ("Q8_0", 32, 34),
+        9 => ("Q8_1", 32, 36),
+        10 => ("Q2_K", 256, 84),
+        11 => ("Q3_K", 256, 110),
+        12 => ("Q4_K", 256, 144),
+        13 => ("Q5_K", 256, 176),
+        14 => ("Q6_K", 256, 210),
+        15 => ("Q8_K", 256, 292),
+        16 => ("IQ2_XXS", 256, 66),
+        17 => ("IQ2_XS", 256, 74),
+        18 => ("IQ3_XXS", 256, 98),
+        19 => ("IQ1_S", 256, 50),
+        20 => ("IQ4_NL", 32, 18),
+        21 => ("IQ3_S", 256, 110),
+        22 => ("IQ2_S", 256, 82),
+        23 => ("IQ4_XS", 256, 136),
+        24 => ("I8", 1, 1),
+        25 => ("I16", 1, 2),
+        26 => ("I32", 1, 4),
+        27 => ("I64", 1, 8),
+        28 => ("F64", 1, 8),
+        29 => ("IQ1_M", 256, 56),
+        30 => ("BF16", 1, 2),
+        34 => ("TQ1_0", 256, 54),
+        35 => ("TQ2_0", 256, 66),
+        39 => ("MXFP4", 32, 17),
+        _ => return None,
+    };
+    Some(GgmlType {
+        name,
+        block_size,
+        type_size,
+    })
+}
+
+/// The parsed header, metadata and tensor table of a GGUF file.
+#[derive(Debug, Clone)]
+pub struct GgufFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// GGUF format version (2 or 3).
+    pub version: u32,
+    /// Metadata key → value, sorted by key.
+    pub metadata: BTreeMap<String, Value>,
+    /// The tensor table, in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Absolute offset of the tensor data section.
+    pub data_offset: u64,
+    /// File size in bytes.
+    pub file_size: u64,
+}
+
+impl GgufFile {
+    /// Read and validate a GGUF file's header, metadata and tensor table. Every tensor of a
+    /// known type must lie inside the file, so a truncated download is caught here.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ModelNotFound(path))
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let file_size = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let mut r = Reader {
+            inner: BufReader::new(file),
+            pos: 0,
+            size: file_size,
+        };
+        let corrupt = |reason: String| Error::CorruptGguf {
+            path: path.clone(),
+            reason,
+        };
+
+        let mut magic = [0u8; 4];
+        let n = r.read_up_to(&mut magic).map_err(|e| Error::io(&path, e))?;
+        if n > 0 && n < 4 && magic[..n] == b"GGUF"[..n] {
+            return Err(corrupt(format!("file is only {n} bytes long")));
+        }
+        if n < 4 || &magic != b"GGUF" {
+            return Err(Error::NotGguf {
+                path,
+                magic: magic[..n].to_vec(),
+            });
+        }
+        let version = r.u32().map_err(corrupt)?;
+        if !(2..=3).contains(&version) {
+            return Err(corrupt(format!("unsupported GGUF version {version}")));
+        }
+        let n_tensors = r.u64().map_err(corrupt)?;
+        let n_kv = r.u64().map_err(corrupt)?;
+        // Every tensor-table entry and key-value pair takes at least 8 bytes on disk.
+        if n_tensors.saturating_add(n_kv).saturating_mul(8) > file_size {
+            return Err(corrupt(format!(
+                "header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file can hold"
+            )));
+        }
+
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = r.string().map_err(corrupt)?;
+            let ty = r.u32().map_err(corrupt)?;
+            let value = r.value(ty, 0).map_err(|e| corrupt(format!("key {key:?}: {e}")))?;
+            metadata.insert(key, value);
+        }
+
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string().map_err(corrupt)?;
+            let n_dims = r.u32().map_err(corrupt)?;
+            if n_dims > 8 {
+                return Err(corrupt(format!("tensor {name:?} has {n_dims} dimensions")));
+            }
+            let dims = (0..n_dims)
+                .map(|_| r.u64())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(corrupt)?;
+            let type_id = r.u32().map_err(corrupt)?;
+            let offset = r.u64().map_err(corrupt)?;
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                type_id,
+                offset,
+            });
+        }
+
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1);
+        let data_offset = r.pos.div_ceil(alignment) * alignment;
+        for t in &tensors {
+            if let Some(bytes) = t.n_bytes() {
+                let end = data_offset
+                    .checked_add(t.offset)
+                    .and_then(|o| o.checked_add(bytes));
+                if end.is_none_or(|end| end > file_size) {
+                    return Err(corrupt(format!(
+                        "tensor {:?} ends past the end of the file ({} bytes): truncated?",
+                        t.name, file_size
+                    )));
+                }
+            }
+        }
+
+        Ok(GgufFile {
+            path,
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            file_size,
+        })
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+    }
+
+    /// A string metadata value.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(Value::as_str)
+    }
+
+    /// An integer metadata value.
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        self.metadata.get(key).and_then(Value::as_u64)
+    }
+
+    /// Training context length (`<arch>.context_length`).
+    pub fn context_length(&self) -> Option<u64> {
+        self.get_u64(&format!("{}.context_length", self.architecture()?))
+    }
+
+    /// The chat template stored in the file (`tokenizer.chat_template`).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.get_str("tokenizer.chat_template")
+    }
+
+    /// Total number of weights over all tensors.
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.iter().map(TensorInfo::n_elements).sum()
+    }
+
+    /// How many tensors use each ggml type, e.g. `{"Q4_1": 210, "F32": 61}`.
+    pub fn tensor_type_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for t in &self.tensors {
+            *counts.entry(t.type_name()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Whether llama.cpp implements this file's architecture.
+    pub fn check_architecture(&self) -> Result<()> {
+        match self.architecture() {
+            Some(arch) if crate::arch::is_supported(arch) => Ok(()),
+            Some(arch) => Err(Error::UnsupportedArchitecture {
+                path: self.path.clone(),
+                architecture: arch.to_string(),
+            }),
+            None => Err(Error::CorruptGguf {
+                path: self.path.clone(),
+                reason: "no general.architecture key".into(),
+            }),
+        }
+    }
+}
+
+/// A byte reader that knows how much of the file is left, so that lengths read from a garbage
+/// file are rejected before anything is allocated for them.
+struct Reader<R> {
+    inner: R,
+    pos: u64,
+    size: u64,
+}
+
+type ReadResult<T> = std::result::Result<T, String>;
+
+impl<R: Read> Reader<R> {
+    fn read_up_to(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.inner.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn exact(&mut self, buf: &mut [u8]) -> ReadResult<()> {
+        let n = self
+            .read_up_to(buf)
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n < buf.len() {
+            return Err(format!("unexpected end of file at byte {}", self.pos));
+        }
+        Ok(())
+    }
+
+    fn remaining(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+
+    fn u32(&mut self) -> ReadResult<u32> {
+        let mut b = [0; 4];
+        self.exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> ReadResult<u64> {
+        let mut b = [0; 8];
+        self.exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn string(&mut self) -> ReadResult<String> {
+        let len = self.u64()?;
+        if len > self.remaining() {
+            return Err(format!(
+                "string of {len} bytes at byte {} runs past the end of the file",
+                self.pos
+            ));
+        }
+        let mut buf = vec![0; len as usize];
+        self.exact(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    fn value(&mut self, ty: u32, depth: u32) -> ReadResult<Value> {
+        let mut fixed = |n: usize| -> ReadResult<[u8; 8]> {
+            let mut b = [0u8; 8];
+            self.exact(&mut b[..n])?;
+            Ok(b)
+        };
+        Ok(match ty {
+            0 => Value::U64(fixed(1)?[0] as u64),
+            1 => Value::I64(fixed(1)?[0] as i8 as i64),
+            2 => Value::U64(u16::from_le_bytes(fixed(2)?[..2].try_into().unwrap()) as u64),
+            3 => Value::I64(i16::from_le_bytes(fixed(2)?[..2].try_into().unwrap()) as i64),
+            4 => Value::U64(u32::from_le_bytes(fixed(4)?[..4].try_into().unwrap()) as u64),
+            5 => Value::I64(i32::from_le_bytes(fixed(4)?[..4].try_into().unwrap()) as i64),
+            6 => Value::F64(f32::from_le_bytes(fixed(4)?[..4].try_into().unwrap()) as f64),
+            7 => Value::Bool(fixed(1)?[0] != 0),
+            8 => Value::String(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let elem_ty = self.u32()?;
+                let len = self.u64()?;
+                if len > self.remaining() {
+                    return Err(format!("array of {len} elements cannot fit in the file"));
+                }
+                let mut items = Vec::with_capacity(len.min(1 << 20) as usize);
+                for _ in 0..len {
+                    items.push(self.value(elem_ty, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(u64::from_le_bytes(fixed(8)?)),
+            11 => Value::I64(i64::from_le_bytes(fixed(8)?)),
+            12 => Value::F64(f64::from_le_bytes(fixed(8)?)),
+            other => return Err(format!("unknown metadata value type {other}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Writes a minimal GGUF v3 file with one string key and one F32 tensor of `n` elements,
+    /// then cuts it to `keep` bytes.
+    fn write_gguf(dir: &Path, arch: &str, n: u64, keep: Option<usize>) -> PathBuf {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&1u64.to_le_bytes()); // kv
+        let key = b"general.architecture";
+        b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        b.extend_from_slice(key);
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(arch.len() as u64).to_le_bytes());
+        b.extend_from_slice(arch.as_bytes());
+        let name = b"w";
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes()); // F32
+        b.extend_from_slice(&0u64.to_le_bytes());
+        while b.len() % 32 != 0 {
+            b.push(0);
+        }
+        b.extend(std::iter::repeat_n(0u8, n as usize * 4));
+        if let Some(k) = keep {
+            b.truncate(k);
+        }
+        let path = dir.join(format!("{arch}-{n}-{keep:?}.gguf"));
+        std::fs::File::create(&path).unwrap().write_all(&b).unwrap();
+        path
+    }
+
+    #[test]
+    fn reads_a_well_formed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = GgufFile::open(write_gguf(dir.path(), "llama", 64, None)).unwrap();
+        assert_eq!(f.version, 3);
+        assert_eq!(f.architecture(), Some("llama"));
+        assert_eq!(f.parameter_count(), 64);
+        assert_eq!(f.tensor_type_counts().get("F32"), Some(&1));
+        f.check_architecture().unwrap();
+    }
+
+    #[test]
+    fn truncated_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = write_gguf(dir.path(), "llama", 64, None);
+        let len = std::fs::metadata(&full).unwrap().len() as usize;
+        for keep in [6, 30, 60, len - 1] {
+            let err = GgufFile::open(write_gguf(dir.path(), "llama", 64, Some(keep))).unwrap_err();
+            assert!(matches!(err, Error::CorruptGguf { .. }), "keep={keep}: {err}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_gguf_and_missing_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("junk.gguf");
+        std::fs::write(&p, b"<html>not a model</html>").unwrap();
+        assert!(matches!(GgufFile::open(&p), Err(Error::NotGguf { .. })));
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(GgufFile::open(&empty), Err(Error::NotGguf { .. })));
+        assert!(matches!(
+            GgufFile::open(dir.path().join("nope.gguf")),
+            Err(Error::ModelNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_architecture_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = GgufFile::open(write_gguf(dir.path(), "frobnicator", 8, None)).unwrap();
+        assert!(matches!(
+            f.check_architecture(),
+            Err(Error::UnsupportedArchitecture { architecture, .. }) if architecture == "frobnicator"
+        ));
+    }
+}

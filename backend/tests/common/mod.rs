@@ -1,0 +1,30 @@
+//! Shared by the integration tests: where the real model is.
+
+use std::path::PathBuf;
+
+use geek_backend::{catalog, Engine, EngineConfig};
+
+/// The PyPI-shipped SmolLM2 model: `$GEEK_TEST_MODEL`, else the default model in the models
+/// directory. Its absence is a test failure, not a skip: CI pulls it first.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("GEEK_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| catalog::models_dir(None).join(catalog::default_model().file_name));
+    assert!(
+        path.is_file(),
+        "test model {} is missing: run `geek model pull` (or set GEEK_TEST_MODEL)",
+        path.display()
+    );
+    path
+}
+
+/// An engine on the test model with 2 threads and this context size.
+pub fn engine_with(n_ctx: u32) -> Engine {
+    Engine::load(EngineConfig::new(model_path()).with_threads(2).with_n_ctx(n_ctx))
+        .expect("the test model loads")
+}
+
+/// An engine on the test model with a 2048-token context.
+pub fn engine() -> Engine {
+    engine_with(2048)
+}
