@@ -3,7 +3,7 @@
 //!
 //! - `pp<N>`: prompt processing, N random tokens appended to an empty sequence.
 //! - `tg<N>`: generation, N tokens decoded one at a time after BOS (greedy, EOS ignored).
-//! - `batched tg<N> x P`: P sequences generating N tokens each at the same time; aggregate
+//! - `batched-tg<N>` at parallel P: P sequences generating N tokens each at the same time; aggregate
 //!   tokens per second over all of them.
 
 use std::time::Instant;
@@ -49,9 +49,12 @@ pub fn run_suite(
         })?);
     }
     for &p in parallel {
-        results.push(measure(format!("tg{batched_tokens}"), p, repetitions, || {
-            batched_generation(engine, p, batched_tokens)
-        })?);
+        results.push(measure(
+            format!("batched-tg{batched_tokens}"),
+            p,
+            repetitions,
+            || batched_generation(engine, p, batched_tokens),
+        )?);
     }
     Ok(results)
 }
@@ -81,7 +84,9 @@ fn measure(
 /// Pseudo-random token ids, as llama-bench feeds: content does not change the cost.
 fn random_tokens(engine: &Engine, n: usize, seed: u64) -> Vec<i32> {
     let n_vocab = engine.info().n_vocab as u64;
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             state = state

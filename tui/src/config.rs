@@ -1,0 +1,56 @@
+//! Flags resolved once into what the commands use.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use geek_backend::{catalog, default_threads, EngineConfig};
+
+use crate::cli::GlobalArgs;
+
+/// Settings after defaults and environment are applied.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Directory of catalogue models.
+    pub models_dir: PathBuf,
+    /// What the user named as the model (path or catalogue name).
+    pub model_spec: String,
+    /// llama.cpp threads.
+    pub threads: i32,
+    /// Context size.
+    pub n_ctx: u32,
+    /// GPU layers.
+    pub n_gpu_layers: u32,
+}
+
+impl Resolved {
+    /// Applies defaults to the global flags.
+    pub fn from_args(args: &GlobalArgs) -> Self {
+        Resolved {
+            models_dir: catalog::models_dir(args.models_dir.as_deref()),
+            model_spec: args
+                .model
+                .clone()
+                .unwrap_or_else(|| catalog::default_model().name.to_string()),
+            threads: args.threads.unwrap_or_else(default_threads),
+            n_ctx: args.n_ctx,
+            n_gpu_layers: args.n_gpu_layers,
+        }
+    }
+
+    /// The model file named by `spec` (or the configured model).
+    pub fn model_path(&self, spec: Option<&str>) -> Result<PathBuf> {
+        Ok(catalog::resolve(
+            spec.unwrap_or(&self.model_spec),
+            &self.models_dir,
+        )?)
+    }
+
+    /// Engine settings for the configured model.
+    pub fn engine_config(&self) -> Result<EngineConfig> {
+        let mut config = EngineConfig::new(self.model_path(None)?)
+            .with_threads(self.threads)
+            .with_n_ctx(self.n_ctx);
+        config.n_gpu_layers = self.n_gpu_layers;
+        Ok(config)
+    }
+}

@@ -1,0 +1,190 @@
+//! The `geek` binary end to end, on the real default model.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("GEEK_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| geek_models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        path.is_file(),
+        "test model {} missing: run `geek model pull`",
+        path.display()
+    );
+    path
+}
+
+fn geek_models_dir() -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["model", "list", "--json"])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    PathBuf::from(list[0]["path"].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn geek(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(args)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .expect("geek runs")
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "geek failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn model_info_reads_the_gguf_metadata() {
+    let model = model_path();
+    let out = stdout_of(&geek(&["model", "info", model.to_str().unwrap(), "--json"]));
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["context_length"], 8192);
+    assert_eq!(info["vocab_size"], 49152);
+    let params = info["parameters"].as_u64().unwrap();
+    assert!((130_000_000..140_000_000).contains(&params), "{params}");
+    assert!(info["tensor_types"]["Q4_1"].as_u64().unwrap() > 100);
+    assert!(info["chat_template"].as_str().unwrap().contains("im_start"));
+}
+
+#[test]
+fn generate_streams_a_deterministic_answer() {
+    let model = model_path();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "24",
+        "What is the capital of France?",
+    ];
+    let a = stdout_of(&geek(&args));
+    let b = stdout_of(&geek(&args));
+    assert_eq!(a, b);
+    assert!(a.contains("Paris"), "{a}");
+}
+
+#[test]
+fn generate_json_with_a_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let grammar = dir.path().join("yesno.gbnf");
+    std::fs::write(&grammar, "root ::= (\"yes\" | \"no\") \".\"\n").unwrap();
+    let model = model_path();
+    let out = stdout_of(&geek(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+        "--grammar",
+        grammar.to_str().unwrap(),
+        "Is the sky blue? Answer yes or no.",
+    ]));
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let text = done["text"].as_str().unwrap();
+    assert!(text == "yes." || text == "no.", "{text}");
+    assert_eq!(done["stop"], "eos");
+}
+
+#[test]
+fn bad_model_files_are_reported_not_crashed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let out = geek(&["generate", "--model", junk.to_str().unwrap(), "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corrupt GGUF"), "{err}");
+    let out = geek(&["model", "info", "no-such-model"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model"));
+}
+
+#[test]
+fn bench_backend_reports_every_test() {
+    let model = model_path();
+    let out = stdout_of(&geek(&[
+        "bench",
+        "backend",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+        "--pp",
+        "32",
+        "--tg",
+        "8",
+        "--parallel",
+        "1,2",
+        "--batched-tokens",
+        "8",
+        "--repetitions",
+        "1",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let names: Vec<_> = results
+        .iter()
+        .map(|r| {
+            (
+                r["test"].as_str().unwrap().to_string(),
+                r["parallel"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("pp32".into(), 1),
+            ("tg8".into(), 1),
+            ("batched-tg8".into(), 1),
+            ("batched-tg8".into(), 2)
+        ]
+    );
+    assert!(results
+        .iter()
+        .all(|r| r["tokens_per_second"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn model_pull_fetches_and_verifies_the_default_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = stdout_of(
+        &Command::new(env!("CARGO_BIN_EXE_geek"))
+            .args([
+                "model",
+                "pull",
+                "--models-dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap(),
+    );
+    let path = PathBuf::from(out.trim());
+    assert_eq!(path, dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert_eq!(
+        geek_backend::catalog::sha256_file(&path).unwrap(),
+        geek_backend::catalog::default_model().sha256
+    );
+    // Only the verified file is left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // A second pull finds it in place.
+    let again = Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args([
+            "model",
+            "pull",
+            "--models-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&again).trim(), out.trim());
+}
