@@ -361,3 +361,58 @@ fn kv_reuse_counters_prove_incremental_decoding() {
         "{stats:?}"
     );
 }
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let engine = engine();
+    let run = |seed: u32| {
+        let seq = engine.sequence().unwrap();
+        seq.append("Once upon a time, a llama").wait().unwrap();
+        let sampling = Sampling {
+            temperature: 1.2,
+            top_k: 50,
+            top_p: 0.9,
+            repeat_penalty: 1.1,
+            seed,
+            ..Sampling::default()
+        };
+        seq.generate(GenerateParams::greedy(24).with_sampling(sampling))
+            .wait()
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(run(42), run(42));
+    let distinct: std::collections::HashSet<_> = (0..4).map(run).collect();
+    assert!(distinct.len() > 1, "four seeds gave one output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handle_works_from_async_code() {
+    let engine = tokio::task::spawn_blocking(engine).await.unwrap();
+    let tasks: Vec<_> = ["The sun is a", "Llamas live in"]
+        .into_iter()
+        .map(|prompt| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let seq = engine.sequence()?;
+                seq.append(prompt).await?;
+                let mut stream = seq.generate(GenerateParams::greedy(8));
+                let mut text = String::new();
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        GenEvent::Piece(p) => text.push_str(&p),
+                        GenEvent::Done(done) => {
+                            assert_eq!(done.text, text);
+                            return Ok::<_, Error>(done.tokens.len());
+                        }
+                        GenEvent::Failed(e) => return Err(e),
+                    }
+                }
+                Err(Error::EngineStopped)
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap() > 0);
+    }
+}
