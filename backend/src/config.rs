@@ -29,6 +29,10 @@ pub struct EngineConfig {
     pub n_gpu_layers: u32,
     /// How many sequences may be alive at once (including the engine's scratch sequences).
     pub max_sequences: u32,
+    /// Flash attention in llama.cpp. With many sequences in one unified KV cache, each token
+    /// attends over every sequence's cells; the flash-attention kernel then dominates and
+    /// `Disabled` batches better, while `Auto` is faster for one sequence and for prompts.
+    pub flash_attention: FlashAttention,
     /// GGUF LoRA adapters loaded with the model; switch between them with
     /// [`Engine::set_lora`](crate::Engine::set_lora).
     pub lora_adapters: Vec<PathBuf>,
@@ -47,6 +51,7 @@ impl EngineConfig {
             threads_batch: threads,
             n_gpu_layers: 0,
             max_sequences: 32,
+            flash_attention: FlashAttention::Auto,
             lora_adapters: Vec::new(),
         }
     }
@@ -74,6 +79,45 @@ impl EngineConfig {
     pub fn with_lora(mut self, path: impl Into<PathBuf>) -> Self {
         self.lora_adapters.push(path.into());
         self
+    }
+}
+
+/// Whether llama.cpp uses its flash-attention kernels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlashAttention {
+    /// llama.cpp decides (on where the backend supports it).
+    #[default]
+    Auto,
+    /// Always on.
+    Enabled,
+    /// Always off.
+    Disabled,
+}
+
+impl FlashAttention {
+    /// llama.cpp's `llama_flash_attn_type` value.
+    pub(crate) fn llama_policy(self) -> i32 {
+        match self {
+            FlashAttention::Auto => -1,
+            FlashAttention::Enabled => 1,
+            FlashAttention::Disabled => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(FlashAttention::Auto),
+            "on" | "enabled" => Ok(FlashAttention::Enabled),
+            "off" | "disabled" => Ok(FlashAttention::Disabled),
+            other => Err(format!(
+                "flash attention must be auto, on or off, not {other:?}"
+            )),
+        }
     }
 }
 

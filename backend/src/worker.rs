@@ -86,7 +86,8 @@ pub(crate) fn run(
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads_batch)
         .with_n_seq_max(config.max_sequences)
-        .with_kv_unified(true);
+        .with_kv_unified(true)
+        .with_flash_attention_policy(config.flash_attention.llama_policy());
     let ctx = match llama_backend().and_then(|b| {
         model
             .new_context(b, ctx_params)

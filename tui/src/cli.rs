@@ -32,6 +32,9 @@ pub struct GlobalArgs {
     /// Context size in tokens.
     #[arg(long, global = true, default_value_t = 4096)]
     pub n_ctx: u32,
+    /// Flash attention: auto, on or off (off batches parallel sequences better).
+    #[arg(long, global = true, default_value = "auto")]
+    pub flash_attn: geek_backend::FlashAttention,
     /// Layers to offload to a GPU (needs a `cuda` build).
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,

@@ -20,6 +20,8 @@ pub struct Resolved {
     pub n_ctx: u32,
     /// GPU layers.
     pub n_gpu_layers: u32,
+    /// Flash attention policy.
+    pub flash_attention: geek_backend::FlashAttention,
 }
 
 impl Resolved {
@@ -34,6 +36,7 @@ impl Resolved {
             threads: args.threads.unwrap_or_else(default_threads),
             n_ctx: args.n_ctx,
             n_gpu_layers: args.n_gpu_layers,
+            flash_attention: args.flash_attn,
         }
     }
 
@@ -51,6 +54,7 @@ impl Resolved {
             .with_threads(self.threads)
             .with_n_ctx(self.n_ctx);
         config.n_gpu_layers = self.n_gpu_layers;
+        config.flash_attention = self.flash_attention;
         Ok(config)
     }
 }
