@@ -35,6 +35,12 @@ pub struct GlobalArgs {
     /// Flash attention: auto, on or off (off batches parallel sequences better).
     #[arg(long, global = true, default_value = "auto")]
     pub flash_attn: geek_backend::FlashAttention,
+    /// The shared data directory (StrategyQA, Wikipedia corpora).
+    #[arg(long, global = true, env = "GEEK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The BM25 index directory.
+    #[arg(long, global = true, env = "GEEK_INDEX")]
+    pub index: Option<PathBuf>,
     /// Layers to offload to a GPU (needs a `cuda` build).
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,
@@ -51,6 +57,62 @@ pub enum Command {
     /// Measure throughput.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Build the BM25 passage index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Search the passage index.
+    Search(SearchArgs),
+    /// Evaluate on StrategyQA.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+/// `geek index …`
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Build (or rebuild) the index from passage corpora.
+    Build {
+        /// Corpus files: the StrategyQA paragraphs JSON, the vital-article summaries JSON, or
+        /// JSONL `{id, title, section?, text}` (default: the first two from the data directory).
+        #[arg(long = "corpus")]
+        corpora: Vec<PathBuf>,
+        /// Where to write the index (default: --index).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `geek search`
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Any text.
+    pub query: String,
+    /// How many passages.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `geek eval …`
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Recall@10 of gold evidence paragraphs (official StrategyQA definition).
+    Retrieval {
+        /// dev, train, full, test or a file path.
+        #[arg(long, default_value = "dev")]
+        split: String,
+        /// question (IR-Q) or decomposition (IR-ORA-D).
+        #[arg(long, default_value = "question")]
+        mode: geek_evals::retrieval::QueryMode,
+        /// Cut-off.
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `geek model …`

@@ -22,6 +22,10 @@ pub struct Resolved {
     pub n_gpu_layers: u32,
     /// Flash attention policy.
     pub flash_attention: geek_backend::FlashAttention,
+    /// Shared data directory.
+    pub data_dir: PathBuf,
+    /// BM25 index directory.
+    pub index_dir: PathBuf,
 }
 
 impl Resolved {
@@ -37,6 +41,11 @@ impl Resolved {
             n_ctx: args.n_ctx,
             n_gpu_layers: args.n_gpu_layers,
             flash_attention: args.flash_attn,
+            data_dir: geek_retriever::corpus::data_dir(args.data_dir.as_deref()),
+            index_dir: args
+                .index
+                .clone()
+                .unwrap_or_else(geek_retriever::default_index_dir),
         }
     }
 

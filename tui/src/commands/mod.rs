@@ -1,12 +1,14 @@
 //! One module per subcommand.
 
 mod bench;
+mod eval;
 mod generate;
+mod index;
 mod model;
 
 use anyhow::Result;
 
-use crate::cli::{BenchCommand, Command};
+use crate::cli::{BenchCommand, Command, IndexCommand};
 use crate::config::Resolved;
 
 /// Runs a parsed command.
@@ -15,5 +17,8 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Model(cmd) => model::run(cmd, config),
         Command::Generate(args) => generate::run(args, config),
         Command::Bench(BenchCommand::Backend(args)) => bench::backend(args, config),
+        Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
+        Command::Search(args) => index::search(args, config),
+        Command::Eval(cmd) => eval::run(cmd, config),
     }
 }
