@@ -3,6 +3,9 @@
 //! The agent's source of external knowledge, behind one [`Retriever`] trait:
 //! - [`Bm25Index`]: a local tantivy BM25 index over Wikipedia passages (by default the
 //!   StrategyQA paragraphs plus the vital-article summaries, ~19k passages);
+//! - [`WebRetriever`]: a SearxNG instance or a MediaWiki site over HTTP, with timeouts,
+//!   bounded retries, a size limit and an on-disk cache;
+//! - [`HybridRetriever`]: several of them fused by reciprocal rank fusion.
 //!
 //! Retrieved text is data: it is shown to the model as passages, never executed or followed
 //! as an instruction.
@@ -11,6 +14,9 @@
 mod bm25;
 pub mod corpus;
 mod error;
+mod html;
+mod hybrid;
+mod web;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +27,9 @@ use serde::{Deserialize, Serialize};
 pub use bm25::{default_index_dir, Bm25Index, IndexMeta, SCHEMA_VERSION, TITLE_BOOST};
 pub use corpus::{CorpusSource, Document};
 pub use error::{Error, Result};
+pub use html::html_to_text;
+pub use hybrid::HybridRetriever;
+pub use web::{WebConfig, WebProvider, WebRetriever};
 
 /// One retrieved passage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

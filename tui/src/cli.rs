@@ -90,9 +90,42 @@ pub struct SearchArgs {
     /// How many passages.
     #[arg(short, long, default_value_t = 10)]
     pub k: usize,
+    /// Where to search: the local index, a web provider, or both fused.
+    #[arg(long, value_enum, default_value = "local")]
+    pub source: SearchSource,
+    /// Web provider for `--source web|hybrid`.
+    #[arg(long, value_enum, default_value = "mediawiki")]
+    pub web_provider: WebProviderArg,
+    /// Base URL of the web provider: a SearxNG instance, or a MediaWiki api.php.
+    #[arg(
+        long,
+        env = "GEEK_WEB_URL",
+        default_value = "https://en.wikipedia.org/w/api.php"
+    )]
+    pub web_url: String,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--source`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SearchSource {
+    /// The BM25 index.
+    Local,
+    /// The web provider.
+    Web,
+    /// Both, fused by reciprocal rank fusion.
+    Hybrid,
+}
+
+/// `--web-provider`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum WebProviderArg {
+    /// A SearxNG instance's JSON API.
+    Searxng,
+    /// A MediaWiki search + extracts API.
+    Mediawiki,
 }
 
 /// `geek eval …`

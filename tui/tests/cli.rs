@@ -188,3 +188,75 @@ fn model_pull_fetches_and_verifies_the_default_model() {
         .unwrap();
     assert_eq!(stdout_of(&again).trim(), out.trim());
 }
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("GEEK_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+#[test]
+fn index_build_search_and_retrieval_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let data = data_dir();
+    let common = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend_from_slice(&common);
+        stdout_of(&geek(&args))
+    };
+    assert!(run(&["index", "build"]).contains("indexed 19284 passages"));
+
+    let hits: serde_json::Value = serde_json::from_str(&run(&[
+        "search",
+        "llama gestation period",
+        "-k",
+        "3",
+        "--json",
+    ]))
+    .unwrap();
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 3);
+    assert!(hits.iter().any(|h| h["title"] == "Llama"), "{hits:?}");
+    // Query syntax in user text is just text.
+    run(&["search", "title:(\"llama AND", "--json"]);
+
+    let report: serde_json::Value = serde_json::from_str(&run(&[
+        "eval",
+        "retrieval",
+        "--split",
+        "dev",
+        "--mode",
+        "decomposition",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(report["questions"], 229);
+    assert!(report["recall"].as_f64().unwrap() >= 0.862, "{report}");
+
+    // A missing index is a clear error.
+    let out = geek(&[
+        "search",
+        "x",
+        "--index",
+        dir.path().join("none").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("geek index build"));
+}
+
+#[test]
+fn a_malformed_dataset_is_reported_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"qid":"a","question":"fine?"},{"qid":"b"}]"#).unwrap();
+    let out = geek(&["eval", "retrieval", "--split", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("question 2") && err.contains("qid b"), "{err}");
+}

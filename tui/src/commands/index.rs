@@ -2,12 +2,15 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use geek_retriever::{Bm25Index, CorpusSource};
+use geek_retriever::{
+    Bm25Index, CorpusSource, HybridRetriever, Retriever, WebConfig, WebProvider, WebRetriever,
+};
 
-use crate::cli::SearchArgs;
+use crate::cli::{SearchArgs, SearchSource, WebProviderArg};
 use crate::config::Resolved;
 
 pub fn build(corpora: Vec<PathBuf>, out: Option<PathBuf>, config: &Resolved) -> Result<()> {
@@ -28,9 +31,34 @@ pub fn build(corpora: Vec<PathBuf>, out: Option<PathBuf>, config: &Resolved) -> 
     Ok(())
 }
 
+fn web(args: &SearchArgs) -> Result<WebRetriever> {
+    let provider = match args.web_provider {
+        WebProviderArg::Searxng => WebProvider::SearxNg,
+        WebProviderArg::Mediawiki => WebProvider::MediaWiki,
+    };
+    let mut cfg = WebConfig::new(&args.web_url);
+    cfg.cache_dir =
+        directories::ProjectDirs::from("", "", "geek").map(|d| d.cache_dir().join("web"));
+    Ok(WebRetriever::new(provider, cfg)?)
+}
+
 pub fn search(args: SearchArgs, config: &Resolved) -> Result<()> {
-    let index = Bm25Index::open(&config.index_dir)?;
-    let hits = index.search(&args.query, args.k)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let hits = match args.source {
+        SearchSource::Local => Bm25Index::open(&config.index_dir)?.search(&args.query, args.k)?,
+        // Asked directly, the web provider reports why it failed instead of giving nothing.
+        SearchSource::Web => runtime.block_on(web(&args)?.search(&args.query, args.k))?,
+        SearchSource::Hybrid => {
+            let hybrid = HybridRetriever::new(vec![
+                Arc::new(Bm25Index::open(&config.index_dir)?),
+                Arc::new(web(&args)?),
+            ]);
+            runtime.block_on(hybrid.retrieve(&args.query, args.k))?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
         return Ok(());
@@ -41,7 +69,7 @@ pub fn search(args: SearchArgs, config: &Resolved) -> Result<()> {
     for (rank, p) in hits.iter().enumerate() {
         let preview: String = p.text.chars().take(160).collect();
         println!(
-            "{:>2}. [{:.2}] {} ({})\n    {preview}…",
+            "{:>2}. [{:.3}] {} ({})\n    {preview}…",
             rank + 1,
             p.score,
             p.title,
