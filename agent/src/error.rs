@@ -1,0 +1,27 @@
+//! The one error type of the agent crate.
+
+/// Everything that can stop an excavation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The language model failed (context overflow, engine stopped, …).
+    #[error("model: {0}")]
+    Model(#[from] geek_backend::Error),
+    /// The builder was missing something or had a value out of range.
+    #[error("agent configuration: {0}")]
+    Config(String),
+    /// The model produced something the loop cannot use even though it was constrained
+    /// (only a scripted test model can do this).
+    #[error("unusable model output at {what}: {output:?}")]
+    BadOutput {
+        /// What was being generated.
+        what: String,
+        /// What came back.
+        output: String,
+    },
+    /// The question is empty.
+    #[error("the question is empty")]
+    EmptyQuestion,
+}
+
+/// `Result` with the agent's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

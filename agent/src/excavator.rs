@@ -1,0 +1,741 @@
+//! The excavation loop.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use geek_backend::{Completion, GenerateParams, Sampling, StopReason};
+use geek_retriever::Retriever;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::model::{AgentModel, AgentSequence};
+use crate::prompts;
+use crate::trace::{
+    Action, ActionRecord, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
+    Trace, TraceConfig,
+};
+use crate::{Error, Result};
+
+/// Tokens kept free for a retrieval step plus the final answer; below that the agent answers.
+const CONTEXT_RESERVE: usize = 600;
+
+/// Settings of an [`Excavator`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExcavatorConfig {
+    /// Actions per branch before FinalAnswer is forced (rejected repeats count).
+    pub max_steps: usize,
+    /// Branches explored (strategy exploration); answers are voted.
+    pub explore: usize,
+    /// Draft the remaining sub-questions with guessed answers; the guess guides retrieval.
+    pub pre_answer: bool,
+    /// Allow the Retrieve action.
+    pub retrieval: bool,
+    /// Passages shown to the extractor per retrieval.
+    pub passages: usize,
+    /// Temperature of the sampled first sub-question of branches 1..explore.
+    pub explore_temperature: f32,
+}
+
+impl Default for ExcavatorConfig {
+    fn default() -> Self {
+        ExcavatorConfig {
+            max_steps: 8,
+            explore: 1,
+            pre_answer: false,
+            retrieval: true,
+            passages: 3,
+            explore_temperature: 0.8,
+        }
+    }
+}
+
+/// Builds an [`Excavator`].
+#[derive(Default)]
+pub struct ExcavatorBuilder {
+    model: Option<Arc<dyn AgentModel>>,
+    retriever: Option<Arc<dyn Retriever>>,
+    config: ExcavatorConfig,
+}
+
+impl ExcavatorBuilder {
+    /// The language model (an [`geek_backend::Engine`], or any [`AgentModel`]).
+    pub fn backend(mut self, model: impl AgentModel + 'static) -> Self {
+        self.model = Some(Arc::new(model));
+        self
+    }
+
+    /// The retriever (any [`Retriever`], including an `Arc<dyn Retriever>`).
+    pub fn retriever(mut self, retriever: impl Retriever + 'static) -> Self {
+        self.retriever = Some(Arc::new(retriever));
+        self
+    }
+
+    /// Step budget per branch (default 8).
+    pub fn max_steps(mut self, n: usize) -> Self {
+        self.config.max_steps = n;
+        self
+    }
+
+    /// Branches explored (default 1).
+    pub fn explore(mut self, k: usize) -> Self {
+        self.config.explore = k;
+        self
+    }
+
+    /// Pre-answer drafting (default off).
+    pub fn pre_answer(mut self, on: bool) -> Self {
+        self.config.pre_answer = on;
+        self
+    }
+
+    /// Allow retrieval (default on when a retriever is set).
+    pub fn retrieval(mut self, on: bool) -> Self {
+        self.config.retrieval = on;
+        self
+    }
+
+    /// Passages shown per retrieval (default 3).
+    pub fn passages(mut self, n: usize) -> Self {
+        self.config.passages = n;
+        self
+    }
+
+    /// Every setting at once.
+    pub fn config(mut self, config: ExcavatorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Checks the settings.
+    pub fn build(self) -> Result<Excavator> {
+        let model = self
+            .model
+            .ok_or_else(|| Error::Config("no backend: call .backend(engine)".into()))?;
+        let mut config = self.config;
+        if config.max_steps == 0 || config.explore == 0 {
+            return Err(Error::Config(
+                "max_steps and explore must be at least 1".into(),
+            ));
+        }
+        if config.explore > 16 {
+            return Err(Error::Config("explore is at most 16".into()));
+        }
+        if self.retriever.is_none() {
+            config.retrieval = false;
+        }
+        if config.retrieval && config.passages == 0 {
+            return Err(Error::Config("passages must be at least 1".into()));
+        }
+        Ok(Excavator {
+            model,
+            retriever: self.retriever,
+            config,
+            prefix: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// The system prompt, decoded once and forked for every question.
+struct CachedPrefix {
+    text: String,
+    seq: Box<dyn AgentSequence>,
+    len: usize,
+}
+
+/// Answers yes/no questions by gradual knowledge excavation (GEEK).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use geek_agent::Excavator;
+/// let engine = geek_backend::Engine::load(geek_backend::EngineConfig::new("model.gguf"))?;
+/// let index = geek_retriever::Bm25Index::open(std::path::Path::new("index"))?;
+/// let agent = Excavator::builder().backend(engine).retriever(index).max_steps(8).build()?;
+/// let trace = agent.run("Could a llama give birth twice during the Vietnam War?").await?;
+/// println!("{}", if trace.answer { "yes" } else { "no" });
+/// # Ok(()) }
+/// ```
+pub struct Excavator {
+    model: Arc<dyn AgentModel>,
+    retriever: Option<Arc<dyn Retriever>>,
+    config: ExcavatorConfig,
+    prefix: tokio::sync::Mutex<Option<CachedPrefix>>,
+}
+
+impl Excavator {
+    /// Starts a builder.
+    pub fn builder() -> ExcavatorBuilder {
+        ExcavatorBuilder::default()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ExcavatorConfig {
+        &self.config
+    }
+
+    /// Excavates `question` and returns the trace.
+    pub async fn run(&self, question: &str) -> Result<Trace> {
+        self.run_inner(question, None).await
+    }
+
+    /// Like [`run`](Self::run), sending [`Event`]s as they happen.
+    pub async fn run_streaming(
+        &self,
+        question: &str,
+        events: UnboundedSender<Event>,
+    ) -> Result<Trace> {
+        self.run_inner(question, Some(events)).await
+    }
+
+    /// A sequence holding the system prompt and the question, and the length of its shared
+    /// system part.
+    async fn question_sequence(
+        &self,
+        question: &str,
+    ) -> Result<(Box<dyn AgentSequence>, usize, TokenCounts)> {
+        let user = prompts::user(question);
+        let prompt = self.model.chat_prompt(prompts::SYSTEM, &user).await?;
+        let split = prompt.rfind(&user).unwrap_or(prompt.len());
+        let (head, tail) = prompt.split_at(split);
+        let mut guard = self.prefix.lock().await;
+        if guard.as_ref().is_none_or(|p| p.text != head) {
+            let seq = self.model.sequence()?;
+            let stats = seq.append(head).await?;
+            *guard = Some(CachedPrefix {
+                text: head.to_string(),
+                seq,
+                len: stats.total,
+            });
+        }
+        let prefix = guard.as_ref().expect("prefix just set");
+        let seq = prefix.seq.fork().await?;
+        let prefix_len = prefix.len;
+        drop(guard);
+        let stats = seq.append(tail).await?;
+        let counts = TokenCounts {
+            decoded: stats.decoded,
+            unique: stats.total - prefix_len,
+            without_reuse: stats.total,
+        };
+        Ok((seq, stats.total, counts))
+    }
+
+    async fn run_inner(
+        &self,
+        question: &str,
+        events: Option<UnboundedSender<Event>>,
+    ) -> Result<Trace> {
+        let question = question.trim();
+        if question.is_empty() {
+            return Err(Error::EmptyQuestion);
+        }
+        let start = Instant::now();
+        let (root, question_len, mut tokens) = self.question_sequence(question).await?;
+        let mut seqs = vec![root];
+        for _ in 1..self.config.explore {
+            let fork = seqs[0].fork().await?;
+            seqs.push(fork);
+        }
+        let runs = seqs.into_iter().enumerate().map(|(id, seq)| {
+            let first_seed = (id > 0).then_some(id as u32);
+            BranchRun {
+                ex: self,
+                id,
+                seq,
+                len: question_len,
+                counts: TokenCounts::default(),
+                steps: Vec::new(),
+                actions: Vec::new(),
+                events: events.clone(),
+                sample_next_sub_question: first_seed,
+            }
+            .run()
+        });
+        let results = futures::future::join_all(runs).await;
+        let mut branches = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok((branch, counts, final_len)) => {
+                    tokens.decoded += counts.decoded;
+                    tokens.without_reuse += counts.without_reuse;
+                    tokens.unique += counts.unique + final_len.saturating_sub(question_len);
+                    branches.push(branch);
+                }
+                Err(e) => {
+                    emit(
+                        &events,
+                        Event::Error {
+                            branch: branches.len(),
+                            message: e.to_string(),
+                        },
+                    );
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if branches.is_empty() {
+            return Err(first_error.unwrap_or(Error::EmptyQuestion));
+        }
+        let yes_votes = branches.iter().filter(|b| b.final_answer.answer).count();
+        let no_votes = branches.len() - yes_votes;
+        let answer = if yes_votes != no_votes {
+            yes_votes > no_votes
+        } else {
+            let yes: f32 = branches.iter().map(|b| b.final_answer.yes_logprob).sum();
+            let no: f32 = branches.iter().map(|b| b.final_answer.no_logprob).sum();
+            yes > no
+        };
+        emit(
+            &events,
+            Event::Answer {
+                answer,
+                yes_votes,
+                no_votes,
+            },
+        );
+        Ok(Trace {
+            version: 1,
+            question: question.to_string(),
+            answer,
+            yes_votes,
+            no_votes,
+            branches,
+            tokens,
+            model: self.model.describe(),
+            retriever: self.retriever.as_ref().map_or("none".into(), |r| r.name()),
+            prompt_version: prompts::PROMPT_VERSION.into(),
+            config: TraceConfig {
+                max_steps: self.config.max_steps,
+                explore: self.config.explore,
+                pre_answer: self.config.pre_answer,
+                retrieval: self.config.retrieval,
+                passages: self.config.passages,
+            },
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn emit(events: &Option<UnboundedSender<Event>>, event: Event) {
+    if let Some(tx) = events {
+        let _ = tx.send(event);
+    }
+}
+
+/// One branch of an excavation, from the question to its final answer.
+struct BranchRun<'a> {
+    ex: &'a Excavator,
+    id: usize,
+    seq: Box<dyn AgentSequence>,
+    /// Tokens in `seq`.
+    len: usize,
+    counts: TokenCounts,
+    steps: Vec<Step>,
+    actions: Vec<ActionRecord>,
+    events: Option<UnboundedSender<Event>>,
+    /// Seed for sampling the next sub-question instead of decoding greedily.
+    sample_next_sub_question: Option<u32>,
+}
+
+impl BranchRun<'_> {
+    /// Runs to the final answer; returns the branch, its token counts and final length.
+    async fn run(mut self) -> Result<(Branch, TokenCounts, usize)> {
+        let config = &self.ex.config;
+        let n_ctx = self.ex.model.context_size();
+        loop {
+            let forced = if self.actions.len() >= config.max_steps {
+                Some(format!("step budget of {} reached", config.max_steps))
+            } else if self.len + CONTEXT_RESERVE > n_ctx {
+                Some(format!(
+                    "context nearly full ({} of {n_ctx} tokens)",
+                    self.len
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = forced {
+                return self.finish(Some(reason)).await;
+            }
+            let before_action = self.len;
+            self.append(prompts::ACTION_PREFIX).await?;
+            let action = self.choose_action().await?;
+            self.emit(Event::StepStarted {
+                branch: self.id,
+                step: self.actions.len() + 1,
+                action,
+            });
+            match action {
+                Action::AddDecomp => {
+                    if let Some(note) = self.add_decomp().await? {
+                        // A repeated sub-question: undo it, count it, sample the retry. Its
+                        // tokens were decoded once and dropped: unique, not reused.
+                        self.counts.unique += self.len - before_action;
+                        self.seq.truncate(before_action).await?;
+                        self.len = before_action;
+                        self.actions.push(ActionRecord {
+                            action,
+                            note: Some(note),
+                        });
+                        self.sample_next_sub_question = Some(1000 + self.actions.len() as u32);
+                        continue;
+                    }
+                }
+                Action::Retrieve => self.retrieve_and_extract().await?,
+                Action::SelfAnswer => self.self_answer().await?,
+                Action::FinalAnswer => {
+                    self.actions.push(ActionRecord { action, note: None });
+                    return self.finish(None).await;
+                }
+            }
+            self.actions.push(ActionRecord { action, note: None });
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        emit(&self.events, event);
+    }
+
+    fn allowed_actions(&self) -> Vec<Action> {
+        let open = self.steps.last().is_some_and(|s| s.answer.is_none());
+        match (open, self.ex.config.retrieval) {
+            (true, true) => vec![Action::Retrieve, Action::SelfAnswer],
+            (true, false) => vec![Action::SelfAnswer],
+            (false, _) => vec![Action::AddDecomp, Action::FinalAnswer],
+        }
+    }
+
+    async fn append(&mut self, text: &str) -> Result<()> {
+        let stats = self.seq.append(text).await?;
+        self.counts.decoded += stats.decoded;
+        self.counts.without_reuse += stats.total;
+        self.len = stats.total;
+        Ok(())
+    }
+
+    /// Generates one line under `grammar`; the newline stays in the sequence, the returned
+    /// text has no leading space and no newline. A line cut by `max_tokens` is closed with
+    /// `closing` so the transcript stays well-formed.
+    async fn line(
+        &mut self,
+        grammar: &str,
+        max_tokens: usize,
+        sampling: Sampling,
+        closing: &str,
+    ) -> Result<String> {
+        let params = GenerateParams {
+            max_tokens,
+            sampling,
+            stop: vec!["\n".into()],
+            grammar: Some(grammar.to_string()),
+            ignore_eos: false,
+        };
+        let (id, events) = (self.id, self.events.clone());
+        let mut on_piece = move |p: &str| {
+            emit(
+                &events,
+                Event::TokenStream {
+                    branch: id,
+                    text: p.to_string(),
+                },
+            )
+        };
+        let done: Completion = self.seq.generate(params, &mut on_piece).await?;
+        let generated = done.tokens.len();
+        self.counts.decoded += done.prefill.decoded + generated.saturating_sub(1);
+        self.counts.without_reuse += done.prefill.total + generated;
+        self.len = done.prefill.total + generated;
+        let mut text = done.text.trim().to_string();
+        if done.stop == StopReason::MaxTokens {
+            let close = closing.trim_end_matches('\n');
+            text.push_str(close);
+            self.append(&format!("{close}\n")).await?;
+        }
+        Ok(text)
+    }
+
+    async fn choose_action(&mut self) -> Result<Action> {
+        let allowed = self.allowed_actions();
+        let text = self
+            .line(
+                &prompts::action_grammar(&allowed),
+                8,
+                Sampling::greedy(),
+                "",
+            )
+            .await?;
+        Action::from_keyword(&text)
+            .filter(|a| allowed.contains(a))
+            .ok_or(Error::BadOutput {
+                what: "action".into(),
+                output: text,
+            })
+    }
+
+    /// Writes the next sub-question; `Some(reason)` when it must be rejected.
+    async fn add_decomp(&mut self) -> Result<Option<String>> {
+        let k = self.steps.len() + 1;
+        let sampling = match self.sample_next_sub_question.take() {
+            Some(seed) => Sampling::seeded(self.ex.config.explore_temperature, seed),
+            None => Sampling::greedy(),
+        };
+        let (sub_question, hint) = if self.ex.config.pre_answer {
+            let (q, guess) = self.draft_plan(sampling).await?;
+            self.append(&format!("{} {q}\n", prompts::sub_question_prefix(k)))
+                .await?;
+            (q, guess)
+        } else {
+            self.append(&prompts::sub_question_prefix(k)).await?;
+            let q = self
+                .line(prompts::SUB_QUESTION_GRAMMAR, 48, sampling, "?")
+                .await?;
+            (q, None)
+        };
+        let normal = |s: &str| {
+            s.to_lowercase()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if self
+            .steps
+            .iter()
+            .any(|s| normal(&s.sub_question) == normal(&sub_question))
+        {
+            return Ok(Some(format!(
+                "repeated sub-question rejected: {sub_question}"
+            )));
+        }
+        self.emit(Event::SubQuestion {
+            branch: self.id,
+            text: sub_question.clone(),
+        });
+        self.steps.push(Step {
+            sub_question,
+            hint,
+            answer: None,
+            source: None,
+        });
+        Ok(None)
+    }
+
+    /// Pre-answer: on a throw-away fork, drafts the remaining sub-questions with guessed
+    /// answers; returns the first sub-question and its guess.
+    async fn draft_plan(&mut self, sampling: Sampling) -> Result<(String, Option<String>)> {
+        let fork = self.seq.fork().await?;
+        let stats = fork.append(prompts::PLAN_PREFIX).await?;
+        self.counts.decoded += stats.decoded;
+        self.counts.without_reuse += stats.total;
+        let params = GenerateParams {
+            max_tokens: 160,
+            sampling,
+            stop: vec!["End\n".into()],
+            grammar: Some(prompts::PLAN_GRAMMAR.into()),
+            ignore_eos: false,
+        };
+        let done = fork.generate(params, &mut |_| {}).await?;
+        let generated = done.tokens.len();
+        self.counts.decoded += done.prefill.decoded + generated.saturating_sub(1);
+        self.counts.without_reuse += done.prefill.total + generated;
+        // The fork's own tokens were decoded once and then dropped: unique, not reused.
+        self.counts.unique += stats.total - self.len + generated;
+        let first = done.text.lines().next().unwrap_or_default();
+        let rest = first.split_once(": ").map_or(first, |(_, r)| r);
+        let (q, guess) = match rest.split_once("? Guess: ") {
+            Some((q, g)) => (format!("{}?", q.trim()), Some(g.trim().to_string())),
+            None if !rest.trim().is_empty() => (rest.trim().to_string(), None),
+            None => {
+                return Err(Error::BadOutput {
+                    what: "pre-answer plan".into(),
+                    output: done.text,
+                })
+            }
+        };
+        Ok((q, guess))
+    }
+
+    /// `#k` in a sub-question replaced by the k-th answer.
+    fn resolve_refs(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (i, step) in self.steps.iter().enumerate().rev() {
+            if let Some(answer) = &step.answer {
+                out = out.replace(&format!("#{}", i + 1), answer);
+            }
+        }
+        out
+    }
+
+    async fn retrieve_and_extract(&mut self) -> Result<()> {
+        let k = self.steps.len();
+        let step = self.steps.last().expect("Retrieve follows a sub-question");
+        let mut query = self.resolve_refs(&step.sub_question);
+        if let Some(hint) = &step.hint {
+            query.push(' ');
+            query.push_str(hint);
+        }
+        let retriever = self
+            .ex
+            .retriever
+            .as_ref()
+            .expect("retrieval needs a retriever");
+        let (passages, error) = match retriever.retrieve(&query, self.ex.config.passages).await {
+            Ok(p) => (p, None),
+            Err(e) => {
+                self.emit(Event::Error {
+                    branch: self.id,
+                    message: format!("retrieval failed: {e}"),
+                });
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
+        let refs: Vec<PassageRef> = passages
+            .iter()
+            .map(|p| PassageRef {
+                id: p.id.clone(),
+                title: p.title.clone(),
+                score: p.score,
+            })
+            .collect();
+        self.emit(Event::Retrieved {
+            branch: self.id,
+            query: query.clone(),
+            passages: refs.clone(),
+        });
+        let shown: Vec<(String, String)> = passages
+            .iter()
+            .map(|p| (p.title.clone(), prompts::passage_excerpt(&p.text)))
+            .collect();
+        self.append(&prompts::passages_block(&shown, k)).await?;
+        let text = self
+            .line(
+                &prompts::cited_fact_grammar(shown.len()),
+                64,
+                Sampling::greedy(),
+                "",
+            )
+            .await?;
+        let (fact, cited) = split_citations(&text, &refs);
+        self.emit(Event::FactExtracted {
+            branch: self.id,
+            fact: fact.clone(),
+            citations: cited.clone(),
+        });
+        let step = self.steps.last_mut().expect("checked above");
+        step.answer = Some(fact);
+        step.source = Some(AnswerSource::Retrieved {
+            query,
+            passages: refs,
+            cited,
+            error,
+        });
+        Ok(())
+    }
+
+    async fn self_answer(&mut self) -> Result<()> {
+        let k = self.steps.len();
+        self.append(&prompts::fact_prefix(k)).await?;
+        let fact = self
+            .line(prompts::LINE_GRAMMAR, 40, Sampling::greedy(), "")
+            .await?;
+        self.emit(Event::FactExtracted {
+            branch: self.id,
+            fact: fact.clone(),
+            citations: vec![],
+        });
+        let step = self
+            .steps
+            .last_mut()
+            .expect("SelfAnswer follows a sub-question");
+        step.answer = Some(fact);
+        step.source = Some(AnswerSource::Model);
+        Ok(())
+    }
+
+    async fn finish(mut self, forced: Option<String>) -> Result<(Branch, TokenCounts, usize)> {
+        if let Some(reason) = &forced {
+            self.append(&format!(
+                "{}{}",
+                prompts::ACTION_PREFIX,
+                prompts::action_line(Action::FinalAnswer)
+            ))
+            .await?;
+            self.actions.push(ActionRecord {
+                action: Action::FinalAnswer,
+                note: Some(reason.clone()),
+            });
+        }
+        self.append(prompts::SUMMARY_PREFIX).await?;
+        let summary = self
+            .line(prompts::LINE_GRAMMAR, 60, Sampling::greedy(), "")
+            .await?;
+        self.append(prompts::ANSWER_PREFIX).await?;
+        let scores = self.seq.score(&[prompts::YES, prompts::NO]).await?;
+        let final_answer = FinalAnswer {
+            summary,
+            answer: scores[0] > scores[1],
+            yes_logprob: scores[0],
+            no_logprob: scores[1],
+            forced: forced.is_some(),
+        };
+        self.emit(Event::BranchAnswered {
+            branch: self.id,
+            answer: final_answer.clone(),
+        });
+        let branch = Branch {
+            id: self.id,
+            steps: self.steps,
+            actions: self.actions,
+            final_answer,
+        };
+        Ok((branch, self.counts, self.len))
+    }
+}
+
+/// Splits `fact [P1, P3]` into the fact and the cited passage ids.
+fn split_citations(text: &str, passages: &[PassageRef]) -> (String, Vec<String>) {
+    let Some(open) = text.rfind('[') else {
+        return (text.trim().to_string(), Vec::new());
+    };
+    let inside = text[open + 1..].trim_end_matches(']');
+    let cited: Vec<String> = inside
+        .split(',')
+        .filter_map(|r| r.trim().strip_prefix('P')?.parse::<usize>().ok())
+        .filter_map(|n| passages.get(n.checked_sub(1)?).map(|p| p.id.clone()))
+        .collect();
+    if cited.is_empty() {
+        return (text.trim().to_string(), cited);
+    }
+    (text[..open].trim().to_string(), cited)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn citations_map_to_shown_passages() {
+        let refs = vec![
+            PassageRef {
+                id: "Llama-3".into(),
+                title: "Llama".into(),
+                score: 1.0,
+            },
+            PassageRef {
+                id: "vital:Llama".into(),
+                title: "Llama".into(),
+                score: 0.5,
+            },
+        ];
+        assert_eq!(
+            split_citations("About 11.5 months. [P2, P1]", &refs),
+            (
+                "About 11.5 months.".into(),
+                vec!["vital:Llama".into(), "Llama-3".into()]
+            )
+        );
+        assert_eq!(
+            split_citations("No sources here", &refs),
+            ("No sources here".into(), vec![])
+        );
+        // A reference to a passage that was not shown is dropped.
+        assert_eq!(split_citations("x [P7]", &refs).1, Vec::<String>::new());
+    }
+}

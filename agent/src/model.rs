@@ -1,0 +1,127 @@
+//! What the loop needs from a language model, as two small traits, and their implementation on
+//! the llama.cpp [`Engine`]. Tests implement them with a scripted model.
+
+use geek_backend::{
+    ChatMessage, Completion, Engine, GenEvent, GenerateParams, PrefillStats, Sequence,
+};
+use geek_retriever::BoxFuture;
+
+use crate::Result;
+
+/// A model the excavation can run on.
+pub trait AgentModel: Send + Sync {
+    /// A description for traces (model file or name).
+    fn describe(&self) -> String;
+
+    /// Renders a system + user chat with the model's template, opened for the assistant.
+    fn chat_prompt<'a>(&'a self, system: &'a str, user: &'a str) -> BoxFuture<'a, Result<String>>;
+
+    /// A new, empty sequence.
+    fn sequence(&self) -> Result<Box<dyn AgentSequence>>;
+
+    /// Tokens one sequence may hold.
+    fn context_size(&self) -> usize;
+}
+
+/// A KV-cached token sequence of an [`AgentModel`].
+pub trait AgentSequence: Send + Sync {
+    /// Appends text, decoding only the new tokens.
+    fn append<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<PrefillStats>>;
+
+    /// Generates after the sequence; `on_piece` sees the text as it streams.
+    fn generate<'a>(
+        &'a self,
+        params: GenerateParams,
+        on_piece: &'a mut (dyn FnMut(&str) + Send),
+    ) -> BoxFuture<'a, Result<Completion>>;
+
+    /// Log-probabilities of candidate continuations.
+    fn score<'a>(&'a self, candidates: &'a [&'a str]) -> BoxFuture<'a, Result<Vec<f32>>>;
+
+    /// A copy sharing the cache.
+    fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>>;
+
+    /// Number of tokens in the sequence.
+    fn len(&self) -> BoxFuture<'_, Result<usize>>;
+
+    /// Keeps the first `len` tokens.
+    fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>>;
+}
+
+impl AgentModel for Engine {
+    fn describe(&self) -> String {
+        let info = self.info();
+        format!(
+            "{} ({}, {:.0}M parameters)",
+            info.path.display(),
+            info.architecture,
+            info.n_params as f64 / 1e6
+        )
+    }
+
+    fn chat_prompt<'a>(&'a self, system: &'a str, user: &'a str) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            let messages = [
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", user),
+            ];
+            match Engine::chat_prompt(self, &messages, true).await {
+                Ok(p) => Ok(p),
+                // A base model without a template gets a plain transcript.
+                Err(geek_backend::Error::ChatTemplate(_)) => Ok(format!("{system}\n\n{user}\n")),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn sequence(&self) -> Result<Box<dyn AgentSequence>> {
+        Ok(Box::new(Engine::sequence(self)?))
+    }
+
+    fn context_size(&self) -> usize {
+        self.info().n_ctx as usize
+    }
+}
+
+impl AgentSequence for Sequence {
+    fn append<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<PrefillStats>> {
+        Box::pin(async move { Ok(Sequence::append(self, text).await?) })
+    }
+
+    fn generate<'a>(
+        &'a self,
+        params: GenerateParams,
+        on_piece: &'a mut (dyn FnMut(&str) + Send),
+    ) -> BoxFuture<'a, Result<Completion>> {
+        Box::pin(async move {
+            let mut stream = Sequence::generate(self, params);
+            while let Some(event) = stream.next().await {
+                match event {
+                    GenEvent::Piece(p) => on_piece(&p),
+                    GenEvent::Done(c) => return Ok(c),
+                    GenEvent::Failed(e) => return Err(e.into()),
+                }
+            }
+            Err(geek_backend::Error::EngineStopped.into())
+        })
+    }
+
+    fn score<'a>(&'a self, candidates: &'a [&'a str]) -> BoxFuture<'a, Result<Vec<f32>>> {
+        Box::pin(async move { Ok(Sequence::score(self, candidates).await?) })
+    }
+
+    fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
+        Box::pin(async move {
+            let child = Sequence::fork(self).await?;
+            Ok(Box::new(child) as Box<dyn AgentSequence>)
+        })
+    }
+
+    fn len(&self) -> BoxFuture<'_, Result<usize>> {
+        Box::pin(async move { Ok(self.tokens().await?.len()) })
+    }
+
+    fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { Ok(Sequence::truncate(self, len).await?) })
+    }
+}
