@@ -41,9 +41,6 @@ pub trait AgentSequence: Send + Sync {
     /// A copy sharing the cache.
     fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>>;
 
-    /// Number of tokens in the sequence.
-    fn len(&self) -> BoxFuture<'_, Result<usize>>;
-
     /// Keeps the first `len` tokens.
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>>;
 }
@@ -115,10 +112,6 @@ impl AgentSequence for Sequence {
             let child = Sequence::fork(self).await?;
             Ok(Box::new(child) as Box<dyn AgentSequence>)
         })
-    }
-
-    fn len(&self) -> BoxFuture<'_, Result<usize>> {
-        Box::pin(async move { Ok(self.tokens().await?.len()) })
     }
 
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>> {

@@ -165,10 +165,6 @@ impl AgentSequence for ScriptedSequence {
         })
     }
 
-    fn len(&self) -> BoxFuture<'_, Result<usize>> {
-        Box::pin(async move { Ok(self.text().chars().count()) })
-    }
-
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut t = self.text();
