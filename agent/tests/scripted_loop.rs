@@ -127,7 +127,7 @@ async fn the_step_budget_forces_a_final_answer() {
             passages, cited, ..
         } => {
             assert_eq!(cited, &vec!["Doc-2".to_string()]);
-            assert!(passages.iter().any(|p| &p.id == &cited[0]));
+            assert!(passages.iter().any(|p| p.id == cited[0]));
         }
         other => panic!("{other:?}"),
     }
