@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: install what is missing, build geek, fetch the default model, build the default
 # passage index (StrategyQA paragraphs + Wikipedia vital articles from ../shared/data), answer a
-# question.
+# question with the excavation agent.
 #   bash run.sh ["QUESTION"]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,9 +16,6 @@ index="${GEEK_INDEX:-$HOME/.local/share/geek/index}"
 if [ ! -f "$index/geek-index.json" ]; then
   "$geek" index build --index "$index"
 fi
-question="${1:-Could a llama give birth twice during the Vietnam War? Answer yes or no, then explain.}"
-echo "Q: $question"
-echo "Passages the agent would start from:"
-"$geek" search --index "$index" -k 3 "$question"
-echo "The model's direct answer:"
-"$geek" generate --max-tokens 128 "$question"
+question="${1:-Could a llama give birth twice during the Vietnam War?}"
+echo "Question: $question"
+"$geek" ask --index "$index" "$question"

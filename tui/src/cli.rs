@@ -52,6 +52,8 @@ pub enum Command {
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Answer a yes/no question by excavating knowledge step by step.
+    Ask(AskArgs),
     /// Generate text from a prompt with the loaded model.
     Generate(GenerateArgs),
     /// Measure throughput.
@@ -170,6 +172,31 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `geek ask`
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The yes/no question.
+    pub question: String,
+    /// Actions per branch before the final answer is forced.
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: usize,
+    /// Branches to explore; their answers are voted.
+    #[arg(long, default_value_t = 1)]
+    pub explore: usize,
+    /// Answer sub-questions from the model alone.
+    #[arg(long)]
+    pub no_retrieval: bool,
+    /// Draft remaining sub-questions with guessed answers to guide retrieval.
+    #[arg(long)]
+    pub pre_answer: bool,
+    /// Passages shown per retrieval.
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
+    /// Print the trace as JSON instead of the excavation as it happens.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `geek generate`

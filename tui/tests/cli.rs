@@ -260,3 +260,49 @@ fn a_malformed_dataset_is_reported_with_its_position() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("question 2") && err.contains("qid b"), "{err}");
 }
+
+#[test]
+fn ask_prints_the_excavation_and_the_json_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let data = data_dir();
+    let model = model_path();
+    let base = [
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    fn with<'a>(extra: &[&'a str], base: &[&'a str]) -> Vec<&'a str> {
+        extra.iter().chain(base).copied().collect()
+    }
+    stdout_of(&geek(&with(&["index", "build"], &base)));
+    let q = "Could a llama give birth twice during the Vietnam War?";
+    let text = stdout_of(&geek(&with(&["ask", q, "--max-steps", "4"], &base)));
+    assert!(text.contains("Q: ") && text.contains("Answer: "), "{text}");
+    let trace: serde_json::Value = serde_json::from_str(&stdout_of(&geek(&with(
+        &["ask", q, "--max-steps", "4", "--json"],
+        &base,
+    ))))
+    .unwrap();
+    assert_eq!(trace["version"], 1);
+    assert_eq!(trace["question"], q);
+    assert!(trace["answer"].is_boolean());
+    assert_eq!(trace["config"]["max_steps"], 4);
+    assert!(trace["branches"][0]["actions"].as_array().unwrap().len() <= 5);
+    // Without retrieval no index is needed.
+    let out = stdout_of(&geek(&[
+        "ask",
+        q,
+        "--no-retrieval",
+        "--max-steps",
+        "2",
+        "--model",
+        model.to_str().unwrap(),
+        "--index",
+        "/nonexistent",
+    ]));
+    assert!(out.contains("Answer: "));
+}

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod ask;
 mod bench;
 mod eval;
 mod generate;
@@ -15,6 +16,7 @@ use crate::config::Resolved;
 pub fn run(command: Command, config: &Resolved) -> Result<()> {
     match command {
         Command::Model(cmd) => model::run(cmd, config),
+        Command::Ask(args) => ask::run(args, config),
         Command::Generate(args) => generate::run(args, config),
         Command::Bench(BenchCommand::Backend(args)) => bench::backend(args, config),
         Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
