@@ -7,8 +7,6 @@
 //! Needs the default model (`geek model pull`) and the data in `../shared/data`
 //! (or `GEEK_DATA_DIR`).
 
-use std::path::PathBuf;
-
 use geek_agent::{Event, Excavator};
 use geek_backend::{catalog, Engine, EngineConfig};
 use geek_retriever::{corpus, Bm25Index, CorpusSource};
