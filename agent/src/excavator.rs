@@ -33,6 +33,11 @@ pub struct ExcavatorConfig {
     pub passages: usize,
     /// Temperature of the sampled first sub-question of branches 1..explore.
     pub explore_temperature: f32,
+    /// Seed of branch `i`'s sampling is `seed + i`.
+    pub seed: u32,
+    /// Tokens one question may use (default: the model's context size). Set it when several
+    /// questions share one engine's KV cache.
+    pub context_limit: Option<usize>,
 }
 
 impl Default for ExcavatorConfig {
@@ -44,6 +49,8 @@ impl Default for ExcavatorConfig {
             retrieval: true,
             passages: 3,
             explore_temperature: 0.8,
+            seed: 0,
+            context_limit: None,
         }
     }
 }
@@ -235,7 +242,7 @@ impl Excavator {
             seqs.push(fork);
         }
         let runs = seqs.into_iter().enumerate().map(|(id, seq)| {
-            let first_seed = (id > 0).then_some(id as u32);
+            let first_seed = (id > 0).then(|| self.config.seed.wrapping_add(id as u32));
             BranchRun {
                 ex: self,
                 id,
@@ -340,7 +347,10 @@ impl BranchRun<'_> {
     /// Runs to the final answer; returns the branch, its token counts and final length.
     async fn run(mut self) -> Result<(Branch, TokenCounts, usize)> {
         let config = &self.ex.config;
-        let n_ctx = self.ex.model.context_size();
+        let n_ctx = config
+            .context_limit
+            .unwrap_or_else(|| self.ex.model.context_size())
+            .min(self.ex.model.context_size());
         loop {
             let forced = if self.actions.len() >= config.max_steps {
                 Some(format!("step budget of {} reached", config.max_steps))

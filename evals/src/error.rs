@@ -24,6 +24,23 @@ pub enum Error {
     /// Retrieval failed.
     #[error(transparent)]
     Retriever(#[from] geek_retriever::Error),
+    /// The agent failed.
+    #[error(transparent)]
+    Agent(#[from] geek_agent::Error),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] geek_backend::Error),
+    /// The run was set up wrongly.
+    #[error("evaluation configuration: {0}")]
+    Config(String),
+    /// Plotting a report failed.
+    #[error("plot {path}: {reason}")]
+    Plot {
+        /// The image file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// `Result` with the evals' [`Error`].

@@ -9,8 +9,10 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod methods;
 pub mod recall;
 pub mod retrieval;
+pub mod run;
 pub mod strategyqa;
 
 pub use error::{Error, Result};

@@ -84,6 +84,35 @@ pub enum IndexCommand {
     },
 }
 
+/// `geek eval strategyqa`
+#[derive(Debug, Args)]
+pub struct EvalQaArgs {
+    /// dev, train, full, test or a file path.
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    /// direct, cot, rag or geek.
+    #[arg(long, default_value = "geek")]
+    pub method: geek_evals::methods::Method,
+    /// Only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Questions answered at once, as parallel sequences of one llama.cpp context.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Branches explored per question (geek).
+    #[arg(long, default_value_t = 1)]
+    pub explore: usize,
+    /// Step budget (geek).
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: usize,
+    /// Seed of sampled branches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Output directory.
+    #[arg(long, default_value = "runs")]
+    pub out: PathBuf,
+}
+
 /// `geek search`
 #[derive(Debug, Args)]
 pub struct SearchArgs {
@@ -133,6 +162,8 @@ pub enum WebProviderArg {
 /// `geek eval …`
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
+    /// Answer StrategyQA questions with a method and measure accuracy (resumable).
+    Strategyqa(EvalQaArgs),
     /// Recall@10 of gold evidence paragraphs (official StrategyQA definition).
     Retrieval {
         /// dev, train, full, test or a file path.

@@ -1,14 +1,25 @@
 //! `geek eval …`.
 
-use anyhow::Result;
-use geek_evals::{retrieval, strategyqa};
-use geek_retriever::Bm25Index;
+use std::io::IsTerminal;
+use std::sync::Arc;
 
-use crate::cli::EvalCommand;
+use anyhow::Result;
+use geek_agent::{Excavator, ExcavatorConfig};
+use geek_backend::Engine;
+use geek_evals::methods::Method;
+use geek_evals::run::{self, RunSpec};
+use geek_evals::{retrieval, strategyqa};
+use geek_retriever::{Bm25Index, Retriever};
+
+use crate::cli::{EvalCommand, EvalQaArgs};
 use crate::config::Resolved;
+
+/// Tokens one question may use when several share the engine.
+const CONTEXT_PER_QUESTION: u32 = 4096;
 
 pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
     match cmd {
+        EvalCommand::Strategyqa(args) => strategyqa_run(args, config),
         EvalCommand::Retrieval {
             split,
             mode,
@@ -27,7 +38,98 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
                     report.k, report.mode, report.recall, report.scored, report.questions, report.index_documents, report.seconds
                 );
             }
+            Ok(())
         }
     }
+}
+
+fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+    let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
+    let dataset = split.path(&config.data_dir);
+    // Every question is checked before any work starts.
+    let questions = strategyqa::load(&dataset)?;
+    let needs_index = matches!(args.method, Method::Rag | Method::Geek);
+    let index = if needs_index {
+        Some(Bm25Index::open(&config.index_dir)?)
+    } else {
+        None
+    };
+
+    let mut engine_config = config.engine_config()?;
+    let parallel = args.parallel.max(1) as u32;
+    engine_config.n_ctx = engine_config.n_ctx.max(CONTEXT_PER_QUESTION * parallel);
+    engine_config.max_sequences = (parallel * (args.explore as u32 + 2) + 4).min(256);
+    let model_sha256 = run::model_sha256(&engine_config.model)?;
+    let spec = RunSpec {
+        method: args.method,
+        split: args.split.clone(),
+        dataset,
+        limit: args.limit,
+        parallel: args.parallel,
+        explore: args.explore,
+        max_steps: args.max_steps,
+        seed: args.seed,
+        model: engine_config.model.clone(),
+        model_sha256,
+        index: needs_index.then(|| config.index_dir.clone()),
+        prompts_version: run::prompts_version(args.method),
+        out_dir: args.out.clone(),
+    };
+    let engine = Engine::load(engine_config)?;
+    let retriever: Option<Arc<dyn Retriever>> = index.map(|i| Arc::new(i) as Arc<dyn Retriever>);
+    let agent = if args.method == Method::Geek {
+        let mut builder = Excavator::builder()
+            .backend(engine.clone())
+            .config(ExcavatorConfig {
+                max_steps: args.max_steps,
+                explore: args.explore,
+                seed: args.seed,
+                context_limit: Some(CONTEXT_PER_QUESTION as usize),
+                ..ExcavatorConfig::default()
+            });
+        if let Some(r) = &retriever {
+            builder = builder.retriever(r.clone());
+        }
+        Some(builder.build()?)
+    } else {
+        None
+    };
+    let answerer = run::answerer(Arc::new(engine), retriever, agent);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(run::run(
+        spec,
+        &questions,
+        answerer,
+        std::io::stderr().is_terminal(),
+    ))?;
+    let m = &outcome.results.results["strategyqa"];
+    match (m.acc, m.acc_stderr) {
+        (Some(acc), Some(se)) => println!(
+            "{}: accuracy {:.4} ± {:.4} ({} of {}), {:.1} questions/min",
+            args.method.name(),
+            acc,
+            se,
+            m.correct.unwrap_or(0),
+            m.n,
+            outcome.results.questions_per_minute
+        ),
+        _ => println!(
+            "{}: {} predictions written to {}",
+            args.method.name(),
+            m.n,
+            outcome.files.predictions.display()
+        ),
+    }
+    if let Some(r) = m.recall_at_10 {
+        println!("Recall@10 of retrieved passages: {r:.4}");
+    }
+    println!(
+        "results: {}\nsamples: {}",
+        outcome.files.results.display(),
+        outcome.files.samples.display()
+    );
     Ok(())
 }
