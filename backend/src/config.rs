@@ -29,10 +29,14 @@ pub struct EngineConfig {
     pub n_gpu_layers: u32,
     /// How many sequences may be alive at once (including the engine's scratch sequences).
     pub max_sequences: u32,
-    /// Flash attention in llama.cpp. With many sequences in one unified KV cache, each token
-    /// attends over every sequence's cells; the flash-attention kernel then dominates and
-    /// `Disabled` batches better, while `Auto` is faster for one sequence and for prompts.
+    /// Flash attention in llama.cpp. `Auto` (on, on CPU) by default because only then do
+    /// results not depend on how tokens were batched: without it, on this CPU build, the same
+    /// tokens decoded one at a time, in chunks, or next to other sequences give logits up to
+    /// ~1.0 apart (F16 cache) or ~0.5 apart (F32 cache). `Disabled` is faster once contexts
+    /// grow (an agent question: ~180 against ~76 tokens/s) at that price.
     pub flash_attention: FlashAttention,
+    /// Element type of the KV cache (F16 by default).
+    pub kv_type: KvType,
     /// GGUF LoRA adapters loaded with the model; switch between them with
     /// [`Engine::set_lora`](crate::Engine::set_lora).
     pub lora_adapters: Vec<PathBuf>,
@@ -52,6 +56,7 @@ impl EngineConfig {
             n_gpu_layers: 0,
             max_sequences: 32,
             flash_attention: FlashAttention::Auto,
+            kv_type: KvType::F16,
             lora_adapters: Vec::new(),
         }
     }
@@ -117,6 +122,38 @@ impl std::str::FromStr for FlashAttention {
             other => Err(format!(
                 "flash attention must be auto, on or off, not {other:?}"
             )),
+        }
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    #[default]
+    F16,
+}
+
+impl KvType {
+    pub(crate) fn llama_type(self) -> llama_cpp_2::context::params::KvCacheType {
+        match self {
+            KvType::F32 => llama_cpp_2::context::params::KvCacheType::F32,
+            KvType::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            other => Err(format!("KV cache type must be f32 or f16, not {other:?}")),
         }
     }
 }

@@ -102,7 +102,7 @@ pub enum Error {
     #[error("HTTP backend: {0}")]
     Http(String),
     /// Plain I/O failure.
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         /// The file involved.
         path: PathBuf,

@@ -56,7 +56,7 @@ mod text;
 mod worker;
 
 pub use arch::SUPPORTED_ARCHITECTURES;
-pub use config::{default_threads, EngineConfig, FlashAttention};
+pub use config::{default_threads, EngineConfig, FlashAttention, KvType};
 pub use engine::{
     ChatMessage, Completion, Engine, EngineStats, Fork, GenEvent, Generation, ModelInfo,
     PrefillStats, Reply, Sequence, StopReason,

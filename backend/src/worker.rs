@@ -87,6 +87,8 @@ pub(crate) fn run(
         .with_n_threads_batch(config.threads_batch)
         .with_n_seq_max(config.max_sequences)
         .with_kv_unified(true)
+        .with_type_k(config.kv_type.llama_type())
+        .with_type_v(config.kv_type.llama_type())
         .with_flash_attention_policy(config.flash_attention.llama_policy());
     let ctx = match llama_backend().and_then(|b| {
         model

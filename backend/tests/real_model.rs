@@ -416,3 +416,28 @@ async fn the_handle_works_from_async_code() {
         assert!(t.await.unwrap().unwrap() > 0);
     }
 }
+
+#[test]
+fn one_token_steps_agree_with_a_batched_prompt() {
+    let engine = engine();
+    let text = "The capital of France is Paris, and the capital of Spain is";
+    let whole = engine.sequence().unwrap();
+    whole.append(text).wait().unwrap();
+    let step = engine.sequence().unwrap();
+    for t in engine.tokenize(text, true).wait().unwrap() {
+        step.append_tokens(vec![t]).wait().unwrap();
+    }
+    let (a, b) = (
+        whole.logits().wait().unwrap(),
+        step.logits().wait().unwrap(),
+    );
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-3,
+        "one-token decoding differs from batched decoding by {diff}"
+    );
+}

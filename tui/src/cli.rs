@@ -32,9 +32,13 @@ pub struct GlobalArgs {
     /// Context size in tokens.
     #[arg(long, global = true, default_value_t = 4096)]
     pub n_ctx: u32,
-    /// Flash attention: auto, on or off (off batches parallel sequences better).
+    /// Flash attention: auto, on or off (off is faster once contexts grow, but then results
+    /// depend on batching).
     #[arg(long, global = true, default_value = "auto")]
     pub flash_attn: geek_backend::FlashAttention,
+    /// KV cache type: f16 or f32.
+    #[arg(long, global = true, default_value = "f16")]
+    pub kv_type: geek_backend::KvType,
     /// The shared data directory (StrategyQA, Wikipedia corpora).
     #[arg(long, global = true, env = "GEEK_DATA_DIR")]
     pub data_dir: Option<PathBuf>,

@@ -22,6 +22,8 @@ pub struct Resolved {
     pub n_gpu_layers: u32,
     /// Flash attention policy.
     pub flash_attention: geek_backend::FlashAttention,
+    /// KV cache element type.
+    pub kv_type: geek_backend::KvType,
     /// Shared data directory.
     pub data_dir: PathBuf,
     /// BM25 index directory.
@@ -41,6 +43,7 @@ impl Resolved {
             n_ctx: args.n_ctx,
             n_gpu_layers: args.n_gpu_layers,
             flash_attention: args.flash_attn,
+            kv_type: args.kv_type,
             data_dir: geek_retriever::corpus::data_dir(args.data_dir.as_deref()),
             index_dir: args
                 .index
@@ -57,6 +60,17 @@ impl Resolved {
         )?)
     }
 
+    /// The data directory, or an error that says how to point at it.
+    pub fn require_data_dir(&self) -> Result<&std::path::Path> {
+        if !self.data_dir.is_dir() {
+            anyhow::bail!(
+                "data directory {} not found: pass --data-dir or set GEEK_DATA_DIR",
+                self.data_dir.display()
+            );
+        }
+        Ok(&self.data_dir)
+    }
+
     /// Engine settings for the configured model.
     pub fn engine_config(&self) -> Result<EngineConfig> {
         let mut config = EngineConfig::new(self.model_path(None)?)
@@ -64,6 +78,7 @@ impl Resolved {
             .with_n_ctx(self.n_ctx);
         config.n_gpu_layers = self.n_gpu_layers;
         config.flash_attention = self.flash_attention;
+        config.kv_type = self.kv_type;
         Ok(config)
     }
 }

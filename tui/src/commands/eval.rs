@@ -27,7 +27,7 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
             json,
         } => {
             let split: strategyqa::Split = split.parse().map_err(anyhow::Error::msg)?;
-            let questions = strategyqa::load(&split.path(&config.data_dir))?;
+            let questions = strategyqa::load(&split.path(config.require_data_dir()?))?;
             let index = Bm25Index::open(&config.index_dir)?;
             let report = retrieval::evaluate(&index, &questions, mode, k)?;
             if json {
@@ -45,7 +45,10 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
 
 fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
     let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
-    let dataset = split.path(&config.data_dir);
+    let dataset = match &split {
+        strategyqa::Split::Path(p) => p.clone(),
+        named => named.path(config.require_data_dir()?),
+    };
     // Every question is checked before any work starts.
     let questions = strategyqa::load(&dataset)?;
     let needs_index = matches!(args.method, Method::Rag | Method::Geek);

@@ -15,7 +15,7 @@ use crate::config::Resolved;
 
 pub fn build(corpora: Vec<PathBuf>, out: Option<PathBuf>, config: &Resolved) -> Result<()> {
     let sources = if corpora.is_empty() {
-        CorpusSource::defaults(&config.data_dir)
+        CorpusSource::defaults(config.require_data_dir()?)
     } else {
         corpora.into_iter().map(CorpusSource::from_path).collect()
     };
