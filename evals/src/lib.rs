@@ -5,12 +5,16 @@
 //!   its position before any work starts);
 //! - [`recall`]: the official Recall@10 of gold evidence paragraphs;
 //! - [`retrieval`]: `geek eval retrieval`, Recall@10 of the BM25 retriever with the question
-//!   alone or with one query per gold decomposition step.
+//!   alone or with one query per gold decomposition step;
+//! - [`methods`] and [`run`]: `geek eval strategyqa`, the direct / cot / rag / geek methods on
+//!   one model, batched, resumable, written in lm-evaluation-harness shapes;
+//! - [`report`]: `geek eval report`, a Markdown table and PNG plots comparing runs.
 #![warn(missing_docs)]
 
 mod error;
 pub mod methods;
 pub mod recall;
+pub mod report;
 pub mod retrieval;
 pub mod run;
 pub mod strategyqa;

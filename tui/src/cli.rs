@@ -168,6 +168,15 @@ pub enum WebProviderArg {
 pub enum EvalCommand {
     /// Answer StrategyQA questions with a method and measure accuracy (resumable).
     Strategyqa(EvalQaArgs),
+    /// Compare runs: a Markdown table and PNG plots.
+    Report {
+        /// Directories holding results_*.json files.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write report.md and the plots (default: the first directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Recall@10 of gold evidence paragraphs (official StrategyQA definition).
     Retrieval {
         /// dev, train, full, test or a file path.

@@ -123,6 +123,24 @@ fn every_method_answers_the_first_ten_dev_questions() {
             _ => assert!(m["recall@10"].is_null()),
         }
     }
+    let report = ok(geek(&index, &["eval", "report", out.to_str().unwrap()]));
+    for method in ["direct", "cot", "rag", "geek"] {
+        assert!(
+            report.contains(&format!("| {method} | dev | 10 |")),
+            "{report}"
+        );
+    }
+    for png in [
+        "accuracy.png",
+        "steps_histogram.png",
+        "accuracy_vs_steps.png",
+    ] {
+        let bytes = std::fs::read(out.join(png)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 5000, "{png}");
+    }
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("![accuracy](accuracy.png)"));
 }
 
 #[test]

@@ -20,6 +20,16 @@ const CONTEXT_PER_QUESTION: u32 = 4096;
 pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
     match cmd {
         EvalCommand::Strategyqa(args) => strategyqa_run(args, config),
+        EvalCommand::Report { dirs, out } => {
+            let runs = geek_evals::report::find_runs(&dirs)?;
+            anyhow::ensure!(!runs.is_empty(), "no results_*.json in {dirs:?}");
+            let out = out.unwrap_or_else(|| dirs[0].clone());
+            print!("{}", geek_evals::report::markdown(&runs));
+            for f in geek_evals::report::write_report(&runs, &out)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
         EvalCommand::Retrieval {
             split,
             mode,
