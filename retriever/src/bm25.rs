@@ -252,6 +252,43 @@ impl Bm25Index {
         terms
     }
 
+    /// The passage with this id, if the index has it.
+    pub fn get(&self, id: &str) -> Result<Option<Passage>> {
+        let query = TermQuery::new(
+            Term::from_field_text(self.fields.id, id),
+            IndexRecordOption::Basic,
+        );
+        let searcher = self.reader.searcher();
+        let top = searcher.search(&query, &TopDocs::with_limit(1).order_by_score())?;
+        top.into_iter()
+            .next()
+            .map(|(_, addr)| self.passage(&searcher, addr, 0.0))
+            .transpose()
+    }
+
+    fn passage(
+        &self,
+        searcher: &tantivy::Searcher,
+        addr: tantivy::DocAddress,
+        score: f32,
+    ) -> Result<Passage> {
+        let doc: TantivyDocument = searcher.doc(addr)?;
+        let get = |f: Field| {
+            doc.get_first(f)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        Ok(Passage {
+            id: get(self.fields.id),
+            title: get(self.fields.title),
+            section: get(self.fields.section),
+            text: get(self.fields.text),
+            score,
+            source: "bm25".into(),
+        })
+    }
+
     /// The `k` best passages for a plain-text query. A query with no searchable words gives
     /// no results.
     pub fn search(&self, query: &str, k: usize) -> Result<Vec<Passage>> {
@@ -279,23 +316,7 @@ impl Bm25Index {
         let searcher = self.reader.searcher();
         let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
         top.into_iter()
-            .map(|(score, addr)| {
-                let doc: TantivyDocument = searcher.doc(addr)?;
-                let get = |f: Field| {
-                    doc.get_first(f)
-                        .and_then(|v| v.as_str())
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                Ok(Passage {
-                    id: get(self.fields.id),
-                    title: get(self.fields.title),
-                    section: get(self.fields.section),
-                    text: get(self.fields.text),
-                    score,
-                    source: "bm25".into(),
-                })
-            })
+            .map(|(score, addr)| self.passage(&searcher, addr, score))
             .collect()
     }
 }

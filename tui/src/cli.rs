@@ -12,9 +12,9 @@ pub struct Cli {
     /// Global settings.
     #[command(flatten)]
     pub global: GlobalArgs,
-    /// What to do.
+    /// What to do (default: the interactive terminal UI).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Settings every subcommand shares.
@@ -53,6 +53,8 @@ pub struct GlobalArgs {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The interactive terminal UI (also what `geek` alone opens).
+    Tui,
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(ModelCommand),

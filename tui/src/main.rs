@@ -1,22 +1,58 @@
 //! The `geek` binary: a thin layer over the library crates.
 
+mod app;
 mod cli;
 mod commands;
 mod config;
 
 use clap::Parser;
 
+/// `$GEEK_LOG`, else `<user cache>/geek/tui.log`.
+fn log_file() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("GEEK_LOG") {
+        return p.into();
+    }
+    let dir = geek_backend::catalog::models_dir(None)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join("tui.log")
+}
+
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,llama-cpp-2=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let command = cli.command.unwrap_or(cli::Command::Tui);
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,llama-cpp-2=error"))
+    };
+    if matches!(command, cli::Command::Tui) {
+        // The terminal belongs to the UI: logs go to a file.
+        let log = log_file();
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+        {
+            Ok(file) => tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init(),
+            Err(_) => tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_writer(std::io::sink)
+                .init(),
+        }
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let config = config::Resolved::from_args(&cli.global);
-    match commands::run(cli.command, &config) {
+    match commands::run(command, &config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

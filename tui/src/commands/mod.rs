@@ -15,6 +15,7 @@ use crate::config::Resolved;
 /// Runs a parsed command.
 pub fn run(command: Command, config: &Resolved) -> Result<()> {
     match command {
+        Command::Tui => crate::app::run(config),
         Command::Model(cmd) => model::run(cmd, config),
         Command::Ask(args) => ask::run(args, config),
         Command::Generate(args) => generate::run(args, config),

@@ -1,0 +1,187 @@
+//! The engine thread of the TUI: owns the model, the index and a tokio runtime, runs one
+//! excavation at a time and reports back over a channel, so the UI thread only draws.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use geek_agent::{Excavator, ExcavatorConfig};
+use geek_backend::{catalog, Engine};
+use geek_retriever::Bm25Index;
+
+use super::state::{Report, Request, Settings};
+use crate::config::Resolved;
+
+struct Loaded {
+    engine: Engine,
+    index: Option<Arc<Bm25Index>>,
+    /// The agent for the settings it was built with (it caches the system prompt).
+    agent: Option<(Settings, Arc<Excavator>)>,
+}
+
+/// Starts the engine thread.
+pub fn spawn(config: Resolved, settings: Settings) -> (Sender<Request>, Receiver<Report>) {
+    let (req_tx, req_rx) = std::sync::mpsc::channel::<Request>();
+    let (rep_tx, rep_rx) = std::sync::mpsc::channel::<Report>();
+    std::thread::Builder::new()
+        .name("geek-tui-engine".into())
+        .spawn(move || serve(config, settings, req_rx, rep_tx))
+        .expect("spawn the engine thread");
+    (req_tx, rep_rx)
+}
+
+fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> {
+    let path = match catalog::resolve(model, &config.models_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = out.send(Report::Problem(format!(
+                "{e}. Pull it, or set the model path in settings (s)."
+            )));
+            return None;
+        }
+    };
+    let mut engine_config = match config.engine_config() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = out.send(Report::Problem(e.to_string()));
+            return None;
+        }
+    };
+    engine_config.model = path;
+    let engine = match Engine::load(engine_config) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = out.send(Report::Problem(format!(
+                "cannot load the model: {e}. Choose another in settings (s)."
+            )));
+            return None;
+        }
+    };
+    let index = match Bm25Index::open(&config.index_dir) {
+        Ok(i) => Some(Arc::new(i)),
+        Err(e) => {
+            let _ = out.send(Report::Problem(format!(
+                "{e}. Until then questions are answered without retrieval (settings: s)."
+            )));
+            None
+        }
+    };
+    let _ = out.send(Report::Ready {
+        model: engine.info().path.file_name().map_or_else(
+            || engine.info().path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        index_documents: index.as_ref().map_or(0, |i| i.meta().documents),
+    });
+    Some(Loaded {
+        engine,
+        index,
+        agent: None,
+    })
+}
+
+fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out: Sender<Report>) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = out.send(Report::Problem(format!(
+                "cannot start the async runtime: {e}"
+            )));
+            return;
+        }
+    };
+    let mut loaded = load(&config, &settings.model, &out);
+    let mut running: Option<tokio::task::JoinHandle<()>> = None;
+    while let Ok(request) = requests.recv() {
+        match request {
+            Request::Ask { question, settings } => {
+                let Some(l) = loaded.as_mut() else {
+                    let _ = out.send(Report::Problem(
+                        "no model is loaded: set one in settings (s)".into(),
+                    ));
+                    continue;
+                };
+                let agent = match &l.agent {
+                    Some((s, a)) if *s == settings => a.clone(),
+                    _ => {
+                        let mut builder = Excavator::builder().backend(l.engine.clone()).config(
+                            ExcavatorConfig {
+                                max_steps: settings.max_steps,
+                                explore: settings.explore,
+                                retrieval: settings.retrieval,
+                                ..ExcavatorConfig::default()
+                            },
+                        );
+                        if let (true, Some(index)) = (settings.retrieval, &l.index) {
+                            builder = builder.retriever(index.clone());
+                        }
+                        match builder.build() {
+                            Ok(a) => {
+                                let a = Arc::new(a);
+                                l.agent = Some((settings.clone(), a.clone()));
+                                a
+                            }
+                            Err(e) => {
+                                let _ = out.send(Report::Problem(e.to_string()));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let out = out.clone();
+                running = Some(runtime.spawn(async move {
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                    let forward = {
+                        let out = out.clone();
+                        tokio::spawn(async move {
+                            while let Some(e) = rx.recv().await {
+                                let _ = out.send(Report::Event(e));
+                            }
+                        })
+                    };
+                    let result = agent.run_streaming(&question, tx).await;
+                    let _ = forward.await;
+                    let _ = out.send(match result {
+                        Ok(trace) => Report::Done(Box::new(trace)),
+                        Err(e) => Report::Problem(format!("the excavation failed: {e}")),
+                    });
+                }));
+            }
+            Request::Cancel => {
+                if let Some(task) = running.take() {
+                    if !task.is_finished() {
+                        task.abort();
+                        let _ = out.send(Report::Cancelled);
+                    }
+                }
+            }
+            Request::Passage(id) => {
+                let found = loaded
+                    .as_ref()
+                    .and_then(|l| l.index.as_ref())
+                    .map(|i| i.get(&id));
+                let _ = out.send(match found {
+                    Some(Ok(Some(p))) => Report::Passage {
+                        title: format!("{} ({})", p.title, p.id),
+                        text: p.text,
+                    },
+                    Some(Ok(None)) | None => {
+                        Report::Problem(format!("passage {id} is not in the local index"))
+                    }
+                    Some(Err(e)) => Report::Problem(e.to_string()),
+                });
+            }
+            Request::LoadModel(model) => {
+                if let Some(task) = running.take() {
+                    task.abort();
+                }
+                // Free the old model before loading the new one.
+                drop(loaded.take());
+                loaded = load(&config, &model, &out);
+            }
+        }
+    }
+}
