@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and running geek needs and is missing (Debian/Ubuntu, as root or
 # with sudo): cmake and clang/libclang for llama.cpp and its bindings, pip for fetching the
-# default model, a font for report plots. Idempotent: installs nothing when everything is there.
+# default model, a font for report plots, tmux for
+# the terminal UI's end-to-end test. Idempotent: installs nothing when everything is there.
 set -euo pipefail
 
 missing=()
@@ -11,6 +12,7 @@ compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

@@ -1,0 +1,149 @@
+//! The real binary in a real terminal (tmux, 80×24) with the real model and index: type a
+//! question, wait for the answer, check steps, answer and a citation, quit cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("GEEK_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            geek_backend::catalog::models_dir(None)
+                .join(geek_backend::catalog::default_model().file_name)
+        });
+    assert!(
+        path.is_file(),
+        "test model {} missing: run `geek model pull`",
+        path.display()
+    );
+    path
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("GEEK_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .args(args)
+        .output()
+        .expect("tmux is installed (scripts/install-deps.sh)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(session: &str, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let screen = tmux(&["capture-pane", "-t", session, "-p"]);
+        if done(&screen) {
+            return screen;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting for {what}; screen:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Session(String);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn ask_in_the_terminal_ui_and_quit() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let geek = env!("CARGO_BIN_EXE_geek");
+    let built = Command::new(geek)
+        .args([
+            "index",
+            "build",
+            "--index",
+            index.to_str().unwrap(),
+            "--data-dir",
+            data_dir().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(built.status.success());
+    let status = dir.path().join("status");
+    let log = dir.path().join("tui.log");
+    let script = format!(
+        "GEEK_THREADS=2 GEEK_LOG={} {geek} --model {} --index {}; echo $? > {}",
+        log.display(),
+        model_path().display(),
+        index.display(),
+        status.display()
+    );
+    let session = Session(format!("geek-e2e-{}", std::process::id()));
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session.0,
+        "-x",
+        "80",
+        "-y",
+        "24",
+        &script,
+    ]);
+    wait_for(
+        &session.0,
+        "the model to load",
+        Duration::from_secs(60),
+        |s| s.contains("19284 passages"),
+    );
+
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session.0,
+        "-l",
+        "Could a llama give birth twice during the Vietnam War?",
+    ]);
+    tmux(&["send-keys", "-t", &session.0, "Enter"]);
+    let screen = wait_for(&session.0, "the answer", Duration::from_secs(240), |s| {
+        s.contains("log-prob margin")
+    });
+    assert!(
+        screen.contains("Q1 "),
+        "no sub-question on screen:\n{screen}"
+    );
+    assert!(
+        screen.contains("search → "),
+        "no retrieval on screen:\n{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.contains("   A ") && l.contains('[')),
+        "no cited fact:\n{screen}"
+    );
+    assert!(screen.contains("YES") || screen.contains("NO "), "{screen}");
+    assert!(
+        !screen.contains("WARN") && !screen.contains("INFO"),
+        "logs leaked to the terminal:\n{screen}"
+    );
+
+    tmux(&["send-keys", "-t", &session.0, "Escape"]);
+    let start = Instant::now();
+    while !status.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "geek did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "0");
+    assert!(Path::new(&log).exists(), "logs go to the log file");
+}
