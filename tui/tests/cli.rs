@@ -1,31 +1,11 @@
 //! The `geek` binary end to end, on the real default model.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{data_dir, model_path};
 use std::process::Command;
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| geek_models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
-
-fn geek_models_dir() -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(["model", "list", "--json"])
-        .output()
-        .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    PathBuf::from(list[0]["path"].as_str().unwrap())
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn geek(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_geek"))
@@ -187,12 +167,6 @@ fn model_pull_fetches_and_verifies_the_default_model() {
         .output()
         .unwrap();
     assert_eq!(stdout_of(&again).trim(), out.trim());
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("GEEK_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
 }
 
 #[test]

@@ -1,30 +1,13 @@
 //! `geek eval strategyqa` end to end on the real model: every method, resume after kill -9,
 //! leaderboard predictions, dataset errors before any work.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::{data_dir, model_path};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            geek_backend::catalog::models_dir(None)
-                .join(geek_backend::catalog::default_model().file_name)
-        });
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("GEEK_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
 
 /// `geek` with the test model, data and `index`, plus `args`.
 fn geek(index: &Path, args: &[&str]) -> Command {

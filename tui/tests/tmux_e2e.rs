@@ -1,30 +1,13 @@
 //! The real binary in a real terminal (tmux, 80×24) with the real model and index: type a
 //! question, wait for the answer, check steps, answer and a citation, quit cleanly.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{data_dir, model_path};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            geek_backend::catalog::models_dir(None)
-                .join(geek_backend::catalog::default_model().file_name)
-        });
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("GEEK_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux")

