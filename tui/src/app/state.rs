@@ -92,6 +92,8 @@ pub struct Excavation {
     pub citations: Vec<(String, String)>,
     /// Actions started.
     pub step: usize,
+    /// The action the main branch is working on.
+    pub action: Option<geek_agent::Action>,
     /// Streamed pieces (≈ tokens) and when streaming started.
     pub pieces: usize,
     /// Start of the run.
@@ -111,6 +113,7 @@ impl Excavation {
             answer: None,
             citations: Vec::new(),
             step: 0,
+            action: None,
             pieces: 0,
             started: Some(Instant::now()),
             running: true,
@@ -256,8 +259,11 @@ impl App {
         let Some(c) = &mut self.current else { return };
         match event {
             // The panel follows the greedy branch; others only vote.
-            Event::StepStarted { branch: 0, .. } => {
+            Event::StepStarted {
+                branch: 0, action, ..
+            } => {
                 c.step += 1;
+                c.action = Some(action);
                 c.streaming.clear();
             }
             Event::SubQuestion { branch: 0, text } => c.lines.push(StepLine::Question(text)),

@@ -117,6 +117,7 @@ fn steps_answer_and_citations_render() {
     );
     assert!(s[6].starts_with("│   search → Llama"));
     assert!(s[7].starts_with("│   A About 11.5 months. [Llama-3]"));
+    assert!(s[8].starts_with("│   … AddDecomp:"), "{}", s.join("\n"));
     assert!(s[17].contains("excavating… (Ctrl-C cancels)"));
 
     let mut trace: geek_agent::Trace = serde_json::from_value(serde_json::json!({

@@ -116,9 +116,10 @@ pub fn step_lines(app: &App) -> Vec<Line<'static>> {
             ))),
         }
     }
-    if c.running && !c.streaming.is_empty() {
+    if c.running {
+        let action = c.action.map_or("thinking", |a| a.keyword());
         lines.push(Line::from(Span::styled(
-            format!("   … {}", c.streaming.trim()),
+            format!("   … {action}: {}", c.streaming.trim()),
             Style::default().fg(Color::Magenta),
         )));
     }
