@@ -37,7 +37,7 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
             json,
         } => {
             let split: strategyqa::Split = split.parse().map_err(anyhow::Error::msg)?;
-            let questions = strategyqa::load(&split.path(config.require_data_dir()?))?;
+            let questions = strategyqa::load(&dataset_path(&split, config)?)?;
             let index = Bm25Index::open(&config.index_dir)?;
             let report = retrieval::evaluate(&index, &questions, mode, k)?;
             if json {
@@ -53,12 +53,17 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
     }
 }
 
-fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
-    let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
-    let dataset = match &split {
+/// The file of a split: a path as given, a named split under the data directory.
+fn dataset_path(split: &strategyqa::Split, config: &Resolved) -> Result<std::path::PathBuf> {
+    Ok(match split {
         strategyqa::Split::Path(p) => p.clone(),
         named => named.path(config.require_data_dir()?),
-    };
+    })
+}
+
+fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+    let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
+    let dataset = dataset_path(&split, config)?;
     // Every question is checked before any work starts.
     let questions = strategyqa::load(&dataset)?;
     let needs_index = matches!(args.method, Method::Rag | Method::Geek);
