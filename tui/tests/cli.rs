@@ -137,17 +137,20 @@ fn bench_backend_reports_every_test() {
 #[test]
 fn model_pull_fetches_and_verifies_the_default_model() {
     let dir = tempfile::tempdir().unwrap();
-    let out = stdout_of(
-        &Command::new(env!("CARGO_BIN_EXE_geek"))
-            .args([
-                "model",
-                "pull",
-                "--models-dir",
-                dir.path().to_str().unwrap(),
-            ])
-            .output()
-            .unwrap(),
-    );
+    let pull = || {
+        stdout_of(
+            &Command::new(env!("CARGO_BIN_EXE_geek"))
+                .args([
+                    "model",
+                    "pull",
+                    "--models-dir",
+                    dir.path().to_str().unwrap(),
+                ])
+                .output()
+                .unwrap(),
+        )
+    };
+    let out = pull();
     let path = PathBuf::from(out.trim());
     assert_eq!(path, dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert_eq!(
@@ -157,16 +160,7 @@ fn model_pull_fetches_and_verifies_the_default_model() {
     // Only the verified file is left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     // A second pull finds it in place.
-    let again = Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args([
-            "model",
-            "pull",
-            "--models-dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(stdout_of(&again).trim(), out.trim());
+    assert_eq!(pull().trim(), out.trim());
 }
 
 #[test]
