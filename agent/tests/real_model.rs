@@ -6,6 +6,10 @@ use geek_agent::{AnswerSource, Excavator};
 use geek_backend::{catalog, Engine, EngineConfig};
 use geek_retriever::{Bm25Index, CorpusSource};
 
+/// Serialises the two tests: two models decoding at once on 2 cores slow each other down by an
+/// order of magnitude (llama.cpp's worker threads spin while they wait).
+static ONE_MODEL_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn model_path() -> PathBuf {
     let path = std::env::var_os("GEEK_TEST_MODEL")
         .map(PathBuf::from)
@@ -36,6 +40,7 @@ fn dev_questions(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_questions_excavate_with_valid_steps_citations_and_kv_reuse() {
+    let _model = ONE_MODEL_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let index = Bm25Index::build(dir.path(), &CorpusSource::defaults(&data_dir()), false).unwrap();
     let engine = Engine::load(EngineConfig::new(model_path()).with_threads(2)).unwrap();
@@ -86,6 +91,7 @@ async fn dev_questions_excavate_with_valid_steps_citations_and_kv_reuse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exploration_branches_share_the_question_and_vote() {
+    let _model = ONE_MODEL_AT_A_TIME.lock().await;
     let engine = Engine::load(EngineConfig::new(model_path()).with_threads(2)).unwrap();
     let agent = Excavator::builder()
         .backend(engine.clone())

@@ -72,6 +72,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn lora_adapters_switch_at_run_time() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("q-lora.gguf");
     // SmolLM2-135M: n_embd 576, attn_q maps 576 -> 576.
@@ -118,6 +119,7 @@ fn lora_adapters_switch_at_run_time() {
 
 #[test]
 fn adapters_that_do_not_fit_the_model_are_typed_errors() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let wrong_shape = dir.path().join("wrong.gguf");
     write_lora(&wrong_shape, 100, 100, 2, 1);

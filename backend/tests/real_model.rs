@@ -11,6 +11,7 @@ const PROMPT: &str = "Question: Could a llama give birth twice during the Vietna
 
 #[test]
 fn greedy_generation_is_deterministic() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let run = || {
         let seq = engine.sequence().unwrap();
@@ -36,6 +37,7 @@ fn greedy_generation_is_deterministic() {
 
 #[test]
 fn appending_reuses_the_cache_and_matches_a_fresh_decode() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let kept = engine.sequence().unwrap();
     let first = kept
@@ -70,6 +72,7 @@ fn appending_reuses_the_cache_and_matches_a_fresh_decode() {
 
 #[test]
 fn a_forked_sequence_continues_like_its_parent() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let parent = engine.sequence().unwrap();
     parent.append(PROMPT).wait().unwrap();
@@ -95,6 +98,7 @@ fn a_forked_sequence_continues_like_its_parent() {
 
 #[test]
 fn parallel_sequences_are_batched_and_agree_with_sequential_runs() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let prompts = [
         "The tallest mountain on Earth is",
@@ -142,6 +146,7 @@ fn parallel_sequences_are_batched_and_agree_with_sequential_runs() {
 
 #[test]
 fn grammar_constrained_output_always_parses() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let grammar = r#"root ::= "Action: " action "\nCount: " [1-9] [0-9]? "\n"
 action ::= "Retrieve" | "SelfAnswer" | "Final""#;
@@ -184,6 +189,7 @@ action ::= "Retrieve" | "SelfAnswer" | "Final""#;
 
 #[test]
 fn a_broken_grammar_is_an_error() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let seq = engine.sequence().unwrap();
     seq.append("Hello").wait().unwrap();
@@ -200,6 +206,7 @@ fn a_broken_grammar_is_an_error() {
 
 #[test]
 fn scoring_ranks_the_right_continuation_and_sums_token_log_probs() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let seq = engine.sequence().unwrap();
     seq.append("The capital of France is").wait().unwrap();
@@ -234,6 +241,7 @@ fn scoring_ranks_the_right_continuation_and_sums_token_log_probs() {
 
 #[test]
 fn stop_strings_and_streaming() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let seq = engine.sequence().unwrap();
     seq.append("Count: one, two, three, four, five,")
@@ -257,6 +265,7 @@ fn stop_strings_and_streaming() {
 
 #[test]
 fn chat_template_comes_from_the_gguf() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     assert!(engine
         .info()
@@ -282,6 +291,7 @@ fn chat_template_comes_from_the_gguf() {
 
 #[test]
 fn context_overflow_is_reported_before_decoding() {
+    let _model = common::one_model_at_a_time();
     let engine = engine_with(256);
     let n_ctx = engine.info().n_ctx as usize;
     let seq = engine.sequence().unwrap();
@@ -308,6 +318,7 @@ fn context_overflow_is_reported_before_decoding() {
 
 #[test]
 fn broken_model_files_give_typed_errors() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(model_path()).unwrap();
     let truncated = dir.path().join("truncated.gguf");
@@ -335,6 +346,7 @@ fn broken_model_files_give_typed_errors() {
 
 #[test]
 fn kv_reuse_counters_prove_incremental_decoding() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let seq = engine.sequence().unwrap();
     let mut unique = seq.append(PROMPT).wait().unwrap().total;
@@ -364,6 +376,7 @@ fn kv_reuse_counters_prove_incremental_decoding() {
 
 #[test]
 fn seeded_sampling_is_reproducible() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let run = |seed: u32| {
         let seq = engine.sequence().unwrap();
@@ -419,6 +432,7 @@ async fn the_handle_works_from_async_code() {
 
 #[test]
 fn one_token_steps_agree_with_a_batched_prompt() {
+    let _model = common::one_model_at_a_time();
     let engine = engine();
     let text = "The capital of France is Paris, and the capital of Spain is";
     let whole = engine.sequence().unwrap();

@@ -40,6 +40,7 @@ fn model_info_reads_the_gguf_metadata() {
 
 #[test]
 fn generate_streams_a_deterministic_answer() {
+    let _model = common::one_model_at_a_time();
     let model = model_path();
     let args = [
         "generate",
@@ -57,6 +58,7 @@ fn generate_streams_a_deterministic_answer() {
 
 #[test]
 fn generate_json_with_a_grammar() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let grammar = dir.path().join("yesno.gbnf");
     std::fs::write(&grammar, "root ::= (\"yes\" | \"no\") \".\"\n").unwrap();
@@ -91,6 +93,7 @@ fn bad_model_files_are_reported_not_crashed_on() {
 
 #[test]
 fn bench_backend_reports_every_test() {
+    let _model = common::one_model_at_a_time();
     let model = model_path();
     let out = stdout_of(&geek(&[
         "bench",
@@ -136,6 +139,7 @@ fn bench_backend_reports_every_test() {
 
 #[test]
 fn model_pull_fetches_and_verifies_the_default_model() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let pull = || {
         stdout_of(
@@ -165,6 +169,7 @@ fn model_pull_fetches_and_verifies_the_default_model() {
 
 #[test]
 fn index_build_search_and_retrieval_eval() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
     let data = data_dir();
@@ -231,6 +236,7 @@ fn a_malformed_dataset_is_reported_with_its_position() {
 
 #[test]
 fn ask_prints_the_excavation_and_the_json_trace() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
     let data = data_dir();

@@ -57,6 +57,7 @@ fn built_index(dir: &Path) -> PathBuf {
 
 #[test]
 fn every_method_answers_the_first_ten_dev_questions() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let index = built_index(dir.path());
     let out = dir.path().join("runs");
@@ -128,6 +129,7 @@ fn every_method_answers_the_first_ten_dev_questions() {
 
 #[test]
 fn a_killed_run_resumes_with_every_question_exactly_once() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("no-index");
     let out = dir.path().join("runs");
@@ -160,8 +162,8 @@ fn a_killed_run_resumes_with_every_question_exactly_once() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the run wrote nothing"
+            start.elapsed() < Duration::from_secs(600),
+            "the run wrote no three samples in ten minutes"
         );
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -192,6 +194,7 @@ fn a_killed_run_resumes_with_every_question_exactly_once() {
 
 #[test]
 fn the_test_split_writes_leaderboard_predictions() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("runs");
     ok(geek(

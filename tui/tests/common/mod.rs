@@ -25,3 +25,11 @@ pub fn data_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
 }
+
+/// Serialises the tests of one binary that run the model: llama.cpp's worker threads spin while
+/// they wait, so two models decoding at once on a 2-core machine slow each other down by an
+/// order of magnitude (a CI run took 52 minutes this way). Hold the guard for the whole test.
+pub fn one_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

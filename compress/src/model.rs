@@ -1,0 +1,325 @@
+//! The llama transformer in candle, with a frozen base and optional adapters.
+//!
+//! Only the adapters are [`Var`]s, so backpropagation computes gradients for them alone. RMS
+//! norm, RoPE and softmax are written with differentiable tensor ops (candle's fused kernels for
+//! them have no backward pass).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::adapter::{AdapterConfig, AdapterKind, LinearDelta, Target, TtBottleneck};
+use crate::init::Rng;
+use crate::weights::{BaseWeights, LlamaConfig};
+use crate::Result;
+
+/// One batch of token rows: ids, per-token positions and which tokens may attend to which.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[b, t]` u32 token ids.
+    pub tokens: Tensor,
+    /// `[b, t]` u32 positions (restarting at 0 for each packed example).
+    pub positions: Tensor,
+    /// `[b, 1, t, t]` f32 additive mask: 0 where attention is allowed, -∞ elsewhere.
+    pub mask: Tensor,
+}
+
+impl Batch {
+    /// A batch from rows of equal length, each split into segments that attend only within
+    /// themselves (causally). `segments[i]` lists the segment lengths of row `i`; a row's
+    /// remainder after its segments is padding, which attends only to itself.
+    pub fn packed(rows: &[Vec<u32>], segments: &[Vec<usize>]) -> Result<Batch> {
+        let b = rows.len();
+        let t = rows.first().map_or(0, |r| r.len());
+        let mut pos = vec![0u32; b * t];
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (i, segs) in segments.iter().enumerate() {
+            let mut start = 0;
+            let mut spans: Vec<(usize, usize)> = segs
+                .iter()
+                .map(|&len| {
+                    let s = (start, start + len);
+                    start += len;
+                    s
+                })
+                .collect();
+            spans.extend((start..t).map(|p| (p, p + 1)));
+            for (s, e) in spans {
+                for q in s..e.min(t) {
+                    pos[i * t + q] = (q - s) as u32;
+                    for k in s..=q {
+                        mask[(i * t + q) * t + k] = 0.0;
+                    }
+                }
+            }
+        }
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        Ok(Batch {
+            tokens: Tensor::from_vec(flat, (b, t), &Device::Cpu)?,
+            positions: Tensor::from_vec(pos, (b, t), &Device::Cpu)?,
+            mask: Tensor::from_vec(mask, (b, 1, t, t), &Device::Cpu)?,
+        })
+    }
+
+    /// One unpacked sequence with a plain causal mask.
+    pub fn single(tokens: &[u32]) -> Result<Batch> {
+        Batch::packed(&[tokens.to_vec()], &[vec![tokens.len()]])
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    linears: HashMap<Target, (Tensor, Option<LinearDelta>)>,
+    bottleneck: Option<TtBottleneck>,
+}
+
+/// A llama model whose linear layers may carry adapters.
+pub struct AdaptedModel {
+    config: LlamaConfig,
+    adapter: Option<AdapterConfig>,
+    embedding: Tensor,
+    output: Tensor,
+    output_norm: Tensor,
+    layers: Vec<Layer>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl std::fmt::Debug for AdaptedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdaptedModel")
+            .field("config", &self.config)
+            .field("adapter", &self.adapter)
+            .finish()
+    }
+}
+
+/// Positions the RoPE tables cover.
+const MAX_POSITIONS: usize = 8192;
+
+impl AdaptedModel {
+    /// The base model with adapters of `adapter` (fresh, seeded) — or none.
+    pub fn new(base: &BaseWeights, adapter: Option<&AdapterConfig>) -> Result<AdaptedModel> {
+        if let Some(a) = adapter {
+            a.validate()?;
+        }
+        let config = base.config.clone();
+        let mut rng = Rng::new(adapter.map_or(0, |a| a.seed));
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let mut linears = HashMap::new();
+            for target in Target::ALL {
+                let w = base
+                    .get(&format!("blk.{i}.{}.weight", target.gguf()))?
+                    .clone();
+                let delta = match adapter {
+                    Some(a) if a.kind != AdapterKind::LorettaAdp && a.targets.contains(&target) => {
+                        let (out_dim, in_dim) = w.dims2()?;
+                        Some(LinearDelta::new(a, in_dim, out_dim, &mut rng)?)
+                    }
+                    _ => None,
+                };
+                linears.insert(target, (w, delta));
+            }
+            let bottleneck = match adapter {
+                Some(a) if a.kind == AdapterKind::LorettaAdp => {
+                    Some(TtBottleneck::new(a, config.n_embd, &mut rng)?)
+                }
+                _ => None,
+            };
+            layers.push(Layer {
+                attn_norm: base.get(&format!("blk.{i}.attn_norm.weight"))?.clone(),
+                ffn_norm: base.get(&format!("blk.{i}.ffn_norm.weight"))?.clone(),
+                linears,
+                bottleneck,
+            });
+        }
+        let half = config.head_dim() / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_base
+                    .powf(2.0 * i as f32 / config.head_dim() as f32)
+            })
+            .collect();
+        let inv = Tensor::from_vec(inv, (1, half), &Device::Cpu)?;
+        let pos = Tensor::arange(0u32, MAX_POSITIONS as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((MAX_POSITIONS, 1))?;
+        let angles = pos.broadcast_mul(&inv)?;
+        Ok(AdaptedModel {
+            embedding: base.get("token_embd.weight")?.clone(),
+            output: base.output()?.clone(),
+            output_norm: base.get("output_norm.weight")?.clone(),
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            layers,
+            adapter: adapter.cloned(),
+            config,
+        })
+    }
+
+    /// The transformer's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The adapter configuration, if any.
+    pub fn adapter(&self) -> Option<&AdapterConfig> {
+        self.adapter.as_ref()
+    }
+
+    /// Every trainable variable with a stable name (`blk.3.attn_q.lora_a`, …).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for target in Target::ALL {
+                if let Some((_, Some(delta))) = layer.linears.get(&target) {
+                    delta.named_vars(&format!("blk.{i}.{}", target.gguf()), &mut out);
+                }
+            }
+            if let Some(b) = &layer.bottleneck {
+                b.named_vars(&format!("blk.{i}.ffn_adapter"), &mut out);
+            }
+        }
+        out
+    }
+
+    /// Number of trainable weights.
+    pub fn trainable_parameters(&self) -> usize {
+        self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The linear updates per (layer, target), for merging and export.
+    pub fn deltas(&self) -> Vec<(usize, Target, &LinearDelta)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for target in Target::ALL {
+                if let Some((_, Some(d))) = layer.linears.get(&target) {
+                    out.push((i, target, d));
+                }
+            }
+        }
+        out
+    }
+
+    /// Final hidden states `[b, t, n_embd]` (after the output norm).
+    pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, t) = batch.tokens.dims2()?;
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim());
+        let flat_pos = batch.positions.flatten_all()?;
+        let rope = |x: Tensor, heads: usize| -> Result<Tensor> {
+            let cos = self
+                .cos
+                .index_select(&flat_pos, 0)?
+                .reshape((b, 1, t, hd / 2, 1))?;
+            let sin = self
+                .sin
+                .index_select(&flat_pos, 0)?
+                .reshape((b, 1, t, hd / 2, 1))?;
+            let x = x.reshape((b, heads, t, hd / 2, 2))?;
+            let x0 = x.narrow(4, 0, 1)?;
+            let x1 = x.narrow(4, 1, 1)?;
+            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Ok(Tensor::cat(&[y0, y1], 4)?.reshape((b, heads, t, hd))?)
+        };
+        let mut x = self
+            .embedding
+            .index_select(&batch.tokens.flatten_all()?, 0)?; // [b·t, h]
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let q = layer.linear(Target::Q, &h)?;
+            let k = layer.linear(Target::K, &h)?;
+            let v = layer.linear(Target::V, &h)?;
+            let q = rope(q.reshape((b, t, nh, hd))?.transpose(1, 2)?, nh)?;
+            let k = rope(k.reshape((b, t, nkv, hd))?.transpose(1, 2)?, nkv)?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let (k, v) = if nkv == nh {
+                (k, v.contiguous()?)
+            } else {
+                let rep = nh / nkv;
+                let expand = |z: Tensor| -> Result<Tensor> {
+                    Ok(z.unsqueeze(2)?
+                        .expand((b, nkv, rep, t, hd))?
+                        .reshape((b, nh, t, hd))?)
+                };
+                (expand(k)?, expand(v)?)
+            };
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let att = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b * t, nh * hd))?;
+            x = (x + layer.linear(Target::O, &att)?)?;
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            let gate = candle_nn::ops::silu(&layer.linear(Target::Gate, &h)?)?;
+            let up = layer.linear(Target::Up, &h)?;
+            let mut m = layer.linear(Target::Down, &(gate * up)?)?;
+            if let Some(bn) = &layer.bottleneck {
+                m = bn.forward(&m)?;
+            }
+            x = (x + m)?;
+        }
+        Ok(rms_norm(&x, &self.output_norm, c.rms_eps)?.reshape((b, t, c.n_embd))?)
+    }
+
+    /// Logits `[n, vocab]` for hidden states `[n, n_embd]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.matmul(&self.output.t()?)?)
+    }
+
+    /// Next-token logits at every position of one sequence: `[t, vocab]`.
+    pub fn sequence_logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        let h = self.hidden(&Batch::single(tokens)?)?;
+        let t = tokens.len();
+        self.logits(&h.reshape((t, self.config.n_embd))?)
+    }
+
+    /// The weight of a linear layer with its update merged in: W₀ + ΔW.
+    pub fn merged_weight(&self, layer: usize, target: Target) -> Result<Tensor> {
+        let (w, delta) = &self.layers[layer].linears[&target];
+        Ok(match delta {
+            Some(d) => (w + d.delta_weight()?)?,
+            None => w.clone(),
+        })
+    }
+}
+
+impl Layer {
+    fn linear(&self, target: Target, x: &Tensor) -> Result<Tensor> {
+        let (w, delta) = &self.linears[&target];
+        let y = x.matmul(&w.t()?)?;
+        Ok(match delta {
+            Some(d) => (y + d.forward(x)?)?,
+            None => y,
+        })
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_restart_positions_and_mask_other_segments() {
+        let batch = Batch::packed(&[vec![1, 2, 3, 4, 0]], &[vec![2, 2]]).unwrap();
+        let pos: Vec<u32> = batch.positions.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(pos, vec![0, 1, 0, 1, 0]);
+        let m: Vec<Vec<f32>> = batch.mask.reshape((5, 5)).unwrap().to_vec2().unwrap();
+        let allowed = |q: usize, k: usize| m[q][k] == 0.0;
+        assert!(allowed(1, 0) && allowed(3, 2) && allowed(4, 4));
+        assert!(!allowed(2, 1) && !allowed(0, 1) && !allowed(4, 3));
+    }
+}

@@ -1,0 +1,190 @@
+//! A GGUF model read into f32 candle tensors, with the metadata needed to write it back.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// The shape of a llama-architecture transformer, read from GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Hidden size.
+    pub n_embd: usize,
+    /// MLP inner size.
+    pub n_ff: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_head`).
+    pub n_head_kv: usize,
+    /// Vocabulary size.
+    pub n_vocab: usize,
+    /// RMS-norm epsilon.
+    pub rms_eps: f64,
+    /// RoPE frequency base.
+    pub rope_base: f32,
+}
+
+impl LlamaConfig {
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+/// Every tensor of a GGUF model dequantized to f32, plus its metadata.
+pub struct BaseWeights {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The transformer's shape.
+    pub config: LlamaConfig,
+    /// Metadata in file order (tokenizer, chat template, …), kept for writing a merged model.
+    pub metadata: Vec<(String, Value)>,
+    tensors: HashMap<String, Tensor>,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for BaseWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaseWeights")
+            .field("path", &self.path)
+            .field("config", &self.config)
+            .field("tensors", &self.names.len())
+            .finish()
+    }
+}
+
+impl BaseWeights {
+    /// Reads and dequantizes a GGUF file. Only the `llama` architecture (SmolLM2, Llama, …) is
+    /// supported; anything else is [`Error::UnsupportedArchitecture`].
+    pub fn load(path: impl AsRef<Path>) -> Result<BaseWeights> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(Error::io(&path))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| Error::Gguf {
+            path: path.clone(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        let meta = |key: &str| {
+            content.metadata.get(key).ok_or_else(|| Error::Gguf {
+                path: path.clone(),
+                message: format!("metadata key `{key}` is missing"),
+            })
+        };
+        let bad = |key: &str, e: candle_core::Error| Error::Gguf {
+            path: path.clone(),
+            message: format!("metadata key `{key}`: {e}"),
+        };
+        let arch = meta("general.architecture")?
+            .to_string()
+            .map_err(|e| bad("general.architecture", e))?
+            .clone();
+        if arch != "llama" {
+            return Err(Error::UnsupportedArchitecture(arch));
+        }
+        let int = |key: &str| -> Result<usize> {
+            let v = meta(key)?;
+            v.to_u32()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u64().map(|x| x as usize))
+                .map_err(|e| bad(key, e))
+        };
+        let n_head = int("llama.attention.head_count")?;
+        let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+        names.sort_by_key(|n| content.tensor_infos[n].offset);
+        let mut tensors = HashMap::new();
+        for name in &names {
+            let q = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .map_err(|e| Error::Gguf {
+                    path: path.clone(),
+                    message: format!("tensor `{name}`: {e}"),
+                })?;
+            tensors.insert(name.clone(), q.dequantize(&Device::Cpu)?);
+        }
+        let n_vocab = tensors
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::Gguf {
+                path: path.clone(),
+                message: "tensor `token_embd.weight` is missing".into(),
+            })?
+            .dim(0)?;
+        let config = LlamaConfig {
+            n_layer: int("llama.block_count")?,
+            n_embd: int("llama.embedding_length")?,
+            n_ff: int("llama.feed_forward_length")?,
+            n_head,
+            n_head_kv: int("llama.attention.head_count_kv").unwrap_or(n_head),
+            n_vocab,
+            rms_eps: meta("llama.attention.layer_norm_rms_epsilon")?
+                .to_f32()
+                .map_err(|e| bad("llama.attention.layer_norm_rms_epsilon", e))?
+                as f64,
+            rope_base: content
+                .metadata
+                .get("llama.rope.freq_base")
+                .map(|v| v.to_f32())
+                .transpose()
+                .map_err(|e| bad("llama.rope.freq_base", e))?
+                .unwrap_or(10_000.0),
+        };
+        let mut metadata: Vec<(String, Value)> = content.metadata.into_iter().collect();
+        metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        let weights = BaseWeights {
+            path,
+            config,
+            metadata,
+            tensors,
+            names,
+        };
+        for i in 0..weights.config.n_layer {
+            for t in [
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ] {
+                weights.get(&format!("blk.{i}.{t}.weight"))?;
+            }
+        }
+        weights.get("output_norm.weight")?;
+        Ok(weights)
+    }
+
+    /// The tensor called `name` (GGUF naming, e.g. `blk.0.attn_q.weight`).
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Gguf {
+            path: self.path.clone(),
+            message: format!("tensor `{name}` is missing"),
+        })
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The output projection: `output.weight`, or the token embedding when tied.
+    pub fn output(&self) -> Result<&Tensor> {
+        self.tensors
+            .get("output.weight")
+            .map(Ok)
+            .unwrap_or_else(|| self.get("token_embd.weight"))
+    }
+
+    /// Total number of weights.
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.values().map(|t| t.elem_count()).sum()
+    }
+}
