@@ -43,6 +43,7 @@ pub mod model;
 pub mod prompts;
 pub mod scripted;
 pub mod trace;
+pub mod trajectory;
 
 pub use error::{Error, Result};
 pub use excavator::{Excavator, ExcavatorBuilder, ExcavatorConfig};
@@ -51,3 +52,4 @@ pub use trace::{
     Action, ActionRecord, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
     Trace, TraceConfig,
 };
+pub use trajectory::{GoldAnswer, GoldStep, TrainingExample, Trajectory};

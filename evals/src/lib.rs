@@ -18,5 +18,6 @@ pub mod report;
 pub mod retrieval;
 pub mod run;
 pub mod strategyqa;
+pub mod trajectories;
 
 pub use error::{Error, Result};

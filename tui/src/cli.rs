@@ -73,6 +73,34 @@ pub enum Command {
     /// Evaluate on StrategyQA.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Prepare training data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+/// `geek data …`
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Render StrategyQA train questions as gold excavations in the agent's prompt format:
+    /// JSONL `{qid, prompt, completion}` for `geek compress finetune`.
+    Trajectories(TrajectoriesArgs),
+}
+
+/// `geek data trajectories`
+#[derive(Debug, Args)]
+pub struct TrajectoriesArgs {
+    /// `train` or a file path; dev is refused (never train on what is evaluated).
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Output JSONL file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Passages shown per retrieval (the agent's default is 3).
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
 }
 
 /// `geek index …`

@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod data;
 mod eval;
 mod generate;
 mod index;
@@ -9,7 +10,7 @@ mod model;
 
 use anyhow::Result;
 
-use crate::cli::{BenchCommand, Command, IndexCommand};
+use crate::cli::{BenchCommand, Command, DataCommand, IndexCommand};
 use crate::config::Resolved;
 
 /// Runs a parsed command.
@@ -23,5 +24,6 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
         Command::Search(args) => index::search(args, config),
         Command::Eval(cmd) => eval::run(cmd, config),
+        Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
     }
 }

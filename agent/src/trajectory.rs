@@ -1,0 +1,184 @@
+//! Gold excavations rendered exactly as the agent writes them, as training examples.
+//!
+//! A model tuned on these sees, token for token, the transcript the [`crate::Excavator`] builds:
+//! the same chat prompt, the same action lines, passage blocks, fact lines and final answer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::prompts;
+use crate::trace::Action;
+
+/// How a gold sub-question is answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GoldAnswer {
+    /// Retrieve: the passages shown (title, text) and the fact, citing 1-based passage numbers.
+    Retrieved {
+        /// Passages in the order shown.
+        passages: Vec<(String, String)>,
+        /// The extracted fact, without citations.
+        fact: String,
+        /// Cited passage numbers (1-based), at least one when passages are shown.
+        cited: Vec<usize>,
+    },
+    /// SelfAnswer: a fact the model states itself.
+    SelfAnswered {
+        /// The fact.
+        fact: String,
+    },
+}
+
+/// One gold step: a sub-question and its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldStep {
+    /// The sub-question (may refer to earlier answers as #1, #2).
+    pub sub_question: String,
+    /// How it is answered.
+    pub answer: GoldAnswer,
+}
+
+/// A whole gold excavation of one question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trajectory {
+    /// The question.
+    pub question: String,
+    /// The steps in order.
+    pub steps: Vec<GoldStep>,
+    /// The one-line summary before the answer.
+    pub summary: String,
+    /// The yes/no answer.
+    pub answer: bool,
+}
+
+/// A (prompt, completion) pair: the training format of `geek compress finetune`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingExample {
+    /// Text the loss does not cover.
+    pub prompt: String,
+    /// Text the loss covers.
+    pub completion: String,
+}
+
+impl Trajectory {
+    /// The user turn the chat prompt must be built from
+    /// (`chat_prompt(prompts::SYSTEM, &trajectory.user_turn())`).
+    pub fn user_turn(&self) -> String {
+        prompts::user(&self.question)
+    }
+
+    /// Renders the trajectory after `chat_prompt`, the model's chat-templated system and user
+    /// turns (as [`crate::AgentModel::chat_prompt`] returns them).
+    pub fn render(&self, chat_prompt: &str) -> TrainingExample {
+        let mut out = String::new();
+        let action = |out: &mut String, a: Action| {
+            out.push_str(prompts::ACTION_PREFIX);
+            out.push_str(&prompts::action_line(a));
+        };
+        for (i, step) in self.steps.iter().enumerate() {
+            let k = i + 1;
+            action(&mut out, Action::AddDecomp);
+            out.push_str(&format!(
+                "{} {}\n",
+                prompts::sub_question_prefix(k),
+                one_line(&step.sub_question)
+            ));
+            match &step.answer {
+                GoldAnswer::Retrieved {
+                    passages,
+                    fact,
+                    cited,
+                } => {
+                    action(&mut out, Action::Retrieve);
+                    let shown: Vec<(String, String)> = passages
+                        .iter()
+                        .map(|(t, p)| (t.clone(), prompts::passage_excerpt(p)))
+                        .collect();
+                    out.push_str(&prompts::passages_block(&shown, k));
+                    out.push(' ');
+                    out.push_str(&one_line(fact));
+                    if !passages.is_empty() {
+                        let refs: Vec<String> = cited.iter().map(|c| format!("P{c}")).collect();
+                        out.push_str(&format!(" [{}]", refs.join(", ")));
+                    }
+                    out.push('\n');
+                }
+                GoldAnswer::SelfAnswered { fact } => {
+                    action(&mut out, Action::SelfAnswer);
+                    out.push_str(&format!("{} {}\n", prompts::fact_prefix(k), one_line(fact)));
+                }
+            }
+        }
+        action(&mut out, Action::FinalAnswer);
+        out.push_str(&format!(
+            "{} {}\n{}{}",
+            prompts::SUMMARY_PREFIX,
+            one_line(&self.summary),
+            prompts::ANSWER_PREFIX,
+            if self.answer {
+                prompts::YES
+            } else {
+                prompts::NO
+            }
+        ));
+        TrainingExample {
+            prompt: chat_prompt.to_string(),
+            completion: out,
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trajectory_reads_like_the_worked_example() {
+        let t = Trajectory {
+            question: "Could a llama give birth twice during the Vietnam War?".into(),
+            steps: vec![
+                GoldStep {
+                    sub_question: "How long is the gestation period of a llama?".into(),
+                    answer: GoldAnswer::Retrieved {
+                        passages: vec![(
+                            "Llama".into(),
+                            "The gestation period of a llama is 11.5 months (350 days).".into(),
+                        )],
+                        fact: "A llama's gestation period is about 11.5 months.".into(),
+                        cited: vec![1],
+                    },
+                },
+                GoldStep {
+                    sub_question: "How long did the Vietnam War last?".into(),
+                    answer: GoldAnswer::Retrieved {
+                        passages: vec![(
+                            "Vietnam War".into(),
+                            "The war lasted from 1 November 1955 to 30 April 1975.".into(),
+                        )],
+                        fact: "The Vietnam War lasted about 20 years, from 1955 to 1975.".into(),
+                        cited: vec![1],
+                    },
+                },
+                GoldStep {
+                    sub_question: "Is twice #1 shorter than #2?".into(),
+                    answer: GoldAnswer::SelfAnswered {
+                        fact: "Yes, 23 months is much shorter than 20 years.".into(),
+                    },
+                },
+            ],
+            summary: "Two llama pregnancies take about 23 months, far less than the 20-year war."
+                .into(),
+            answer: true,
+        };
+        let ex = t.render("<chat>");
+        assert_eq!(ex.prompt, "<chat>");
+        // The system prompt's worked example is this very trajectory.
+        let example = prompts::SYSTEM
+            .split_once(&format!("{}\n", t.user_turn()))
+            .unwrap()
+            .1;
+        assert_eq!(ex.completion, example);
+    }
+}

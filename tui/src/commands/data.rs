@@ -1,0 +1,70 @@
+//! `geek data trajectories`.
+
+use std::io::{BufWriter, Write};
+
+use anyhow::{bail, Context, Result};
+use geek_agent::{prompts, AgentModel};
+use geek_backend::Engine;
+use geek_evals::strategyqa::{self, Split};
+use geek_evals::trajectories::{gold_trajectory, Skipped};
+use geek_retriever::Bm25Index;
+
+use crate::cli::TrajectoriesArgs;
+use crate::config::Resolved;
+
+pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
+    let split: Split = args.split.parse().map_err(anyhow::Error::msg)?;
+    let path = match &split {
+        Split::Train => split.path(config.require_data_dir()?),
+        Split::Path(p) => p.clone(),
+        Split::Dev | Split::Full => {
+            bail!(
+                "`{}` contains the dev questions: training data comes from `train` only",
+                args.split
+            )
+        }
+        Split::Test => bail!("the test split has no answers to train on"),
+    };
+    let mut questions = strategyqa::load(&path)?;
+    if let Some(n) = args.limit {
+        questions.truncate(n);
+    }
+    let index = Bm25Index::open(&config.index_dir)?;
+    // The chat template comes from the model the agent will run.
+    let engine = Engine::load(config.engine_config()?.with_n_ctx(512))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let tmp = args.out.with_extension("jsonl.partial");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    let mut out = BufWriter::new(file);
+    let (mut written, mut no_decomposition, mut unstated) = (0usize, 0usize, 0usize);
+    for q in &questions {
+        match gold_trajectory(q, &index, args.passages)? {
+            Ok(t) => {
+                let chat = runtime.block_on(AgentModel::chat_prompt(
+                    &engine,
+                    prompts::SYSTEM,
+                    &t.user_turn(),
+                ))?;
+                let ex = t.render(&chat);
+                let line = serde_json::json!({
+                    "qid": q.qid,
+                    "prompt": ex.prompt,
+                    "completion": ex.completion,
+                });
+                writeln!(out, "{line}")?;
+                written += 1;
+            }
+            Err(Skipped::UnstatedStep) => unstated += 1,
+            Err(Skipped::NoDecomposition) => no_decomposition += 1,
+            Err(Skipped::NoAnswer) => bail!("{} has no gold answer", q.qid),
+        }
+    }
+    out.flush()?;
+    drop(out);
+    std::fs::rename(&tmp, &args.out)?;
+    println!(
+        "wrote {written} trajectories to {} (skipped: {unstated} with a computed step no fact states, {no_decomposition} without decomposition)",
+        args.out.display()
+    );
+    Ok(())
+}
