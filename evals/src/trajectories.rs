@@ -115,10 +115,10 @@ fn step_ids(values: &[serde_json::Value]) -> Vec<String> {
     let mut out = Vec::new();
     fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
-            serde_json::Value::String(s) if s != "operation" && s != "no_evidence" => {
-                if !out.contains(s) {
-                    out.push(s.clone())
-                }
+            serde_json::Value::String(s)
+                if s != "operation" && s != "no_evidence" && !out.contains(s) =>
+            {
+                out.push(s.clone())
             }
             serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
             _ => {}
