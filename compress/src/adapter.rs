@@ -210,7 +210,9 @@ pub struct TtMatrix {
 
 impl TtMatrix {
     /// A random TT matrix whose full entries have about the given standard deviation; with
-    /// `zero_last` the last core is zero (so the matrix starts at zero, like LoRA's B).
+    /// `zero_last` the last core is zero (so the matrix starts at zero, like LoRA's B) and `std`
+    /// sizes the other cores: with unit scale there, updates to the last core move the full
+    /// matrix as fast as LoRA's B moves.
     pub fn new(
         rows: usize,
         cols: usize,
@@ -378,7 +380,7 @@ impl LinearDelta {
                     false,
                     rng,
                 )?,
-                b: TtMatrix::new(out_dim, r, config.tt_rank, 0.02, true, rng)?,
+                b: TtMatrix::new(out_dim, r, config.tt_rank, 1.0, true, rng)?,
                 scale,
             },
             AdapterKind::LorettaAdp => {
@@ -471,7 +473,7 @@ impl TtBottleneck {
                 false,
                 rng,
             )?,
-            up: TtMatrix::new(n_embd, config.rank, config.tt_rank, 0.02, true, rng)?,
+            up: TtMatrix::new(n_embd, config.rank, config.tt_rank, 1.0, true, rng)?,
             scale: config.scale(),
         })
     }

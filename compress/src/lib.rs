@@ -25,9 +25,13 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod attention;
+pub mod data;
 mod error;
+pub mod export;
 pub mod init;
 pub mod model;
+pub mod train;
 pub mod weights;
 
 pub use adapter::{AdapterConfig, AdapterKind, MixerInit, Target};

@@ -1,8 +1,8 @@
 //! The llama transformer in candle, with a frozen base and optional adapters.
 //!
 //! Only the adapters are [`Var`]s, so backpropagation computes gradients for them alone. RMS
-//! norm, RoPE and softmax are written with differentiable tensor ops (candle's fused kernels for
-//! them have no backward pass).
+//! norm and RoPE are written with differentiable tensor ops (candle's fused kernels for them
+//! have no backward pass); attention is one op that recomputes its probabilities backwards.
 
 use std::collections::HashMap;
 
@@ -249,10 +249,7 @@ impl AdaptedModel {
                 };
                 (expand(k)?, expand(v)?)
             };
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&batch.mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let att = probs
-                .matmul(&v)?
+            let att = crate::attention::attention(&q, &k, &v, &batch.mask, scale)?
                 .transpose(1, 2)?
                 .reshape((b * t, nh * hd))?;
             x = (x + layer.linear(Target::O, &att)?)?;
