@@ -29,6 +29,7 @@ pub mod attention;
 pub mod data;
 mod error;
 pub mod export;
+pub mod fused;
 pub mod init;
 pub mod model;
 pub mod train;

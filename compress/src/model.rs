@@ -1,12 +1,12 @@
 //! The llama transformer in candle, with a frozen base and optional adapters.
 //!
-//! Only the adapters are [`Var`]s, so backpropagation computes gradients for them alone. RMS
-//! norm and RoPE are written with differentiable tensor ops (candle's fused kernels for them
-//! have no backward pass); attention is one op that recomputes its probabilities backwards.
+//! Only the adapters are [`Var`]s, so backpropagation computes gradients for them alone. Norms,
+//! RoPE, adapted linears, the gated MLP and attention are single ops with their own backward
+//! pass ([`crate::fused`], [`crate::attention`]), so training keeps one tensor per op alive.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{AdapterConfig, AdapterKind, LinearDelta, Target, TtBottleneck};
 use crate::init::Rng;
@@ -210,22 +210,15 @@ impl AdaptedModel {
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim());
         let flat_pos = batch.positions.flatten_all()?;
-        let rope = |x: Tensor, heads: usize| -> Result<Tensor> {
-            let cos = self
-                .cos
-                .index_select(&flat_pos, 0)?
-                .reshape((b, 1, t, hd / 2, 1))?;
-            let sin = self
-                .sin
-                .index_select(&flat_pos, 0)?
-                .reshape((b, 1, t, hd / 2, 1))?;
-            let x = x.reshape((b, heads, t, hd / 2, 2))?;
-            let x0 = x.narrow(4, 0, 1)?;
-            let x1 = x.narrow(4, 1, 1)?;
-            let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-            let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-            Ok(Tensor::cat(&[y0, y1], 4)?.reshape((b, heads, t, hd))?)
-        };
+        let cos = self
+            .cos
+            .index_select(&flat_pos, 0)?
+            .reshape((b, t, hd / 2))?;
+        let sin = self
+            .sin
+            .index_select(&flat_pos, 0)?
+            .reshape((b, t, hd / 2))?;
+        let rope = |x: Tensor| crate::fused::rope(&x, &cos, &sin);
         let mut x = self
             .embedding
             .index_select(&batch.tokens.flatten_all()?, 0)?; // [b·t, h]
@@ -235,8 +228,8 @@ impl AdaptedModel {
             let q = layer.linear(Target::Q, &h)?;
             let k = layer.linear(Target::K, &h)?;
             let v = layer.linear(Target::V, &h)?;
-            let q = rope(q.reshape((b, t, nh, hd))?.transpose(1, 2)?, nh)?;
-            let k = rope(k.reshape((b, t, nkv, hd))?.transpose(1, 2)?, nkv)?;
+            let q = rope(q.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
+            let k = rope(k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
             let (k, v) = if nkv == nh {
                 (k, v.contiguous()?)
@@ -254,9 +247,9 @@ impl AdaptedModel {
                 .reshape((b * t, nh * hd))?;
             x = (x + layer.linear(Target::O, &att)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate = candle_nn::ops::silu(&layer.linear(Target::Gate, &h)?)?;
+            let gate = layer.linear(Target::Gate, &h)?;
             let up = layer.linear(Target::Up, &h)?;
-            let mut m = layer.linear(Target::Down, &(gate * up)?)?;
+            let mut m = layer.linear(Target::Down, &crate::fused::swiglu(&gate, &up)?)?;
             if let Some(bn) = &layer.bottleneck {
                 m = bn.forward(&m)?;
             }
@@ -290,19 +283,18 @@ impl AdaptedModel {
 impl Layer {
     fn linear(&self, target: Target, x: &Tensor) -> Result<Tensor> {
         let (w, delta) = &self.linears[&target];
-        let y = x.matmul(&w.t()?)?;
-        Ok(match delta {
-            Some(d) => (y + d.forward(x)?)?,
-            None => y,
-        })
+        match delta {
+            Some(d) => {
+                let (a, b) = d.lora_factors()?;
+                crate::fused::adapted_linear(x, w, &a, &b, d.scale())
+            }
+            None => Ok(x.matmul(&w.t()?)?),
+        }
     }
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let n = x.dim(D::Minus1)? as f64;
-    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?
-        .broadcast_mul(weight)?)
+    crate::fused::rms_norm(x, weight, eps)
 }
 
 #[cfg(test)]

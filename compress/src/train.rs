@@ -410,7 +410,7 @@ fn batch_loss(model: &AdaptedModel, rows: &[Row]) -> Result<(Tensor, usize)> {
     let dev = hidden.device().clone();
     let picked = hidden.index_select(&Tensor::from_vec(idx, n, &dev)?, 0)?;
     let logits = model.logits(&picked)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::from_vec(tgt, n, &dev)?)?;
+    let loss = crate::fused::cross_entropy(&logits, &tgt)?;
     Ok((loss, n))
 }
 

@@ -300,3 +300,60 @@ fn accuracy_vs_steps(samples: &[&Sample], path: &Path) -> Result<PathBuf> {
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(path.to_path_buf())
 }
+
+/// A training loss curve: the training loss per step and, where measured, the held-out loss.
+/// `points` are (step, training loss, held-out loss).
+pub fn loss_curve(path: &Path, title: &str, points: &[(usize, f64, Option<f64>)]) -> Result<()> {
+    register_font(path)?;
+    let err = plot_err(path);
+    let max_step = points.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+    let losses = points
+        .iter()
+        .flat_map(|p| [Some(p.1), p.2])
+        .flatten()
+        .filter(|x| x.is_finite());
+    let max_loss = losses.fold(0.0f64, f64::max).max(0.1) * 1.05;
+    let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(20)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_step, 0.0..max_loss)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("token cross-entropy")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.0 as f64, p.1)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| err(e.to_string()))?
+        .label("training")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    let heldout: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| p.2.map(|h| (p.0 as f64, h)))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(heldout.clone(), RED.stroke_width(2)))
+        .map_err(|e| err(e.to_string()))?
+        .label("held-out")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart
+        .draw_series(heldout.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}

@@ -76,6 +76,112 @@ pub enum Command {
     /// Prepare training data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Make the agent's model: train adapters, export GGUF.
+    #[command(subcommand)]
+    Compress(CompressCommand),
+}
+
+/// `geek compress …`
+#[derive(Debug, Subcommand)]
+pub enum CompressCommand {
+    /// Train an adapter on (prompt, completion) JSONL on the CPU.
+    Finetune(FinetuneArgs),
+    /// Write a trained adapter as a merged GGUF, a GGUF LoRA or a PEFT adapter.
+    Export(ExportArgs),
+}
+
+/// `geek compress finetune`
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The base model (GGUF path or catalogue name; default: --model).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// lora, moslora, loretta-rep or loretta-adp.
+    #[arg(long, default_value = "lora")]
+    pub adapter: String,
+    /// Training JSONL `{prompt, completion}` (e.g. from `geek data trajectories`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output directory: checkpoint (resumed when present), adapter, loss curve, summary.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rank r (LoRETTA_adp: bottleneck width).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// α; updates are scaled by α/r.
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Target modules, comma-separated (q, k, v, o, gate, up, down).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
+    /// Tensor-train rank of LoRETTA's cores.
+    #[arg(long, default_value_t = 5)]
+    pub tt_rank: usize,
+    /// MoSLoRA mixer initialisation: kaiming or orthogonal.
+    #[arg(long, default_value = "kaiming")]
+    pub mixer_init: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Rows per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub accumulation: usize,
+    /// Tokens per packed row (longer examples keep their end).
+    #[arg(long, default_value_t = 1536)]
+    pub seq_len: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Held-out loss every N steps (0 = at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: usize,
+    /// Examples held out (the file's last N).
+    #[arg(long, default_value_t = 32)]
+    pub holdout: usize,
+    /// Use only the file's first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Seed of initialisation and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `geek compress export`
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The base model the adapter was trained on (default: --model).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// The adapter directory (`<finetune --out>/adapter`).
+    #[arg(long)]
+    pub adapter_dir: PathBuf,
+    /// Write base + adapter merged into this GGUF.
+    #[arg(long)]
+    pub merged: Option<PathBuf>,
+    /// Element type of the merged GGUF's matrices: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub r#type: String,
+    /// Write a GGUF LoRA adapter (load with the base at run time).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    /// Write a PEFT adapter directory.
+    #[arg(long)]
+    pub peft: Option<PathBuf>,
 }
 
 /// `geek data …`

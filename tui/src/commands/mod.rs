@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod compress;
 mod data;
 mod eval;
 mod generate;
@@ -10,7 +11,7 @@ mod model;
 
 use anyhow::Result;
 
-use crate::cli::{BenchCommand, Command, DataCommand, IndexCommand};
+use crate::cli::{BenchCommand, Command, CompressCommand, DataCommand, IndexCommand};
 use crate::config::Resolved;
 
 /// Runs a parsed command.
@@ -25,5 +26,7 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Search(args) => index::search(args, config),
         Command::Eval(cmd) => eval::run(cmd, config),
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
+        Command::Compress(CompressCommand::Finetune(args)) => compress::finetune(args, config),
+        Command::Compress(CompressCommand::Export(args)) => compress::export(args, config),
     }
 }
