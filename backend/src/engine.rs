@@ -194,6 +194,11 @@ pub(crate) enum Command {
         seq: i32,
         reply: ReplyTx<Vec<f32>>,
     },
+    TokenLogProbs {
+        tokens: Vec<i32>,
+        from: usize,
+        reply: ReplyTx<Vec<f32>>,
+    },
     Tokens {
         seq: i32,
         reply: ReplyTx<Vec<i32>>,
@@ -359,6 +364,18 @@ impl Engine {
         self.request(|reply| Command::Tokenize {
             text: text.into(),
             add_special,
+            reply,
+        })
+    }
+
+    /// Log-probability of each next token of `tokens` given the ones before it:
+    /// `log p(tokens[i+1] | tokens[..=i])` for `i` in `from..len-1`. Evaluated on a scratch
+    /// sequence of its own in `n_batch` chunks and then dropped (nothing stays cached); the
+    /// other sequences wait meanwhile. This is what perplexity is computed from.
+    pub fn token_log_probs(&self, tokens: Vec<i32>, from: usize) -> Reply<Vec<f32>> {
+        self.request(|reply| Command::TokenLogProbs {
+            tokens,
+            from,
             reply,
         })
     }

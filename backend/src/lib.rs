@@ -51,6 +51,7 @@ mod config;
 mod engine;
 mod error;
 pub mod gguf;
+pub mod perplexity;
 mod sampling;
 mod text;
 mod worker;

@@ -289,6 +289,13 @@ impl Worker<'_> {
                 }
                 Ok(()) => self.push_job(seq, JobKind::Logits(reply)),
             },
+            Command::TokenLogProbs {
+                tokens,
+                from,
+                reply,
+            } => {
+                let _ = reply.send(self.token_log_probs(&tokens, from));
+            }
             Command::Tokens { seq, reply } => {
                 let toks = self
                     .seqs
@@ -794,6 +801,55 @@ impl Worker<'_> {
                 JobKind::Finished => {}
             }
         }
+    }
+
+    /// See [`crate::Engine::token_log_probs`].
+    fn token_log_probs(&mut self, tokens: &[i32], from: usize) -> Result<Vec<f32>> {
+        if tokens.len() > self.n_ctx {
+            return Err(Error::ContextOverflow {
+                needed: tokens.len(),
+                limit: self.n_ctx,
+            });
+        }
+        let n_vocab = self.model.n_vocab();
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(Error::InvalidParameter(format!(
+                "token id {bad} is not in the vocabulary"
+            )));
+        }
+        let tmp = self.ids.alloc()?;
+        let result = (|| -> Result<Vec<f32>> {
+            let mut out = Vec::with_capacity(tokens.len().saturating_sub(from + 1));
+            let mut batch = LlamaBatch::new(self.n_batch, 1);
+            let last = tokens.len().saturating_sub(1);
+            for start in (0..tokens.len()).step_by(self.n_batch) {
+                let end = (start + self.n_batch).min(tokens.len());
+                batch.clear();
+                let mut wanted = Vec::new();
+                for (pos, &tok) in tokens.iter().enumerate().take(end).skip(start) {
+                    let logits = pos >= from && pos < last;
+                    if logits {
+                        wanted.push((pos, batch.n_tokens()));
+                    }
+                    batch
+                        .add(LlamaToken(tok), pos as i32, &[tmp], logits)
+                        .map_err(|e| Error::Decode(e.to_string()))?;
+                }
+                self.ctx.decode(&mut batch).map_err(|e| match e {
+                    DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
+                    other => Error::Decode(other.to_string()),
+                })?;
+                self.stats.decode_calls += 1;
+                self.stats.batch_tokens += (end - start) as u64;
+                for (pos, index) in wanted {
+                    out.push(log_probs(self.ctx.get_logits_ith(index), &[tokens[pos + 1]])[0]);
+                }
+            }
+            Ok(out)
+        })();
+        let _ = self.ctx.clear_kv_cache_seq(Some(tmp as u32), None, None);
+        self.ids.release(tmp);
+        result
     }
 
     /// Log-probabilities of candidate continuations of a sequence whose logits are stored.

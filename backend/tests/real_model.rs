@@ -455,3 +455,40 @@ fn one_token_steps_agree_with_a_batched_prompt() {
         "one-token decoding differs from batched decoding by {diff}"
     );
 }
+
+#[test]
+fn token_log_probs_match_step_by_step_logits_and_give_a_perplexity() {
+    let _model = common::one_model_at_a_time();
+    let engine = engine_with(512);
+    let tokens = engine.tokenize(PROMPT, true).wait().unwrap();
+    let from = 3;
+    let lp = engine.token_log_probs(tokens.clone(), from).wait().unwrap();
+    assert_eq!(lp.len(), tokens.len() - from - 1);
+    let seq = engine.sequence().unwrap();
+    for (i, &tok) in tokens.iter().enumerate().take(tokens.len() - 1) {
+        seq.append_tokens(vec![tok]).wait().unwrap();
+        if i >= from {
+            let logits = seq.logits().wait().unwrap();
+            let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            let want = logits[tokens[i + 1] as usize] as f64 - lse;
+            assert!((lp[i - from] as f64 - want).abs() < 2e-3, "position {i}");
+        }
+    }
+    // Too long for the context: a typed error, not a crash.
+    match engine.token_log_probs(vec![1; 600], 0).wait() {
+        Err(Error::ContextOverflow { needed: 600, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let p =
+        geek_backend::perplexity::perplexity(&engine, &text, 64, Some(3), |_, _, _| {}).unwrap();
+    assert_eq!((p.chunks, p.scored), (3, 3 * 31));
+    // A repeated sentence is easy to predict after its first occurrence.
+    assert!(p.ppl > 1.0 && p.ppl < 3.0, "{}", p.ppl);
+}

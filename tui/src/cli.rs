@@ -76,9 +76,29 @@ pub enum Command {
     /// Prepare training data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Perplexity of a model on a text, computed as llama.cpp's llama-perplexity does.
+    Ppl(PplArgs),
     /// Make the agent's model: train adapters, export GGUF.
     #[command(subcommand)]
     Compress(CompressCommand),
+}
+
+/// `geek ppl`
+#[derive(Debug, Args)]
+pub struct PplArgs {
+    /// Text file (default: WikiText-2 test, `wikitext2/wiki.test.raw` in the data directory;
+    /// CRLF is read as LF).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// At most this many chunks (default: all).
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `geek compress …`
@@ -88,6 +108,15 @@ pub enum CompressCommand {
     Finetune(FinetuneArgs),
     /// Write a trained adapter as a merged GGUF, a GGUF LoRA or a PEFT adapter.
     Export(ExportArgs),
+    /// Write a model dequantized to f32 or f16 (the reference for quantization).
+    Dequantize {
+        /// Output GGUF.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 or f16.
+        #[arg(long, default_value = "f32")]
+        r#type: String,
+    },
 }
 
 /// `geek compress finetune`

@@ -280,3 +280,52 @@ fn ask_prints_the_excavation_and_the_json_trace() {
     ]));
     assert!(out.contains("Answer: "));
 }
+
+#[test]
+fn ppl_on_wikitext_and_on_a_dequantized_copy() {
+    let _model = common::one_model_at_a_time();
+    let model = model_path();
+    let data = data_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let f16 = dir.path().join("f16.gguf");
+    stdout_of(&geek(&[
+        "compress",
+        "dequantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--type",
+        "f16",
+        "--out",
+        f16.to_str().unwrap(),
+    ]));
+    let ppl = |m: &PathBuf| -> f64 {
+        let out = stdout_of(&geek(&[
+            "ppl",
+            "--model",
+            m.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--ctx",
+            "256",
+            "--chunks",
+            "3",
+            "--json",
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["chunks"], 3);
+        assert_eq!(v["scored"], 3 * 127);
+        v["ppl"].as_f64().unwrap()
+    };
+    let (q4, f) = (ppl(&model), ppl(&f16));
+    assert!((5.0..200.0).contains(&q4), "{q4}");
+    // The f16 copy holds the same weights (the Q4_1 grid is exact in f16 up to rounding).
+    assert!((q4 - f).abs() / q4 < 0.02, "{q4} vs {f}");
+    let bad = geek(&[
+        "ppl",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "/nonexistent/text.raw",
+    ]);
+    assert!(!bad.status.success());
+}

@@ -168,6 +168,24 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
     Ok(())
 }
 
+fn float_type(name: &str) -> Result<FloatType> {
+    Ok(match name {
+        "f16" => FloatType::F16,
+        "f32" => FloatType::F32,
+        other => bail!("unknown type `{other}` (f16 or f32)"),
+    })
+}
+
+pub fn dequantize(out: &std::path::Path, ty: &str, config: &Resolved) -> Result<()> {
+    let ty = float_type(ty)?;
+    let path = config.model_path(None)?;
+    let base = BaseWeights::load(&path)?;
+    let model = geek_compress::AdaptedModel::new(&base, None)?;
+    write_merged_gguf(&model, &base, out, ty)?;
+    println!("{} dequantized to {}", path.display(), out.display());
+    Ok(())
+}
+
 pub fn export(args: ExportArgs, config: &Resolved) -> Result<()> {
     if args.merged.is_none() && args.lora.is_none() && args.peft.is_none() {
         bail!("nothing to write: give --merged, --lora and/or --peft");
@@ -175,11 +193,7 @@ pub fn export(args: ExportArgs, config: &Resolved) -> Result<()> {
     let base = BaseWeights::load(config.model_path(args.base.as_deref())?)?;
     let model = load_adapter(&base, &args.adapter_dir)?;
     if let Some(path) = &args.merged {
-        let ty = match args.r#type.as_str() {
-            "f16" => FloatType::F16,
-            "f32" => FloatType::F32,
-            other => bail!("unknown type `{other}` (f16 or f32)"),
-        };
+        let ty = float_type(&args.r#type)?;
         write_merged_gguf(&model, &base, path, ty)?;
         println!("merged model: {}", path.display());
     }

@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod index;
 mod model;
+mod ppl;
 
 use anyhow::Result;
 
@@ -25,8 +26,12 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
         Command::Search(args) => index::search(args, config),
         Command::Eval(cmd) => eval::run(cmd, config),
+        Command::Ppl(args) => ppl::run(args, config),
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
         Command::Compress(CompressCommand::Finetune(args)) => compress::finetune(args, config),
         Command::Compress(CompressCommand::Export(args)) => compress::export(args, config),
+        Command::Compress(CompressCommand::Dequantize { out, r#type }) => {
+            compress::dequantize(&out, &r#type, config)
+        }
     }
 }

@@ -1,0 +1,57 @@
+//! `geek ppl`.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result};
+use geek_backend::perplexity::perplexity;
+use geek_backend::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::PplArgs;
+use crate::config::Resolved;
+
+pub fn run(args: PplArgs, config: &Resolved) -> Result<()> {
+    let path = match args.text {
+        Some(p) => p,
+        None => config.require_data_dir()?.join("wikitext2/wiki.test.raw"),
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let model = config.model_path(None)?;
+    let mut engine_config = config.engine_config()?.with_n_ctx(args.ctx as u32);
+    engine_config.n_batch = engine_config.n_batch.min(args.ctx as u32);
+    let engine = Engine::load(engine_config)?;
+    let bar = if std::io::stderr().is_terminal() && !args.json {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} chunks {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    let result = perplexity(&engine, &text, args.ctx, args.chunks, |done, total, ppl| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("ppl {ppl:.4}"));
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        let mut v = serde_json::to_value(&result)?;
+        v["model"] = model.display().to_string().into();
+        v["text"] = path.display().to_string().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: perplexity {:.4} on {} ({} chunks of {} tokens, {} scored) in {:.1} s",
+            model.display(),
+            result.ppl,
+            path.display(),
+            result.chunks,
+            result.n_ctx,
+            result.scored,
+            result.seconds
+        );
+    }
+    Ok(())
+}
