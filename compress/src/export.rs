@@ -89,7 +89,7 @@ impl FloatType {
     }
 }
 
-fn write_gguf(
+pub(crate) fn write_gguf(
     path: &Path,
     metadata: &[(String, Value)],
     tensors: &[(String, QTensor)],

@@ -108,6 +108,21 @@ pub enum CompressCommand {
     Finetune(FinetuneArgs),
     /// Write a trained adapter as a merged GGUF, a GGUF LoRA or a PEFT adapter.
     Export(ExportArgs),
+    /// Quantize a model into GGUF block types (round-to-nearest).
+    Quantize {
+        /// The model to quantize (default: --model); read dequantized to f32 first.
+        #[arg(long = "in")]
+        input: Option<String>,
+        /// Output GGUF.
+        #[arg(long)]
+        out: PathBuf,
+        /// q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k, f16, f32.
+        #[arg(long)]
+        r#type: String,
+        /// Quantization method (only round-to-nearest so far).
+        #[arg(long, default_value = "rtn", value_parser = ["rtn"])]
+        method: String,
+    },
     /// Write a model dequantized to f32 or f16 (the reference for quantization).
     Dequantize {
         /// Output GGUF.

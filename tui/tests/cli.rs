@@ -282,7 +282,7 @@ fn ask_prints_the_excavation_and_the_json_trace() {
 }
 
 #[test]
-fn ppl_on_wikitext_and_on_a_dequantized_copy() {
+fn ppl_of_the_model_its_dequantized_and_its_requantized_copies() {
     let _model = common::one_model_at_a_time();
     let model = model_path();
     let data = data_dir();
@@ -316,10 +316,24 @@ fn ppl_on_wikitext_and_on_a_dequantized_copy() {
         assert_eq!(v["scored"], 3 * 127);
         v["ppl"].as_f64().unwrap()
     };
-    let (q4, f) = (ppl(&model), ppl(&f16));
+    let q4_0 = dir.path().join("q4_0.gguf");
+    let out = stdout_of(&geek(&[
+        "compress",
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--type",
+        "q4_0",
+        "--out",
+        q4_0.to_str().unwrap(),
+    ]));
+    assert!(out.contains("210 q4_0, 1 q8_0"), "{out}");
+    let (q4, f, rtn) = (ppl(&model), ppl(&f16), ppl(&q4_0));
     assert!((5.0..200.0).contains(&q4), "{q4}");
     // The f16 copy holds the same weights (the Q4_1 grid is exact in f16 up to rounding).
     assert!((q4 - f).abs() / q4 < 0.02, "{q4} vs {f}");
+    // Requantizing to Q4_0 (no minimum per block) costs perplexity.
+    assert!(rtn > f * 1.05, "{rtn} vs {f}");
     let bad = geek(&[
         "ppl",
         "--model",

@@ -186,6 +186,37 @@ pub fn dequantize(out: &std::path::Path, ty: &str, config: &Resolved) -> Result<
     Ok(())
 }
 
+pub fn quantize(
+    input: Option<&str>,
+    out: &std::path::Path,
+    ty: &str,
+    config: &Resolved,
+) -> Result<()> {
+    let ty = geek_compress::quantize::QuantType::from_name(ty)?;
+    let path = config.model_path(input)?;
+    let started = Instant::now();
+    let base = BaseWeights::load(&path)?;
+    let report = geek_compress::quantize::quantize_rtn(&base, ty, out)?;
+    let types: Vec<String> = report
+        .tensors_by_type
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    println!(
+        "{} -> {} ({}, rtn): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
+        path.display(),
+        out.display(),
+        ty.name(),
+        base.names().len(),
+        types.join(", "),
+        report.fallbacks,
+        report.bits_per_weight,
+        std::fs::metadata(out).map_or(0, |m| m.len()) as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 pub fn export(args: ExportArgs, config: &Resolved) -> Result<()> {
     if args.merged.is_none() && args.lora.is_none() && args.peft.is_none() {
         bail!("nothing to write: give --merged, --lora and/or --peft");

@@ -1,0 +1,242 @@
+//! Round-to-nearest quantization into GGUF block types (ggml's reference quantizers, as
+//! implemented by candle), with llama-quantize's per-tensor rules for models of this size.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use serde::Serialize;
+
+use crate::{BaseWeights, Error, Result};
+
+/// A GGUF element type a model can be quantized to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// 8-bit, one scale per 32.
+    Q8_0,
+    /// 4-bit, one scale per 32.
+    Q4_0,
+    /// 4-bit, scale and minimum per 32.
+    Q4_1,
+    /// 5-bit, one scale per 32.
+    Q5_0,
+    /// 5-bit, scale and minimum per 32.
+    Q5_1,
+    /// 2-bit k-quant (256-wide super-blocks).
+    Q2K,
+    /// 3-bit k-quant.
+    Q3K,
+    /// 4-bit k-quant.
+    Q4K,
+    /// 5-bit k-quant.
+    Q5K,
+    /// 6-bit k-quant.
+    Q6K,
+}
+
+impl QuantType {
+    /// Every type, by name.
+    pub const ALL: [(&'static str, QuantType); 12] = [
+        ("f32", QuantType::F32),
+        ("f16", QuantType::F16),
+        ("q8_0", QuantType::Q8_0),
+        ("q4_0", QuantType::Q4_0),
+        ("q4_1", QuantType::Q4_1),
+        ("q5_0", QuantType::Q5_0),
+        ("q5_1", QuantType::Q5_1),
+        ("q2_k", QuantType::Q2K),
+        ("q3_k", QuantType::Q3K),
+        ("q4_k", QuantType::Q4K),
+        ("q5_k", QuantType::Q5K),
+        ("q6_k", QuantType::Q6K),
+    ];
+
+    /// Parses a lower-case name (`q4_0`, `q4_k`, …).
+    pub fn from_name(name: &str) -> Result<QuantType> {
+        let lower = name.to_lowercase();
+        QuantType::ALL
+            .iter()
+            .find(|(n, _)| *n == lower)
+            .map(|&(_, t)| t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = QuantType::ALL.iter().map(|(n, _)| *n).collect();
+                Error::Config(format!(
+                    "unknown type `{name}` (one of {})",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
+        QuantType::ALL
+            .iter()
+            .find(|(_, t)| *t == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            QuantType::F32 => GgmlDType::F32,
+            QuantType::F16 => GgmlDType::F16,
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q5_1 => GgmlDType::Q5_1,
+            QuantType::Q2K => GgmlDType::Q2K,
+            QuantType::Q3K => GgmlDType::Q3K,
+            QuantType::Q4K => GgmlDType::Q4K,
+            QuantType::Q5K => GgmlDType::Q5K,
+            QuantType::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// llama-quantize's substitute when a row is not a multiple of the type's block width
+    /// (k-quants need 256; SmolLM2's rows are 576 wide). Where llama.cpp picks IQ4_NL (for
+    /// 2- and 3-bit k-quants), which candle cannot write, Q4_0 is used.
+    fn fallback(self) -> QuantType {
+        match self {
+            QuantType::Q2K | QuantType::Q3K => QuantType::Q4_0,
+            QuantType::Q4K => QuantType::Q5_0,
+            QuantType::Q5K => QuantType::Q5_1,
+            QuantType::Q6K => QuantType::Q8_0,
+            other => other,
+        }
+    }
+
+    /// GGUF's `general.file_type` for a model mostly of this type.
+    fn file_type(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q8_0 => 7,
+            QuantType::Q5_0 => 8,
+            QuantType::Q5_1 => 9,
+            QuantType::Q2K => 10,
+            QuantType::Q3K => 12,
+            QuantType::Q4K => 15,
+            QuantType::Q5K => 17,
+            QuantType::Q6K => 18,
+        }
+    }
+}
+
+/// What a quantization wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantReport {
+    /// Tensors per written type name.
+    pub tensors_by_type: BTreeMap<String, usize>,
+    /// Tensors that took the fallback type.
+    pub fallbacks: usize,
+    /// Bytes of tensor data.
+    pub tensor_bytes: usize,
+    /// Weights in all.
+    pub weights: usize,
+    /// Bits per weight over all tensors.
+    pub bits_per_weight: f64,
+}
+
+/// The type each tensor gets: 1-D tensors stay f32; the token embedding (tied output) takes
+/// Q8_0 unless `ty` is wider (llama-quantize asks Q6_K for the output, which falls back to Q8_0
+/// on 576-wide rows); every other matrix gets `ty`, or its fallback when its rows do not fit.
+pub fn tensor_type(name: &str, dims: &[usize], ty: QuantType) -> (QuantType, bool) {
+    if dims.len() < 2 {
+        return (QuantType::F32, false);
+    }
+    let wanted = if name == "token_embd.weight" || name == "output.weight" {
+        match ty {
+            QuantType::F32 | QuantType::F16 | QuantType::Q8_0 => ty,
+            _ => QuantType::Q8_0,
+        }
+    } else {
+        ty
+    };
+    let row = *dims.last().unwrap_or(&0);
+    if row % wanted.ggml().block_size() != 0 {
+        (wanted.fallback(), true)
+    } else {
+        (wanted, false)
+    }
+}
+
+/// Quantizes every tensor of `base` with round-to-nearest into `path`.
+pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<QuantReport> {
+    let mut tensors = Vec::with_capacity(base.names().len());
+    let mut report = QuantReport {
+        tensors_by_type: BTreeMap::new(),
+        fallbacks: 0,
+        tensor_bytes: 0,
+        weights: 0,
+        bits_per_weight: 0.0,
+    };
+    for name in base.names() {
+        let t = base.get(name)?;
+        let (chosen, fell_back) = tensor_type(name, t.dims(), ty);
+        let q = QTensor::quantize(t, chosen.ggml())?;
+        report.fallbacks += usize::from(fell_back);
+        *report
+            .tensors_by_type
+            .entry(chosen.name().to_string())
+            .or_default() += 1;
+        report.tensor_bytes += q.storage_size_in_bytes();
+        report.weights += t.elem_count();
+        tensors.push((name.clone(), q));
+    }
+    report.bits_per_weight = report.tensor_bytes as f64 * 8.0 / report.weights.max(1) as f64;
+    let mut metadata = base.metadata.clone();
+    match metadata.iter_mut().find(|(k, _)| k == "general.file_type") {
+        Some(slot) => slot.1 = Value::U32(ty.file_type()),
+        None => metadata.push(("general.file_type".into(), Value::U32(ty.file_type()))),
+    }
+    crate::export::write_gguf(path, &metadata, &tensors)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_rules_follow_llama_quantize() {
+        assert_eq!(
+            tensor_type("blk.0.attn_norm.weight", &[576], QuantType::Q4_0).0,
+            QuantType::F32
+        );
+        assert_eq!(
+            tensor_type("token_embd.weight", &[49152, 576], QuantType::Q4_0).0,
+            QuantType::Q8_0
+        );
+        assert_eq!(
+            tensor_type("token_embd.weight", &[49152, 576], QuantType::F16).0,
+            QuantType::F16
+        );
+        assert_eq!(
+            tensor_type("blk.0.attn_q.weight", &[576, 576], QuantType::Q4_0),
+            (QuantType::Q4_0, false)
+        );
+        assert_eq!(
+            tensor_type("blk.0.attn_q.weight", &[576, 576], QuantType::Q4K),
+            (QuantType::Q5_0, true)
+        );
+        // ffn_down's rows are 1536 wide: k-quants fit.
+        assert_eq!(
+            tensor_type("blk.0.ffn_down.weight", &[576, 1536], QuantType::Q4K),
+            (QuantType::Q4K, false)
+        );
+        for (name, t) in QuantType::ALL {
+            assert_eq!(QuantType::from_name(name).unwrap(), t);
+            assert_eq!(t.name(), name);
+        }
+        assert!(QuantType::from_name("q3_k_m").is_err());
+    }
+}
