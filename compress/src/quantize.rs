@@ -162,7 +162,7 @@ pub fn tensor_type(name: &str, dims: &[usize], ty: QuantType) -> (QuantType, boo
         ty
     };
     let row = *dims.last().unwrap_or(&0);
-    if row % wanted.ggml().block_size() != 0 {
+    if !row.is_multiple_of(wanted.ggml().block_size()) {
         (wanted.fallback(), true)
     } else {
         (wanted, false)
