@@ -132,7 +132,11 @@ fn trajectories_finetune_export_and_serve() {
             lora.to_str().unwrap(),
         ],
     ));
-    let info = ok(geek(&index, &["model", "info", merged.to_str().unwrap()]));
+    let info = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["model", "info"])
+        .arg(&merged)
+        .output()
+        .unwrap());
     assert!(info.contains("llama"), "{info}");
     let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
         .args(["generate", "--max-tokens", "8", "The capital of France is"])
