@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
+use crate::fused::tensor_of;
 use crate::Result;
 
 /// softmax(Q·Kᵀ·scale + mask)·V for `q`, `k`, `v` of shape `[b, h, t, d]` and an additive
@@ -29,14 +30,6 @@ impl Attention {
     }
 }
 
-fn tensor(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Tensor::from_slice(&data[a..b], l.shape(), &candle_core::Device::Cpu),
-        None => candle_core::bail!("attention inputs must be contiguous"),
-    }
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "recomputing-attention"
@@ -51,7 +44,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let (q, k, v) = (tensor_of(s1, l1)?, tensor_of(s2, l2)?, tensor_of(s3, l3)?);
         let out = self.probs(&q, &k)?.matmul(&v)?;
         let shape = out.shape().clone();
         Ok((CpuStorage::F32(out.flatten_all()?.to_vec1::<f32>()?), shape))

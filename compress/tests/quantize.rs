@@ -1,26 +1,16 @@
 //! Round-to-nearest quantization against the shipped file: SmolLM2's Q4_1 GGUF was written by
 //! llama.cpp's quantizer, so dequantizing it and quantizing back to Q4_1 must give the same bytes.
 
+mod common;
+
+use common::model_path;
+
 use std::fs::File;
-use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
-use geek_backend::catalog;
 use geek_compress::quantize::{quantize_rtn, QuantType};
 use geek_compress::BaseWeights;
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| catalog::models_dir(None).join(catalog::default_model().file_name));
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn requantizing_the_shipped_q4_1_file_reproduces_llama_cpps_bytes() {

@@ -1,21 +1,11 @@
 //! The candle transformer against llama.cpp on the shipped SmolLM2 GGUF.
 
-use std::path::PathBuf;
+mod common;
 
-use geek_backend::{catalog, Engine, EngineConfig};
+use common::model_path;
+
+use geek_backend::{Engine, EngineConfig};
 use geek_compress::{AdaptedModel, BaseWeights};
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| catalog::models_dir(None).join(catalog::default_model().file_name));
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
 
 fn log_softmax(v: &[f32]) -> Vec<f64> {
     let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;

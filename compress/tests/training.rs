@@ -1,30 +1,17 @@
 //! Training, resuming and exporting adapters on the real SmolLM2 model, and serving the result
 //! through llama.cpp.
 
-use std::path::PathBuf;
+mod common;
 
-use geek_backend::{catalog, Engine, EngineConfig};
+use common::model_path;
+
+use geek_backend::{Engine, EngineConfig};
 use geek_compress::data::{tokenize, Example, Tokenized};
 use geek_compress::export::{
     load_adapter, save_adapter, write_gguf_lora, write_merged_gguf, write_peft, FloatType,
 };
 use geek_compress::train::{finetune, TrainConfig};
 use geek_compress::{AdapterConfig, AdapterKind, BaseWeights, Error};
-
-fn model_path() -> PathBuf {
-    let path = std::env::var_os("GEEK_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| catalog::models_dir(None).join(catalog::default_model().file_name));
-    assert!(
-        path.is_file(),
-        "test model {} missing: run `geek model pull`",
-        path.display()
-    );
-    path
-}
-
-/// One model at a time: llama.cpp and candle both want the two cores.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn examples(engine: &Engine) -> Vec<Tokenized> {
     let facts = [
@@ -71,7 +58,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn every_adapter_learns_and_a_killed_run_resumes_to_the_same_weights() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::one_model_at_a_time();
     let path = model_path();
     let engine = Engine::load(EngineConfig::new(&path).with_threads(2).with_n_ctx(512)).unwrap();
     let data = examples(&engine);
@@ -134,7 +121,7 @@ fn every_adapter_learns_and_a_killed_run_resumes_to_the_same_weights() {
 
 #[test]
 fn merged_and_runtime_lora_ggufs_serve_what_candle_computes() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = common::one_model_at_a_time();
     let path = model_path();
     let engine = Engine::load(EngineConfig::new(&path).with_threads(2).with_n_ctx(512)).unwrap();
     let data = examples(&engine);
