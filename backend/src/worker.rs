@@ -803,6 +803,17 @@ impl Worker<'_> {
         }
     }
 
+    /// Decodes a batch built outside the main loop (scoring, token log-probs), counting it.
+    fn decode_side_batch(&mut self, batch: &mut LlamaBatch) -> Result<()> {
+        self.ctx.decode(batch).map_err(|e| match e {
+            DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
+            other => Error::Decode(other.to_string()),
+        })?;
+        self.stats.decode_calls += 1;
+        self.stats.batch_tokens += batch.n_tokens() as u64;
+        Ok(())
+    }
+
     /// See [`crate::Engine::token_log_probs`].
     fn token_log_probs(&mut self, tokens: &[i32], from: usize) -> Result<Vec<f32>> {
         if tokens.len() > self.n_ctx {
@@ -835,12 +846,7 @@ impl Worker<'_> {
                         .add(LlamaToken(tok), pos as i32, &[tmp], logits)
                         .map_err(|e| Error::Decode(e.to_string()))?;
                 }
-                self.ctx.decode(&mut batch).map_err(|e| match e {
-                    DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
-                    other => Error::Decode(other.to_string()),
-                })?;
-                self.stats.decode_calls += 1;
-                self.stats.batch_tokens += (end - start) as u64;
+                self.decode_side_batch(&mut batch)?;
                 for (pos, index) in wanted {
                     out.push(log_probs(self.ctx.get_logits_ith(index), &[tokens[pos + 1]])[0]);
                 }
@@ -885,12 +891,7 @@ impl Worker<'_> {
                         .map_err(|e| Error::Decode(e.to_string()))?;
                 }
             }
-            self.ctx.decode(&mut batch).map_err(|e| match e {
-                DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
-                other => Error::Decode(other.to_string()),
-            })?;
-            self.stats.decode_calls += 1;
-            self.stats.batch_tokens += total as u64;
+            self.decode_side_batch(&mut batch)?;
             for (i, next, index) in rows {
                 scores[i] += log_probs(self.ctx.get_logits_ith(index), &[cands[i][next].0])[0];
             }
