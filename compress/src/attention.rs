@@ -73,7 +73,7 @@ impl CustomOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Rng;
+    use crate::init::{max_abs_diff as diff, Rng};
     use candle_core::Var;
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, s: f64) -> Tensor {
@@ -100,16 +100,6 @@ mod tests {
         let loss = |out: Tensor| (out * &w).unwrap().sum_all().unwrap();
         let ours = attention(&q, &k, &v, &batch.mask, 0.5).unwrap();
         let theirs = reference(&q, &k, &v, &batch.mask, 0.5);
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         assert!(diff(&ours, &theirs) < 1e-5);
         let g1 = loss(ours).backward().unwrap();
         let g2 = loss(theirs).backward().unwrap();

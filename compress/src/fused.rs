@@ -309,19 +309,8 @@ impl CustomOp1 for CrossEntropy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Rng;
+    use crate::init::{max_abs_diff as max_diff, Rng};
     use candle_core::{Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// Checks value and input gradients of `fused` against `plain` under a random linear loss.
     fn check(vars: &[&Var], fused: Tensor, plain: Tensor) {

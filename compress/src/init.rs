@@ -74,6 +74,16 @@ impl Rng {
     }
 }
 
+/// Largest absolute elementwise difference of two tensors (unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("same shapes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,15 +93,7 @@ mod tests {
         let q = Rng::new(7).orthogonal(6).unwrap();
         let eye = q.matmul(&q.t().unwrap()).unwrap();
         let want = Tensor::eye(6, candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err: f32 = (eye - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(err < 1e-5);
+        assert!(max_abs_diff(&eye, &want) < 1e-5);
         assert_eq!(Rng::new(3).next_u64(), Rng::new(3).next_u64());
         assert_ne!(Rng::new(3).next_u64(), Rng::new(4).next_u64());
         let k = Rng::new(1).kaiming_uniform(4, 100).unwrap();

@@ -49,6 +49,16 @@ fn small(steps: usize) -> TrainConfig {
     }
 }
 
+/// The model file, its f32 weights and the six examples tokenized by llama.cpp.
+fn setup() -> (std::path::PathBuf, BaseWeights, Vec<Tokenized>) {
+    let path = model_path();
+    let engine = Engine::load(EngineConfig::new(&path).with_threads(2).with_n_ctx(512)).unwrap();
+    let data = examples(&engine);
+    drop(engine);
+    let base = BaseWeights::load(&path).unwrap();
+    (path, base, data)
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -59,11 +69,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn every_adapter_learns_and_a_killed_run_resumes_to_the_same_weights() {
     let _one = common::one_model_at_a_time();
-    let path = model_path();
-    let engine = Engine::load(EngineConfig::new(&path).with_threads(2).with_n_ctx(512)).unwrap();
-    let data = examples(&engine);
-    drop(engine);
-    let base = BaseWeights::load(&path).unwrap();
+    let (_, base, data) = setup();
     let mut counts = Vec::new();
     for kind in AdapterKind::ALL {
         let dir = tempfile::tempdir().unwrap();
@@ -122,11 +128,7 @@ fn every_adapter_learns_and_a_killed_run_resumes_to_the_same_weights() {
 #[test]
 fn merged_and_runtime_lora_ggufs_serve_what_candle_computes() {
     let _one = common::one_model_at_a_time();
-    let path = model_path();
-    let engine = Engine::load(EngineConfig::new(&path).with_threads(2).with_n_ctx(512)).unwrap();
-    let data = examples(&engine);
-    drop(engine);
-    let base = BaseWeights::load(&path).unwrap();
+    let (path, base, data) = setup();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = AdapterConfig::new(AdapterKind::Moslora);
     cfg.rank = 8;
