@@ -391,20 +391,6 @@ impl LinearDelta {
         })
     }
 
-    /// The update for inputs `x` of shape `[n, in]`: `[n, out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self {
-            LinearDelta::Lora { a, b, scale } => (x.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?,
-            LinearDelta::Moslora { a, m, b, scale } => {
-                (x.matmul(&a.t()?)?.matmul(&m.t()?)?.matmul(&b.t()?)? * *scale)?
-            }
-            LinearDelta::Loretta { a, b, scale } => {
-                (x.matmul(&a.full()?.t()?)?.matmul(&b.full()?.t()?)? * *scale)?
-            }
-        };
-        Ok(y)
-    }
-
     /// The update as LoRA factors with the scale left out: (A `[r, in]`, B `[out, r]`) with
     /// ΔW = (α/r)·B·A. MoSLoRA's mixer is folded into A; LoRETTA's cores are contracted.
     pub fn lora_factors(&self) -> Result<(Tensor, Tensor)> {
@@ -499,6 +485,28 @@ mod tests {
         t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
     }
 
+    /// Each paper's update written out factor by factor, without folding: the reference the
+    /// folded [`LinearDelta::lora_factors`] (what training and export use) must equal.
+    fn reference_update(delta: &LinearDelta, x: &Tensor) -> Tensor {
+        let t = |v: &Tensor| v.t().unwrap();
+        let y = match delta {
+            LinearDelta::Lora { a, b, .. } => x.matmul(&t(a)).unwrap().matmul(&t(b)).unwrap(),
+            LinearDelta::Moslora { a, m, b, .. } => x
+                .matmul(&t(a))
+                .unwrap()
+                .matmul(&t(m))
+                .unwrap()
+                .matmul(&t(b))
+                .unwrap(),
+            LinearDelta::Loretta { a, b, .. } => x
+                .matmul(&t(&a.full().unwrap()))
+                .unwrap()
+                .matmul(&t(&b.full().unwrap()))
+                .unwrap(),
+        };
+        (y * delta.scale()).unwrap()
+    }
+
     #[test]
     fn modes_multiply_back_to_the_dimension() {
         for (n, k) in [
@@ -529,7 +537,7 @@ mod tests {
             let mut cfg = AdapterConfig::new(kind);
             cfg.rank = 4;
             let delta = LinearDelta::new(&cfg, 24, 12, &mut Rng::new(1)).unwrap();
-            assert_eq!(max_abs(&delta.forward(&x).unwrap()), 0.0, "{kind:?}");
+            assert_eq!(max_abs(&reference_update(&delta, &x)), 0.0, "{kind:?}");
             // Move B away from zero, then the merged ΔW must equal the layer's own forward.
             let mut vars = Vec::new();
             delta.named_vars("t", &mut vars);
@@ -540,7 +548,7 @@ mod tests {
                         .unwrap();
                 }
             }
-            let direct = delta.forward(&x).unwrap();
+            let direct = reference_update(&delta, &x);
             let merged = x
                 .matmul(&delta.delta_weight().unwrap().t().unwrap())
                 .unwrap();

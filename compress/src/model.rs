@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{AdapterConfig, AdapterKind, LinearDelta, Target, TtBottleneck};
+use crate::fused::rms_norm;
 use crate::init::Rng;
 use crate::weights::{BaseWeights, LlamaConfig};
 use crate::Result;
@@ -291,10 +292,6 @@ impl Layer {
             None => Ok(x.matmul(&w.t()?)?),
         }
     }
-}
-
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    crate::fused::rms_norm(x, weight, eps)
 }
 
 #[cfg(test)]

@@ -296,6 +296,8 @@ pub fn finetune(
             .map(|i| {
                 let global = step * per_step + i;
                 let epoch = (global / rows_per_epoch) as u64;
+                // Steps only move forward: earlier epochs are never read again.
+                epochs.retain(|&e, _| e >= epoch);
                 let rows = epochs.entry(epoch).or_insert_with(|| epoch_rows(epoch).0);
                 rows[(global % rows_per_epoch).min(rows.len() - 1)].clone()
             })
