@@ -104,14 +104,8 @@ pub(crate) fn write_gguf(
     std::fs::rename(&tmp, path).map_err(Error::io(path))
 }
 
-/// Writes base + ΔW as a complete GGUF (same metadata, tokenizer and tensor names as the base;
-/// matrices in `ty`, norms in f32). LoRETTA_adp has no linear form and is refused.
-pub fn write_merged_gguf(
-    model: &AdaptedModel,
-    base: &BaseWeights,
-    path: &Path,
-    ty: FloatType,
-) -> Result<()> {
+/// Base + ΔW in memory, ready to quantize. LoRETTA_adp has no linear form and is refused.
+pub fn merge(model: &AdaptedModel, base: &BaseWeights) -> Result<BaseWeights> {
     if model
         .adapter()
         .is_some_and(|a| a.kind == AdapterKind::LorettaAdp)
@@ -128,9 +122,21 @@ pub fn write_merged_gguf(
             ))
         })
         .collect::<Result<_>>()?;
+    base.with_tensors(merged)
+}
+
+/// Writes base + ΔW as a complete GGUF (same metadata, tokenizer and tensor names as the base;
+/// matrices in `ty`, norms in f32). LoRETTA_adp has no linear form and is refused.
+pub fn write_merged_gguf(
+    model: &AdaptedModel,
+    base: &BaseWeights,
+    path: &Path,
+    ty: FloatType,
+) -> Result<()> {
+    let merged = merge(model, base)?;
     let mut tensors = Vec::with_capacity(base.names().len());
     for name in base.names() {
-        let t = merged.get(name).unwrap_or(base.get(name)?);
+        let t = merged.get(name)?;
         let dtype = if t.rank() >= 2 {
             ty.ggml()
         } else {

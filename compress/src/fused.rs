@@ -306,6 +306,63 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// Mean cross-entropy of `logits` `[n, vocab]` against target distributions `probs` (same
+/// shape, rows summing to 1, constant): `mean_i Σ_v −p_iv·log softmax(z_i)_v`. Logit
+/// distillation's loss; it exceeds KL(p‖softmax(z)) by the entropy of `p`.
+pub fn soft_cross_entropy(logits: &Tensor, probs: &Tensor) -> Result<Tensor> {
+    Ok(logits.contiguous()?.apply_op1(SoftCrossEntropy {
+        probs: probs.detach().contiguous()?,
+    })?)
+}
+
+struct SoftCrossEntropy {
+    probs: Tensor,
+}
+
+impl CustomOp1 for SoftCrossEntropy {
+    fn name(&self) -> &'static str {
+        "soft-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, v) = l.shape().dims2()?;
+        if self.probs.dims() != [n, v] {
+            candle_core::bail!(
+                "soft-cross-entropy: probs {:?} vs logits {:?}",
+                self.probs.dims(),
+                [n, v]
+            );
+        }
+        let z = slice_of(s, l)?;
+        let p = vec_of(&self.probs)?;
+        let mut total = 0f64;
+        for (row, prow) in z.chunks(v).zip(p.chunks(v)) {
+            let lse = log_sum_exp(row);
+            total += row
+                .iter()
+                .zip(prow)
+                .map(|(&zi, &pi)| (pi * (lse - zi)) as f64)
+                .sum::<f64>();
+        }
+        let mean = (total / n.max(1) as f64) as f32;
+        Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
+    }
+
+    fn bwd(&self, z: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, v) = z.dims2()?;
+        let scale = g.to_scalar::<f32>()? / n.max(1) as f32;
+        let mut dz = vec_of(z)?;
+        let p = vec_of(&self.probs)?;
+        for (row, prow) in dz.chunks_mut(v).zip(p.chunks(v)) {
+            let lse = log_sum_exp(row);
+            for (x, &pi) in row.iter_mut().zip(prow) {
+                *x = ((*x - lse).exp() - pi) * scale;
+            }
+        }
+        Ok(Some(from_vec(dz, z)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +449,18 @@ mod tests {
         let fused = cross_entropy(&z, &targets).unwrap();
         let t = Tensor::new(&targets[..], &candle_core::Device::Cpu).unwrap();
         let plain = candle_nn::loss::cross_entropy(&z, &t).unwrap();
+        check(&[&z], fused, plain);
+    }
+
+    #[test]
+    fn soft_cross_entropy_matches_plain_ops() {
+        let mut rng = Rng::new(4);
+        let z = var(&mut rng, &[5, 9]);
+        let p =
+            candle_nn::ops::softmax_last_dim(&rng.normal_tensor(&[5, 9], 2.0).unwrap()).unwrap();
+        let fused = soft_cross_entropy(&z, &p).unwrap();
+        let logp = candle_nn::ops::log_softmax(z.as_tensor(), D::Minus1).unwrap();
+        let plain = ((p * logp).unwrap().sum_all().unwrap() * (-1.0 / 5.0)).unwrap();
         check(&[&z], fused, plain);
     }
 }

@@ -26,7 +26,9 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod blocks;
 pub mod data;
+pub mod distill;
 mod error;
 pub mod export;
 pub mod fused;

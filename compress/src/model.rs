@@ -68,6 +68,7 @@ impl Batch {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
     ffn_norm: Tensor,
@@ -269,6 +270,35 @@ impl AdaptedModel {
         let h = self.hidden(&Batch::single(tokens)?)?;
         let t = tokens.len();
         self.logits(&h.reshape((t, self.config.n_embd))?)
+    }
+
+    /// This model with other weights: `embedding` for the token embedding (and the output
+    /// layer, when tied) and `linear(layer, target, w)` for each base linear weight `w`.
+    /// Adapters are kept. Differentiable tensors stay differentiable, which is how a
+    /// fake-quantized student is built from trainable scales.
+    pub fn with_weights(
+        &self,
+        embedding: Option<(Tensor, Tensor)>,
+        mut linear: impl FnMut(usize, Target, &Tensor) -> Result<Tensor>,
+    ) -> Result<AdaptedModel> {
+        let mut layers = self.layers.clone();
+        for (i, layer) in layers.iter_mut().enumerate() {
+            for (target, (w, _)) in layer.linears.iter_mut() {
+                *w = linear(i, *target, w)?;
+            }
+        }
+        let (embedding, output) =
+            embedding.unwrap_or((self.embedding.clone(), self.output.clone()));
+        Ok(AdaptedModel {
+            config: self.config.clone(),
+            adapter: self.adapter.clone(),
+            embedding,
+            output,
+            output_norm: self.output_norm.clone(),
+            layers,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        })
     }
 
     /// The weight of a linear layer with its update merged in: W₀ + ΔW.

@@ -6,12 +6,12 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{BaseWeights, Error, Result};
 
 /// A GGUF element type a model can be quantized to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuantType {
     /// 32-bit float.
@@ -29,14 +29,19 @@ pub enum QuantType {
     /// 5-bit, scale and minimum per 32.
     Q5_1,
     /// 2-bit k-quant (256-wide super-blocks).
+    #[serde(rename = "q2_k")]
     Q2K,
     /// 3-bit k-quant.
+    #[serde(rename = "q3_k")]
     Q3K,
     /// 4-bit k-quant.
+    #[serde(rename = "q4_k")]
     Q4K,
     /// 5-bit k-quant.
+    #[serde(rename = "q5_k")]
     Q5K,
     /// 6-bit k-quant.
+    #[serde(rename = "q6_k")]
     Q6K,
 }
 
@@ -82,7 +87,7 @@ impl QuantType {
             .unwrap_or("?")
     }
 
-    fn ggml(self) -> GgmlDType {
+    pub(crate) fn ggml(self) -> GgmlDType {
         match self {
             QuantType::F32 => GgmlDType::F32,
             QuantType::F16 => GgmlDType::F16,
@@ -172,6 +177,35 @@ pub fn tensor_type(name: &str, dims: &[usize], ty: QuantType) -> (QuantType, boo
 /// Quantizes every tensor of `base` with round-to-nearest into `path`.
 pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<QuantReport> {
     let mut tensors = Vec::with_capacity(base.names().len());
+    for name in base.names() {
+        let t = base.get(name)?;
+        let (chosen, fell_back) = tensor_type(name, t.dims(), ty);
+        let q = QTensor::quantize(t, chosen.ggml())?;
+        tensors.push(Quantized {
+            name: name.clone(),
+            tensor: q,
+            ty: chosen,
+            fell_back,
+        });
+    }
+    write_quantized(base, ty, tensors, path)
+}
+
+/// One tensor as written.
+pub(crate) struct Quantized {
+    pub name: String,
+    pub tensor: QTensor,
+    pub ty: QuantType,
+    pub fell_back: bool,
+}
+
+/// Writes `tensors` with `base`'s metadata (file type set to `ty`) and reports on them.
+pub(crate) fn write_quantized(
+    base: &BaseWeights,
+    ty: QuantType,
+    tensors: Vec<Quantized>,
+    path: &Path,
+) -> Result<QuantReport> {
     let mut report = QuantReport {
         tensors_by_type: BTreeMap::new(),
         fallbacks: 0,
@@ -179,18 +213,16 @@ pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<Qu
         weights: 0,
         bits_per_weight: 0.0,
     };
-    for name in base.names() {
-        let t = base.get(name)?;
-        let (chosen, fell_back) = tensor_type(name, t.dims(), ty);
-        let q = QTensor::quantize(t, chosen.ggml())?;
-        report.fallbacks += usize::from(fell_back);
+    let mut written = Vec::with_capacity(tensors.len());
+    for q in tensors {
+        report.fallbacks += usize::from(q.fell_back);
         *report
             .tensors_by_type
-            .entry(chosen.name().to_string())
+            .entry(q.ty.name().to_string())
             .or_default() += 1;
-        report.tensor_bytes += q.storage_size_in_bytes();
-        report.weights += t.elem_count();
-        tensors.push((name.clone(), q));
+        report.tensor_bytes += q.tensor.storage_size_in_bytes();
+        report.weights += q.tensor.shape().elem_count();
+        written.push((q.name, q.tensor));
     }
     report.bits_per_weight = report.tensor_bytes as f64 * 8.0 / report.weights.max(1) as f64;
     let mut metadata = base.metadata.clone();
@@ -198,7 +230,7 @@ pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<Qu
         Some(slot) => slot.1 = Value::U32(ty.file_type()),
         None => metadata.push(("general.file_type".into(), Value::U32(ty.file_type()))),
     }
-    crate::export::write_gguf(path, &metadata, &tensors)?;
+    crate::export::write_gguf(path, &metadata, &written)?;
     Ok(report)
 }
 

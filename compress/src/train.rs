@@ -159,7 +159,7 @@ struct State {
 }
 
 /// AdamW whose moments can be saved and restored.
-struct AdamW {
+pub(crate) struct AdamW {
     m: HashMap<String, Tensor>,
     v: HashMap<String, Tensor>,
     t: usize,
@@ -170,7 +170,15 @@ impl AdamW {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn step(
+    pub(crate) fn new() -> AdamW {
+        AdamW {
+            m: HashMap::new(),
+            v: HashMap::new(),
+            t: 0,
+        }
+    }
+
+    pub(crate) fn step(
         &mut self,
         vars: &[(String, Var)],
         grads: &HashMap<String, Tensor>,

@@ -183,6 +183,31 @@ impl BaseWeights {
             .unwrap_or_else(|| self.get("token_embd.weight"))
     }
 
+    /// The same model with some tensors replaced (same names and shapes).
+    pub fn with_tensors(&self, replaced: HashMap<String, Tensor>) -> Result<BaseWeights> {
+        let mut tensors = self.tensors.clone();
+        for (name, t) in replaced {
+            match tensors.get(&name) {
+                Some(old) if old.dims() == t.dims() => {
+                    tensors.insert(name, t);
+                }
+                _ => {
+                    return Err(Error::Config(format!(
+                        "no tensor {name} of shape {:?} to replace",
+                        t.dims()
+                    )))
+                }
+            }
+        }
+        Ok(BaseWeights {
+            path: self.path.clone(),
+            config: self.config.clone(),
+            metadata: self.metadata.clone(),
+            tensors,
+            names: self.names.clone(),
+        })
+    }
+
     /// Total number of weights.
     pub fn parameter_count(&self) -> usize {
         self.tensors.values().map(|t| t.elem_count()).sum()

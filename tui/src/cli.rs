@@ -108,21 +108,8 @@ pub enum CompressCommand {
     Finetune(FinetuneArgs),
     /// Write a trained adapter as a merged GGUF, a GGUF LoRA or a PEFT adapter.
     Export(ExportArgs),
-    /// Quantize a model into GGUF block types (round-to-nearest).
-    Quantize {
-        /// The model to quantize (default: --model); read dequantized to f32 first.
-        #[arg(long = "in")]
-        input: Option<String>,
-        /// Output GGUF.
-        #[arg(long)]
-        out: PathBuf,
-        /// q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k, f16, f32.
-        #[arg(long)]
-        r#type: String,
-        /// Quantization method (only round-to-nearest so far).
-        #[arg(long, default_value = "rtn", value_parser = ["rtn"])]
-        method: String,
-    },
+    /// Quantize a model into GGUF block types: round-to-nearest, or learned scales (QuantGPT).
+    Quantize(QuantizeArgs),
     /// Write a model dequantized to f32 or f16 (the reference for quantization).
     Dequantize {
         /// Output GGUF.
@@ -132,6 +119,78 @@ pub enum CompressCommand {
         #[arg(long, default_value = "f32")]
         r#type: String,
     },
+}
+
+/// `geek compress quantize`
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model to quantize (default: --model); read dequantized to f32 first.
+    #[arg(long = "in")]
+    pub input: Option<String>,
+    /// Output GGUF.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k, f16, f32 (learned: q8_0, q4_0, q4_1, q5_0,
+    /// q2_k).
+    #[arg(long)]
+    pub r#type: String,
+    /// rtn (ggml's round-to-nearest) or learned (scales trained by distillation).
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "learned"])]
+    pub method: String,
+    #[command(flatten)]
+    pub learned: LearnedArgs,
+}
+
+/// Options of learned quantization.
+#[derive(Debug, Args)]
+pub struct LearnedArgs {
+    /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
+    /// or JSONL `{id, title, text}`) or a plain .txt file (default: the StrategyQA paragraphs
+    /// and vital articles of the data dir). Never the perplexity test text.
+    #[arg(long)]
+    pub calib: Vec<PathBuf>,
+    /// Calibration rows (the last 4 are held out).
+    #[arg(long, default_value_t = 68)]
+    pub calib_rows: usize,
+    /// Tokens per calibration row.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Optimizer steps (0: initial scales only).
+    #[arg(long, default_value_t = 60)]
+    pub steps: usize,
+    /// Rows per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Peak learning rate of the scales.
+    #[arg(long, default_value_t = 5e-3)]
+    pub lr: f64,
+    /// Also train the weights (quantization-aware training).
+    #[arg(long)]
+    pub qat: bool,
+    /// Peak learning rate of the weights (with --qat).
+    #[arg(long, default_value_t = 1e-5)]
+    pub weight_lr: f64,
+    /// Who shares a scale: block, row or module.
+    #[arg(long, default_value = "block")]
+    pub granularity: String,
+    /// Initial scales: mse (least weight error per block) or rtn.
+    #[arg(long, default_value = "mse", value_parser = ["mse", "rtn"])]
+    pub init: String,
+    /// Weight of the token-level contrastive loss (0: logit distillation only).
+    #[arg(long, default_value_t = 0.1)]
+    pub contrastive_weight: f64,
+    /// Temperature of the contrastive loss.
+    #[arg(long, default_value_t = 0.1)]
+    pub temperature: f64,
+    /// Teacher token representations kept as extra negatives.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_bank: usize,
+    /// Shuffling seed for the calibration passages.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the run's summary (config, KL before/after) as JSON here.
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
 }
 
 /// `geek compress finetune`

@@ -13,7 +13,14 @@ use geek_compress::train::{finetune as train, TrainConfig, TrainEvent};
 use geek_compress::{AdapterConfig, AdapterKind, BaseWeights, MixerInit, Target};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{ExportArgs, FinetuneArgs};
+use geek_compress::blocks::{Granularity, ScaleInit};
+use geek_compress::distill::{
+    calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig, LearnedModel,
+};
+use geek_compress::quantize::{quantize_rtn, QuantType};
+use geek_retriever::CorpusSource;
+
+use crate::cli::{ExportArgs, FinetuneArgs, LearnedArgs, QuantizeArgs};
 use crate::config::Resolved;
 
 pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
@@ -186,35 +193,163 @@ pub fn dequantize(out: &std::path::Path, ty: &str, config: &Resolved) -> Result<
     Ok(())
 }
 
-pub fn quantize(
-    input: Option<&str>,
-    out: &std::path::Path,
-    ty: &str,
-    config: &Resolved,
-) -> Result<()> {
-    let ty = geek_compress::quantize::QuantType::from_name(ty)?;
-    let path = config.model_path(input)?;
+pub fn quantize(args: QuantizeArgs, config: &Resolved) -> Result<()> {
+    let ty = QuantType::from_name(&args.r#type)?;
+    let path = config.model_path(args.input.as_deref())?;
     let started = Instant::now();
     let base = BaseWeights::load(&path)?;
-    let report = geek_compress::quantize::quantize_rtn(&base, ty, out)?;
+    let (report, summary) = match args.method.as_str() {
+        "learned" => {
+            let rows = calibration(&args.learned, config)?;
+            let (model, summary) = learn_scales(&base, &rows, ty, &args.learned)?;
+            (model.write_gguf(&base, &args.out)?, Some(summary))
+        }
+        _ => (quantize_rtn(&base, ty, &args.out)?, None),
+    };
     let types: Vec<String> = report
         .tensors_by_type
         .iter()
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
     println!(
-        "{} -> {} ({}, rtn): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
+        "{} -> {} ({}, {}): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
         path.display(),
-        out.display(),
+        args.out.display(),
         ty.name(),
+        args.method,
         base.names().len(),
         types.join(", "),
         report.fallbacks,
         report.bits_per_weight,
-        std::fs::metadata(out).map_or(0, |m| m.len()) as f64 / 1e6,
+        std::fs::metadata(&args.out).map_or(0, |m| m.len()) as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
+    if let Some(summary) = summary {
+        println!(
+            "held-out KL(teacher ‖ student) per token: rtn {:.4}, initial scales {:.4}, learned {:.4}",
+            summary.rtn_kl, summary.initial_kl, summary.final_kl
+        );
+        if let Some(file) = &args.learned.summary {
+            let json = serde_json::json!({ "learn": summary, "report": report });
+            std::fs::write(file, serde_json::to_vec_pretty(&json)?)
+                .with_context(|| format!("write {}", file.display()))?;
+        }
+    }
     Ok(())
+}
+
+/// Calibration rows: passages (shuffled by seed) tokenized by the model's own tokenizer.
+fn calibration(args: &LearnedArgs, config: &Resolved) -> Result<Vec<Vec<u32>>> {
+    let mut texts: Vec<String> = Vec::new();
+    let sources = if args.calib.is_empty() {
+        CorpusSource::defaults(config.require_data_dir()?)
+    } else {
+        let mut sources = Vec::new();
+        for path in &args.calib {
+            if path.extension().is_some_and(|e| e == "txt") {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read {}", path.display()))?;
+                texts.extend(text.split("\n\n").map(|p| format!("{p}\n\n")));
+            } else {
+                sources.push(CorpusSource::from_path(path));
+            }
+        }
+        sources
+    };
+    for doc in geek_retriever::corpus::load_all(&sources)? {
+        texts.push(format!("{}\n{}\n\n", doc.title, doc.text));
+    }
+    let order = geek_compress::data::shuffled(texts.len(), args.seed);
+    let engine = Engine::load(config.engine_config()?.with_n_ctx(512))?;
+    let mut documents = Vec::new();
+    let (mut tokens, wanted) = (0usize, args.calib_rows * args.seq_len);
+    for i in order {
+        if tokens >= wanted {
+            break;
+        }
+        let doc: Vec<u32> = engine
+            .tokenize(texts[i].clone(), false)
+            .wait()?
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        tokens += doc.len();
+        documents.push(doc);
+    }
+    let rows = calibration_rows(&documents, args.seq_len, args.calib_rows);
+    if rows.len() < args.calib_rows {
+        bail!(
+            "calibration text holds {} rows of {} tokens, {} asked",
+            rows.len(),
+            args.seq_len,
+            args.calib_rows
+        );
+    }
+    Ok(rows)
+}
+
+fn learn_scales(
+    base: &BaseWeights,
+    rows: &[Vec<u32>],
+    ty: QuantType,
+    args: &LearnedArgs,
+) -> Result<(LearnedModel, LearnSummary)> {
+    let learned = LearnedConfig {
+        ty,
+        granularity: Granularity::from_name(&args.granularity)?,
+        init: if args.init == "rtn" {
+            ScaleInit::Rtn
+        } else {
+            ScaleInit::Mse
+        },
+        train_weights: args.qat,
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        weight_lr: args.weight_lr,
+        contrastive_weight: args.contrastive_weight,
+        temperature: args.temperature,
+        memory_bank: args.memory_bank,
+        ..LearnedConfig::default()
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(args.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    let result = learn(base, rows, &learned, &mut |e| {
+        match e {
+        LearnEvent::Started {
+            learnable,
+            rows,
+            heldout_kl,
+        } => bar.println(format!(
+            "{learnable} learnable numbers; {rows} calibration rows of {} tokens; held-out KL {heldout_kl:.4}",
+            args.seq_len
+        )),
+        LearnEvent::Step {
+            step,
+            kl,
+            contrastive,
+            tokens_per_sec,
+        } => {
+            bar.set_position(*step as u64);
+            bar.set_message(format!(
+                "KL {kl:.4} contrastive {contrastive:.3} {tokens_per_sec:.0} tok/s"
+            ));
+            tracing::info!(step, kl, contrastive, tokens_per_sec, "step");
+            if bar.is_hidden() && (*step == 1 || step % 10 == 0) {
+                eprintln!("step {step}: KL {kl:.4}, contrastive {contrastive:.3}, {tokens_per_sec:.0} tokens/s");
+            }
+        }
+    }
+    });
+    bar.finish_and_clear();
+    Ok(result?)
 }
 
 pub fn export(args: ExportArgs, config: &Resolved) -> Result<()> {

@@ -30,9 +30,7 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
         Command::Compress(CompressCommand::Finetune(args)) => compress::finetune(args, config),
         Command::Compress(CompressCommand::Export(args)) => compress::export(args, config),
-        Command::Compress(CompressCommand::Quantize {
-            input, out, r#type, ..
-        }) => compress::quantize(input.as_deref(), &out, &r#type, config),
+        Command::Compress(CompressCommand::Quantize(args)) => compress::quantize(args, config),
         Command::Compress(CompressCommand::Dequantize { out, r#type }) => {
             compress::dequantize(&out, &r#type, config)
         }

@@ -1,0 +1,747 @@
+//! GGUF block types as `d·q + m` grids, their learnable scales, and the fake-quantization op.
+//!
+//! Every block of `width` consecutive weights in a row stores a scale `d` (f16), for some types
+//! an offset `m` (f16), and integer codes `q` in `[qmin, qmax]`; the weight it stands for is
+//! `d·q + m`. Following QuantGPT (Tao et al., ACL 2022), the scale is not stored directly but
+//! as `d = s·γ·mean|w|`: a learnable factor γ per group (block, row or whole module) times the
+//! group's mean magnitude, with the sign `s` of the block's round-to-nearest scale. The
+//! clipping threshold is then `α = |d|·qmax`-ish, a multiple of the mean magnitude, and
+//! training γ moves the threshold. Offsets (Q4_1, Q2_K) are `m = β·mean|w|` per block.
+//!
+//! [`FakeQuant`] computes `d·q + m` from `w`, γ and β in the forward pass with f16-rounded
+//! `d` and `m` (exactly what the file will hold) and, in the backward pass, the
+//! straight-through gradients of LSQ: inside the grid `∂ŵ/∂w = 1`, `∂ŵ/∂d = q − (w−m)/d`;
+//! clipped, `∂ŵ/∂w = 0`, `∂ŵ/∂d = q`, `∂ŵ/∂m = 1`. With trainable weights (QAT) the gradient
+//! also flows through `mean|w|` as QuantGPT's does.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::quantize::QuantType;
+use crate::{Error, Result};
+
+/// Which weights share one learnable scale factor γ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One γ per block (each block's `d` is free).
+    Block,
+    /// One γ per row: every block of a row has the same `d`.
+    Row,
+    /// One γ per matrix, QuantGPT's module-wise scaling.
+    Module,
+}
+
+impl Granularity {
+    /// Parses `block`, `row` or `module`.
+    pub fn from_name(name: &str) -> Result<Granularity> {
+        match name {
+            "block" => Ok(Granularity::Block),
+            "row" => Ok(Granularity::Row),
+            "module" => Ok(Granularity::Module),
+            other => Err(Error::Config(format!(
+                "unknown granularity `{other}` (block, row or module)"
+            ))),
+        }
+    }
+}
+
+/// How the first scales are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleInit {
+    /// ggml's round-to-nearest scales (max magnitude on the grid's end).
+    Rtn,
+    /// Per block, the candidate scale (or range) with the least squared weight error.
+    Mse,
+}
+
+/// A block type seen as a `d·q + m` grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockFormat {
+    /// The GGUF type written.
+    pub ty: QuantType,
+    /// Weights per block.
+    pub width: usize,
+    /// Smallest code.
+    pub qmin: i32,
+    /// Largest code.
+    pub qmax: i32,
+    /// Whether blocks carry an offset `m`.
+    pub offset: bool,
+}
+
+/// The scale and offset of one block, as stored (f16).
+type BlockParams = (f16, f16);
+
+impl BlockFormat {
+    /// The grid of `ty`. Q2_K is written with constant sub-block scales and mins (one `d` and
+    /// one offset per 256 weights, 2-bit codes), so the learned grid is exactly what it holds.
+    pub fn of(ty: QuantType) -> Result<BlockFormat> {
+        let (width, qmin, qmax, offset) = match ty {
+            QuantType::Q8_0 => (32, -128, 127, false),
+            QuantType::Q4_0 => (32, -8, 7, false),
+            QuantType::Q5_0 => (32, -16, 15, false),
+            QuantType::Q4_1 => (32, 0, 15, true),
+            QuantType::Q2K => (256, 0, 3, true),
+            other => {
+                return Err(Error::Config(format!(
+                    "learned quantization writes q8_0, q4_0, q4_1, q5_0 or q2_k, not {}",
+                    other.name()
+                )))
+            }
+        };
+        Ok(BlockFormat {
+            ty,
+            width,
+            qmin,
+            qmax,
+            offset,
+        })
+    }
+
+    /// Round-to-nearest parameters as ggml's reference quantizers choose them (f32).
+    fn rtn(&self, x: &[f32]) -> (f32, f32) {
+        if self.offset {
+            let lo = x.iter().cloned().fold(f32::INFINITY, f32::min);
+            let hi = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            ((hi - lo) / self.qmax as f32, lo)
+        } else {
+            let max = x
+                .iter()
+                .cloned()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = if self.qmin == -128 {
+                max.abs() / 127.0
+            } else {
+                max / self.qmin as f32
+            };
+            (d, 0.0)
+        }
+    }
+
+    /// The code of `x` under stored parameters.
+    fn code(&self, x: f32, d: f32, m: f32) -> i32 {
+        if d == 0.0 {
+            return self.qmin.max(0).min(self.qmax);
+        }
+        (((x - m) / d).round() as i32).clamp(self.qmin, self.qmax)
+    }
+
+    /// Squared error of a block under (f16-rounded) parameters.
+    fn block_error(&self, x: &[f32], d: f32, m: f32) -> (f32, f32, f32) {
+        let (d, m) = (f16::from_f32(d).to_f32(), f16::from_f32(m).to_f32());
+        let e = x
+            .iter()
+            .map(|&v| {
+                let r = d * self.code(v, d, m) as f32 + m - v;
+                r * r
+            })
+            .sum();
+        (e, d, m)
+    }
+
+    /// First parameters of a block.
+    fn init(&self, x: &[f32], how: ScaleInit) -> (f32, f32) {
+        let (d, m) = self.rtn(x);
+        if how == ScaleInit::Rtn || d == 0.0 {
+            return (d, m);
+        }
+        let mut best = (self.block_error(x, d, m).0, d, m);
+        if self.offset {
+            let hi = m + d * self.qmax as f32;
+            let step = (hi - m) / 40.0;
+            for i in 0..10 {
+                for j in 0..10 {
+                    let (lo2, hi2) = (m + i as f32 * step, hi - j as f32 * step);
+                    let d2 = (hi2 - lo2) / self.qmax as f32;
+                    let e = self.block_error(x, d2, lo2).0;
+                    if e < best.0 {
+                        best = (e, d2, lo2);
+                    }
+                }
+            }
+        } else {
+            for k in 0..=40 {
+                let d2 = d * (0.6 + 0.015 * k as f32);
+                let e = self.block_error(x, d2, 0.0).0;
+                if e < best.0 {
+                    best = (e, d2, 0.0);
+                }
+            }
+        }
+        (best.1, best.2)
+    }
+}
+
+/// Learnable quantization state of one matrix `[rows, cols]`.
+#[derive(Debug, Clone)]
+pub struct QuantGrid {
+    /// The block type.
+    pub format: BlockFormat,
+    /// Who shares γ.
+    pub granularity: Granularity,
+    rows: usize,
+    cols: usize,
+    /// Sign of each block's scale (Q4_0 and Q5_0 put the largest magnitude on −8 / −16).
+    signs: Vec<f32>,
+}
+
+impl QuantGrid {
+    /// The grid for a `[rows, cols]` matrix; cols must be a multiple of the block width.
+    pub fn new(
+        format: BlockFormat,
+        granularity: Granularity,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QuantGrid> {
+        if !cols.is_multiple_of(format.width) {
+            return Err(Error::Config(format!(
+                "rows of {cols} do not split into blocks of {}",
+                format.width
+            )));
+        }
+        Ok(QuantGrid {
+            format,
+            granularity,
+            rows,
+            cols,
+            signs: vec![1.0; rows * cols / format.width],
+        })
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.cols / self.format.width
+    }
+
+    fn blocks(&self) -> usize {
+        self.rows * self.blocks_per_row()
+    }
+
+    /// Number of γ factors.
+    pub fn groups(&self) -> usize {
+        match self.granularity {
+            Granularity::Block => self.blocks(),
+            Granularity::Row => self.rows,
+            Granularity::Module => 1,
+        }
+    }
+
+    fn group_of(&self, block: usize) -> usize {
+        match self.granularity {
+            Granularity::Block => block,
+            Granularity::Row => block / self.blocks_per_row(),
+            Granularity::Module => 0,
+        }
+    }
+
+    /// mean|w| of each group.
+    fn group_means(&self, w: &[f32]) -> Vec<f32> {
+        let mut sum = vec![0f64; self.groups()];
+        let mut n = vec![0usize; self.groups()];
+        for (b, block) in w.chunks(self.format.width).enumerate() {
+            let g = self.group_of(b);
+            sum[g] += block.iter().map(|v| v.abs() as f64).sum::<f64>();
+            n[g] += block.len();
+        }
+        sum.iter()
+            .zip(&n)
+            .map(|(s, &k)| ((s / k.max(1) as f64) as f32).max(1e-12))
+            .collect()
+    }
+
+    /// Initial γ `[groups]` and β `[blocks]` for weights `w`, fixing the block signs.
+    pub fn init(&mut self, w: &Tensor, how: ScaleInit) -> Result<(Tensor, Tensor)> {
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        let means = self.group_means(&data);
+        let mut ratio_sum = vec![0f64; self.groups()];
+        let mut count = vec![0usize; self.groups()];
+        let mut beta = Vec::with_capacity(self.blocks());
+        for (b, block) in data.chunks(self.format.width).enumerate() {
+            let (d, m) = self.format.init(block, how);
+            let g = self.group_of(b);
+            self.signs[b] = if d < 0.0 { -1.0 } else { 1.0 };
+            ratio_sum[g] += (d.abs() / means[g]) as f64;
+            count[g] += 1;
+            beta.push(m / means[g]);
+        }
+        let gamma: Vec<f32> = ratio_sum
+            .iter()
+            .zip(&count)
+            .map(|(s, &k)| (s / k.max(1) as f64) as f32)
+            .collect();
+        let dev = Device::Cpu;
+        Ok((
+            Tensor::from_vec(gamma, self.groups(), &dev)?,
+            Tensor::from_vec(beta, self.blocks(), &dev)?,
+        ))
+    }
+
+    /// Stored (f16) scale and offset of every block.
+    fn params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<BlockParams> {
+        let means = self.group_means(w);
+        (0..self.blocks())
+            .map(|b| {
+                let g = self.group_of(b);
+                let d = self.signs[b] * gamma[g] * means[g];
+                let m = if self.format.offset {
+                    beta[b] * means[g]
+                } else {
+                    0.0
+                };
+                (f16::from_f32(d), f16::from_f32(m))
+            })
+            .collect()
+    }
+
+    /// `ŵ = d·q + m`, differentiable in w (when `train_weights`), γ and β.
+    pub fn fake_quant(
+        &self,
+        w: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        train_weights: bool,
+    ) -> Result<Tensor> {
+        Ok(w.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            FakeQuant {
+                grid: self.clone(),
+                train_weights,
+            },
+        )?)
+    }
+
+    /// The matrix as a GGUF tensor of the grid's type, holding exactly `fake_quant`'s values.
+    pub fn encode(&self, w: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<QTensor> {
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        let params = self.params(&data, &gamma.to_vec1::<f32>()?, &beta.to_vec1::<f32>()?);
+        let f = self.format;
+        let mut bytes = Vec::new();
+        let mut codes = vec![0i32; f.width];
+        for (block, &(d, m)) in data.chunks(f.width).zip(&params) {
+            for (c, &x) in codes.iter_mut().zip(block) {
+                *c = f.code(x, d.to_f32(), m.to_f32());
+            }
+            write_block(f.ty, d, m, &codes, &mut bytes);
+        }
+        let ggml = match f.ty {
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            _ => GgmlDType::Q2K,
+        };
+        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, ggml)?;
+        Ok(QTensor::new(storage, (self.rows, self.cols))?)
+    }
+}
+
+/// Appends one block in ggml's layout.
+fn write_block(ty: QuantType, d: f16, m: f16, q: &[i32], out: &mut Vec<u8>) {
+    let nibbles = |out: &mut Vec<u8>, bias: i32| {
+        for j in 0..16 {
+            let lo = ((q[j] + bias) & 0x0f) as u8;
+            let hi = ((q[j + 16] + bias) & 0x0f) as u8;
+            out.push(lo | (hi << 4));
+        }
+    };
+    match ty {
+        QuantType::Q8_0 => {
+            out.extend_from_slice(&d.to_le_bytes());
+            out.extend(q.iter().map(|&v| v as i8 as u8));
+        }
+        QuantType::Q4_0 => {
+            out.extend_from_slice(&d.to_le_bytes());
+            nibbles(out, 8);
+        }
+        QuantType::Q4_1 => {
+            out.extend_from_slice(&d.to_le_bytes());
+            out.extend_from_slice(&m.to_le_bytes());
+            nibbles(out, 0);
+        }
+        QuantType::Q5_0 => {
+            out.extend_from_slice(&d.to_le_bytes());
+            let mut qh = 0u32;
+            for j in 0..16 {
+                qh |= (((q[j] + 16) as u32 >> 4) & 1) << j;
+                qh |= (((q[j + 16] + 16) as u32 >> 4) & 1) << (j + 16);
+            }
+            out.extend_from_slice(&qh.to_le_bytes());
+            nibbles(out, 16);
+        }
+        _ => {
+            // Q2_K: 16 sub-blocks with scale 1 and min 1, so a weight is d·q − dmin.
+            out.extend_from_slice(&[0x11; 16]);
+            for half in 0..2 {
+                let j = 128 * half;
+                for l in 0..32 {
+                    let v = q[j + l]
+                        | (q[j + l + 32] << 2)
+                        | (q[j + l + 64] << 4)
+                        | (q[j + l + 96] << 6);
+                    out.push(v as u8);
+                }
+            }
+            out.extend_from_slice(&d.to_le_bytes());
+            out.extend_from_slice(&(-m).to_le_bytes());
+        }
+    }
+}
+
+/// The fake-quantization op (see the module docs).
+struct FakeQuant {
+    grid: QuantGrid,
+    train_weights: bool,
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fake-quant inputs must be contiguous"),
+    }
+}
+
+impl CustomOp3 for FakeQuant {
+    fn name(&self) -> &'static str {
+        "fake-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (w, gamma, beta) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
+        let f = self.grid.format;
+        let params = self.grid.params(w, gamma, beta);
+        let mut out = Vec::with_capacity(w.len());
+        for (block, &(d, m)) in w.chunks(f.width).zip(&params) {
+            let (d, m) = (d.to_f32(), m.to_f32());
+            out.extend(block.iter().map(|&x| d * f.code(x, d, m) as f32 + m));
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        w: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grid = &self.grid;
+        let f = grid.format;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        let gam = gamma.to_vec1::<f32>()?;
+        let bet = beta.to_vec1::<f32>()?;
+        let means = grid.group_means(&wv);
+        let params = grid.params(&wv, &gam, &bet);
+        let mut grad_gamma = vec![0f32; gam.len()];
+        let mut grad_beta = vec![0f32; bet.len()];
+        // ∂L/∂mean|w| per group, for the weights' gradient.
+        let mut grad_mean = vec![0f32; means.len()];
+        let mut grad_w = if self.train_weights {
+            vec![0f32; wv.len()]
+        } else {
+            Vec::new()
+        };
+        for (b, &(d, m)) in params.iter().enumerate() {
+            let (d, m) = (d.to_f32(), m.to_f32());
+            let span = b * f.width..(b + 1) * f.width;
+            let (mut sum_d, mut sum_m) = (0f32, 0f32);
+            for i in span {
+                let (x, gi) = (wv[i], gv[i]);
+                if d == 0.0 {
+                    sum_m += gi;
+                    continue;
+                }
+                let v = (x - m) / d;
+                if v < f.qmin as f32 || v > f.qmax as f32 {
+                    let q = v.clamp(f.qmin as f32, f.qmax as f32);
+                    sum_d += gi * q;
+                    sum_m += gi;
+                } else {
+                    sum_d += gi * (v.round() - v);
+                    if self.train_weights {
+                        grad_w[i] = gi;
+                    }
+                }
+            }
+            let grp = grid.group_of(b);
+            let s = grid.signs[b];
+            grad_gamma[grp] += sum_d * s * means[grp];
+            grad_mean[grp] += sum_d * s * gam[grp];
+            if f.offset {
+                grad_beta[b] = sum_m * means[grp];
+                grad_mean[grp] += sum_m * bet[b];
+            }
+        }
+        let dev = w.device();
+        let grad_w = if self.train_weights {
+            let mut n = vec![0usize; means.len()];
+            for b in 0..grid.blocks() {
+                n[grid.group_of(b)] += f.width;
+            }
+            for (i, gw) in grad_w.iter_mut().enumerate() {
+                let grp = grid.group_of(i / f.width);
+                *gw += grad_mean[grp] * wv[i].signum() / n[grp] as f32;
+            }
+            Some(Tensor::from_vec(grad_w, w.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            grad_w,
+            Some(Tensor::from_vec(grad_gamma, gamma.shape(), dev)?),
+            f.offset
+                .then(|| Tensor::from_vec(grad_beta, beta.shape(), dev))
+                .transpose()?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Rng;
+    use candle_core::Var;
+
+    fn weights(rows: usize, cols: usize, seed: u64) -> Tensor {
+        let mut rng = Rng::new(seed);
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| rng.uniform(0.1) * if i % 7 == 0 { 3.0 } else { 1.0 })
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    const TYPES: [QuantType; 5] = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q2K,
+    ];
+
+    #[test]
+    fn encoded_blocks_dequantize_to_the_fake_quantized_values() {
+        for ty in TYPES {
+            for gran in [Granularity::Block, Granularity::Row, Granularity::Module] {
+                let f = BlockFormat::of(ty).unwrap();
+                let w = weights(3, 512, 7);
+                let mut grid = QuantGrid::new(f, gran, 3, 512).unwrap();
+                let (gamma, beta) = grid.init(&w, ScaleInit::Mse).unwrap();
+                let fake = grid.fake_quant(&w, &gamma, &beta, false).unwrap();
+                let q = grid.encode(&w, &gamma, &beta).unwrap();
+                let back = q.dequantize(&Device::Cpu).unwrap();
+                let diff = (back - &fake)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{ty:?} {gran:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rtn_init_writes_ggmls_round_to_nearest_grid() {
+        // Same scales as ggml's reference quantizer; codes may differ only on exact ties.
+        for ty in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+        ] {
+            let f = BlockFormat::of(ty).unwrap();
+            let w = weights(4, 256, 3);
+            let mut grid = QuantGrid::new(f, Granularity::Block, 4, 256).unwrap();
+            let (gamma, beta) = grid.init(&w, ScaleInit::Rtn).unwrap();
+            let ours = grid
+                .encode(&w, &gamma, &beta)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let ggml = QTensor::quantize(&w, ours_dtype(ty))
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ggml = ggml.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let same = ours
+                .iter()
+                .zip(&ggml)
+                .filter(|(a, b)| (*a - *b).abs() < 1e-6)
+                .count();
+            assert!(
+                same as f64 >= 0.99 * ours.len() as f64,
+                "{ty:?}: {same}/{}",
+                ours.len()
+            );
+        }
+    }
+
+    fn ours_dtype(ty: QuantType) -> GgmlDType {
+        match ty {
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            _ => GgmlDType::Q5_0,
+        }
+    }
+
+    #[test]
+    fn mse_init_never_loses_to_rtn() {
+        for ty in TYPES {
+            let f = BlockFormat::of(ty).unwrap();
+            let w = weights(8, 512, 11);
+            let err = |how| {
+                let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
+                let (g, b) = grid.init(&w, how).unwrap();
+                let fq = grid.fake_quant(&w, &g, &b, false).unwrap();
+                (fq - &w)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            let (rtn, mse) = (err(ScaleInit::Rtn), err(ScaleInit::Mse));
+            assert!(mse <= rtn, "{ty:?}: mse {mse} > rtn {rtn}");
+        }
+    }
+
+    /// The same straight-through estimator written with candle's own differentiable ops.
+    fn reference(grid: &QuantGrid, w: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
+        let f = grid.format;
+        let nb = grid.blocks();
+        let wb = w.reshape((nb, f.width)).unwrap();
+        let groups: Vec<u32> = (0..nb).map(|b| grid.group_of(b) as u32).collect();
+        let groups = Tensor::from_vec(groups, nb, &Device::Cpu).unwrap();
+        // mean|w| per group, as a differentiable function of w.
+        let per_block = wb.abs().unwrap().sum(1).unwrap();
+        let sums = Tensor::zeros(grid.groups(), candle_core::DType::F32, &Device::Cpu)
+            .unwrap()
+            .index_add(&groups, &per_block, 0)
+            .unwrap();
+        let counts: Vec<f32> = {
+            let mut c = vec![0f32; grid.groups()];
+            for b in 0..nb {
+                c[grid.group_of(b)] += f.width as f32;
+            }
+            c
+        };
+        let means =
+            (sums / Tensor::from_vec(counts, grid.groups(), &Device::Cpu).unwrap()).unwrap();
+        let mean_b = means.index_select(&groups, 0).unwrap();
+        let signs = Tensor::from_vec(grid.signs.clone(), nb, &Device::Cpu).unwrap();
+        let d = ((gamma.index_select(&groups, 0).unwrap() * &mean_b).unwrap() * signs).unwrap();
+        let m = if f.offset {
+            (beta * &mean_b).unwrap()
+        } else {
+            Tensor::zeros(nb, candle_core::DType::F32, &Device::Cpu).unwrap()
+        };
+        let f16_round = |t: &Tensor| -> Tensor {
+            let r = t
+                .to_dtype(candle_core::DType::F16)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            (t + (r - t).unwrap().detach()).unwrap()
+        };
+        let (d, m) = (
+            f16_round(&d).unsqueeze(1).unwrap(),
+            f16_round(&m).unsqueeze(1).unwrap(),
+        );
+        let v = wb.broadcast_sub(&m).unwrap().broadcast_div(&d).unwrap();
+        let c = v.clamp(f.qmin as f32, f.qmax as f32).unwrap();
+        let q = (&c + (c.round().unwrap() - &c).unwrap().detach()).unwrap();
+        q.broadcast_mul(&d)
+            .unwrap()
+            .broadcast_add(&m)
+            .unwrap()
+            .reshape(w.shape())
+            .unwrap()
+    }
+
+    #[test]
+    fn gradients_match_the_straight_through_estimator_in_plain_ops() {
+        for ty in [QuantType::Q4_0, QuantType::Q4_1] {
+            for gran in [Granularity::Block, Granularity::Row, Granularity::Module] {
+                let f = BlockFormat::of(ty).unwrap();
+                let w0 = weights(4, 64, 5);
+                let mut grid = QuantGrid::new(f, gran, 4, 64).unwrap();
+                let (g0, b0) = grid.init(&w0, ScaleInit::Rtn).unwrap();
+                // Shrink the scales so some weights clip.
+                let g0 = (g0 * 0.8).unwrap();
+                let (w, gamma, beta) = (
+                    Var::from_tensor(&w0).unwrap(),
+                    Var::from_tensor(&g0).unwrap(),
+                    Var::from_tensor(&b0).unwrap(),
+                );
+                let upstream = weights(4, 64, 9);
+                let ours = grid.fake_quant(&w, &gamma, &beta, true).unwrap();
+                let plain = reference(&grid, &w, &gamma, &beta);
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let d = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let s = b
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        d <= 1e-4 * s.max(1.0),
+                        "{ty:?} {gran:?} {what}: {d} (scale {s})"
+                    );
+                };
+                close(&ours, &plain, "values");
+                let ga = (ours * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gb = (plain * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                close(ga.get(&w).unwrap(), gb.get(&w).unwrap(), "dw");
+                close(ga.get(&gamma).unwrap(), gb.get(&gamma).unwrap(), "dgamma");
+                if f.offset {
+                    close(ga.get(&beta).unwrap(), gb.get(&beta).unwrap(), "dbeta");
+                }
+            }
+        }
+    }
+}

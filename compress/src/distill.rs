@@ -1,0 +1,530 @@
+//! Learned quantization: QuantGPT's module-wise dynamic scaling trained by distillation.
+//!
+//! The student is the teacher's transformer with every linear weight fake-quantized
+//! ([`crate::blocks`]) and the token embedding quantized once by round-to-nearest. Its
+//! scales (and, in QAT mode, its weights) are trained on calibration text to match the
+//! full-precision teacher with two losses (Tao et al., ACL 2022):
+//!
+//! - **logit distillation**: cross-entropy of the student's next-token distribution against
+//!   the teacher's, at every position;
+//! - **token-level contrastive distillation**: each student token representation (final
+//!   hidden state, L2-normalised) is pulled to the teacher's representation of the same token
+//!   and pushed from the teacher's representations of the other tokens of the batch and of a
+//!   memory bank of earlier batches, with temperature τ.
+//!
+//! The result is written with [`LearnedModel::write_gguf`] in block types that hold the
+//! learned grid exactly, so stock llama.cpp serves what was trained.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
+use crate::fused::{cross_entropy, soft_cross_entropy};
+use crate::quantize::{tensor_type, write_quantized, QuantReport, QuantType, Quantized};
+use crate::train::{AdamW, TrainConfig};
+use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
+
+/// How a learned quantization runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnedConfig {
+    /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q2_k).
+    pub ty: QuantType,
+    /// Who shares a scale factor γ.
+    pub granularity: Granularity,
+    /// First scales.
+    pub init: ScaleInit,
+    /// Train the weights too (quantization-aware training), not only the scales.
+    pub train_weights: bool,
+    /// Optimizer steps (0: the initial scales only).
+    pub steps: usize,
+    /// Calibration rows per step.
+    pub batch: usize,
+    /// Peak learning rate of γ and β.
+    pub lr: f64,
+    /// Peak learning rate of the weights (QAT).
+    pub weight_lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Weight λ of the contrastive loss (0 turns it off).
+    pub contrastive_weight: f64,
+    /// Temperature τ of the contrastive loss.
+    pub temperature: f64,
+    /// Teacher token representations kept from earlier batches as extra negatives.
+    pub memory_bank: usize,
+    /// Calibration rows held out to measure KL(teacher ‖ student).
+    pub holdout: usize,
+}
+
+impl Default for LearnedConfig {
+    fn default() -> Self {
+        LearnedConfig {
+            ty: QuantType::Q4_0,
+            granularity: Granularity::Block,
+            init: ScaleInit::Mse,
+            train_weights: false,
+            steps: 60,
+            batch: 4,
+            lr: 5e-3,
+            weight_lr: 1e-5,
+            warmup: 5,
+            contrastive_weight: 0.1,
+            temperature: 0.1,
+            memory_bank: 2048,
+            holdout: 4,
+        }
+    }
+}
+
+/// Progress of a learned quantization.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum LearnEvent {
+    /// Scales initialised.
+    Started {
+        /// Learnable numbers (γ, β, and weights in QAT).
+        learnable: usize,
+        /// Calibration rows trained on.
+        rows: usize,
+        /// Held-out KL before training.
+        heldout_kl: f64,
+    },
+    /// One optimizer step done.
+    Step {
+        /// 1-based step.
+        step: usize,
+        /// Logit-distillation KL (teacher ‖ student) on the batch, in nats per token.
+        kl: f64,
+        /// Contrastive loss on the batch.
+        contrastive: f64,
+        /// Calibration tokens per second.
+        tokens_per_sec: f64,
+    },
+}
+
+/// What a learned quantization did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LearnSummary {
+    /// The configuration.
+    pub config: LearnedConfig,
+    /// Held-out KL(teacher ‖ student) per token with round-to-nearest scales.
+    pub rtn_kl: f64,
+    /// … with the initial scales.
+    pub initial_kl: f64,
+    /// … after training.
+    pub final_kl: f64,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// Variables by name.
+type NamedVars = Vec<(String, Var)>;
+
+/// One fake-quantized linear weight.
+struct QuantLinear {
+    name: String,
+    layer: usize,
+    target: Target,
+    weight: Var,
+    grid: QuantGrid,
+    gamma: Var,
+    beta: Var,
+    fell_back: bool,
+}
+
+/// A model whose linear weights carry learnable quantization scales.
+pub struct LearnedModel {
+    config: LearnedConfig,
+    linears: Vec<QuantLinear>,
+    /// The token embedding (and tied output) as written, and dequantized.
+    embedding: (QTensor, Tensor),
+    /// A separate output matrix, when the model has one.
+    output: Option<(QTensor, Tensor)>,
+}
+
+impl std::fmt::Debug for LearnedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LearnedModel")
+            .field("config", &self.config)
+            .field("linears", &self.linears.len())
+            .finish()
+    }
+}
+
+impl LearnedModel {
+    /// Initial scales for every linear weight of `base`. Weights whose rows do not fit the
+    /// type's block take llama-quantize's fallback (Q2_K → Q4_0), learned the same way; the
+    /// embedding takes Q8_0 by round-to-nearest, as llama-quantize's mixes do.
+    pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
+        BlockFormat::of(config.ty)?;
+        let mut linears = Vec::new();
+        for layer in 0..base.config.n_layer {
+            for target in Target::ALL {
+                let name = format!("blk.{layer}.{}.weight", target.gguf());
+                let w = base.get(&name)?;
+                let (ty, fell_back) = tensor_type(&name, w.dims(), config.ty);
+                let (rows, cols) = w.dims2()?;
+                let mut grid =
+                    QuantGrid::new(BlockFormat::of(ty)?, config.granularity, rows, cols)?;
+                let (gamma, beta) = grid.init(w, config.init)?;
+                linears.push(QuantLinear {
+                    name,
+                    layer,
+                    target,
+                    weight: Var::from_tensor(w)?,
+                    grid,
+                    gamma: Var::from_tensor(&gamma)?,
+                    beta: Var::from_tensor(&beta)?,
+                    fell_back,
+                });
+            }
+        }
+        let fixed = |name: &str| -> Result<(QTensor, Tensor)> {
+            let t = base.get(name)?;
+            let (ty, _) = tensor_type(name, t.dims(), config.ty);
+            let q = QTensor::quantize(t, ty.ggml())?;
+            let d = q.dequantize(&Device::Cpu)?;
+            Ok((q, d))
+        };
+        let embedding = fixed("token_embd.weight")?;
+        let output = if base.names().iter().any(|n| n == "output.weight") {
+            Some(fixed("output.weight")?)
+        } else {
+            None
+        };
+        Ok(LearnedModel {
+            config: config.clone(),
+            linears,
+            embedding,
+            output,
+        })
+    }
+
+    /// The scale variables (γ, β) and the weight variables, by name.
+    fn vars(&self) -> (NamedVars, NamedVars) {
+        let mut scales = Vec::new();
+        let mut weights = Vec::new();
+        for l in &self.linears {
+            scales.push((format!("{}.gamma", l.name), l.gamma.clone()));
+            if l.grid.format.offset {
+                scales.push((format!("{}.beta", l.name), l.beta.clone()));
+            }
+            weights.push((l.name.clone(), l.weight.clone()));
+        }
+        (scales, weights)
+    }
+
+    /// Learnable numbers under the configuration.
+    pub fn learnable(&self) -> usize {
+        let (scales, weights) = self.vars();
+        let count = |v: &[(String, Var)]| v.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+        count(&scales)
+            + if self.config.train_weights {
+                count(&weights)
+            } else {
+                0
+            }
+    }
+
+    /// The student: `teacher` with fake-quantized linears and the quantized embedding.
+    fn student(&self, teacher: &AdaptedModel) -> Result<AdaptedModel> {
+        let mut by_slot = std::collections::HashMap::new();
+        for l in &self.linears {
+            by_slot.insert((l.layer, l.target), l);
+        }
+        let output = match &self.output {
+            Some((_, o)) => o.clone(),
+            None => self.embedding.1.clone(),
+        };
+        teacher.with_weights(
+            Some((self.embedding.1.clone(), output)),
+            |layer, target, _| {
+                let l = by_slot.get(&(layer, target)).ok_or_else(|| {
+                    Error::Config(format!("no grid for blk.{layer}.{}", target.gguf()))
+                })?;
+                l.grid.fake_quant(
+                    l.weight.as_tensor(),
+                    l.gamma.as_tensor(),
+                    l.beta.as_tensor(),
+                    self.config.train_weights,
+                )
+            },
+        )
+    }
+
+    /// Writes the quantized model: learned linears, quantized embedding, f32 norms.
+    pub fn write_gguf(&self, base: &BaseWeights, path: &Path) -> Result<QuantReport> {
+        let mut tensors = Vec::with_capacity(base.names().len());
+        for name in base.names() {
+            let t = base.get(name)?;
+            let q = if let Some(l) = self.linears.iter().find(|l| &l.name == name) {
+                Quantized {
+                    name: name.clone(),
+                    tensor: l.grid.encode(
+                        l.weight.as_tensor(),
+                        l.gamma.as_tensor(),
+                        l.beta.as_tensor(),
+                    )?,
+                    ty: l.grid.format.ty,
+                    fell_back: l.fell_back,
+                }
+            } else {
+                let (ty, fell_back) = tensor_type(name, t.dims(), self.config.ty);
+                let tensor = match (name.as_str(), &self.output) {
+                    ("token_embd.weight", _) => QTensor::quantize(t, self.embedding.0.dtype())?,
+                    ("output.weight", Some((o, _))) => QTensor::quantize(t, o.dtype())?,
+                    _ => QTensor::quantize(t, ty.ggml())?,
+                };
+                Quantized {
+                    name: name.clone(),
+                    tensor,
+                    ty,
+                    fell_back,
+                }
+            };
+            tensors.push(q);
+        }
+        write_quantized(base, self.config.ty, tensors, path)
+    }
+}
+
+/// One batch of calibration rows (all of one length, no padding).
+fn batch_of(rows: &[Vec<u32>]) -> Result<Batch> {
+    let segments: Vec<Vec<usize>> = rows.iter().map(|r| vec![r.len()]).collect();
+    Batch::packed(rows, &segments)
+}
+
+/// Teacher outputs of a batch: next-token distributions and normalised representations.
+struct TeacherView {
+    probs: Tensor,
+    entropy: f64,
+    reps: Tensor,
+}
+
+fn normalise(h: &Tensor) -> Result<Tensor> {
+    let norm = h.sqr()?.sum_keepdim(1)?.sqrt()?;
+    Ok(h.broadcast_div(&(norm + 1e-6)?)?)
+}
+
+fn teacher_view(teacher: &AdaptedModel, batch: &Batch) -> Result<TeacherView> {
+    let h = teacher.hidden(batch)?;
+    let (b, t, e) = h.dims3()?;
+    let h = h.reshape((b * t, e))?;
+    let logits = teacher.logits(&h)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+    let entropy = -((&probs * logp)?.sum_all()?.to_scalar::<f32>()? as f64) / (b * t) as f64;
+    Ok(TeacherView {
+        probs,
+        entropy,
+        reps: normalise(&h)?,
+    })
+}
+
+/// Logit-distillation cross-entropy and contrastive loss of the student on a batch.
+fn student_losses(
+    student: &AdaptedModel,
+    batch: &Batch,
+    teacher: &TeacherView,
+    bank: Option<&Tensor>,
+    temperature: f64,
+) -> Result<(Tensor, Tensor)> {
+    let h = student.hidden(batch)?;
+    let (b, t, e) = h.dims3()?;
+    let h = h.reshape((b * t, e))?;
+    let kd = soft_cross_entropy(&student.logits(&h)?, &teacher.probs)?;
+    let keys = match bank {
+        Some(bank) => Tensor::cat(&[&teacher.reps, bank], 0)?,
+        None => teacher.reps.clone(),
+    };
+    let sim = (normalise(&h)?.matmul(&keys.t()?)? / temperature)?;
+    let targets: Vec<u32> = (0..(b * t) as u32).collect();
+    let contrastive = cross_entropy(&sim, &targets)?;
+    Ok((kd, contrastive))
+}
+
+/// Mean KL(teacher ‖ student) per token over `rows`.
+fn heldout_kl(
+    model: &LearnedModel,
+    teacher: &AdaptedModel,
+    rows: &[Vec<u32>],
+    batch: usize,
+) -> Result<f64> {
+    let student = model.student(teacher)?;
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(batch.max(1)) {
+        let b = batch_of(chunk)?;
+        let view = teacher_view(teacher, &b)?;
+        let h = student.hidden(&b)?;
+        let (bb, t, e) = h.dims3()?;
+        let logits = student.logits(&h.reshape((bb * t, e))?)?.detach();
+        let ce = soft_cross_entropy(&logits, &view.probs)?.to_scalar::<f32>()? as f64;
+        sum += (ce - view.entropy) * (bb * t) as f64;
+        n += bb * t;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// Learns quantization scales of `base` on calibration `rows` (token rows of one length;
+/// the last `config.holdout` are held out).
+pub fn learn(
+    base: &BaseWeights,
+    rows: &[Vec<u32>],
+    config: &LearnedConfig,
+    on_event: &mut dyn FnMut(&LearnEvent),
+) -> Result<(LearnedModel, LearnSummary)> {
+    let started = Instant::now();
+    if config.batch == 0 || config.temperature <= 0.0 {
+        return Err(Error::Config(
+            "batch and temperature must be positive".into(),
+        ));
+    }
+    if rows.len() <= config.holdout || rows.iter().any(|r| r.len() != rows[0].len() || r.len() < 2)
+    {
+        return Err(Error::Config(format!(
+            "calibration needs more than {} rows of one length ≥ 2 (got {})",
+            config.holdout,
+            rows.len()
+        )));
+    }
+    let (train, heldout) = rows.split_at(rows.len() - config.holdout);
+    let teacher = AdaptedModel::new(base, None)?;
+    let rtn_kl = if config.init == ScaleInit::Rtn {
+        None
+    } else {
+        let rtn = LearnedModel::new(
+            base,
+            &LearnedConfig {
+                init: ScaleInit::Rtn,
+                ..config.clone()
+            },
+        )?;
+        Some(heldout_kl(&rtn, &teacher, heldout, config.batch)?)
+    };
+    let model = LearnedModel::new(base, config)?;
+    let initial_kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
+    on_event(&LearnEvent::Started {
+        learnable: model.learnable(),
+        rows: train.len(),
+        heldout_kl: initial_kl,
+    });
+    let (scales, weights) = model.vars();
+    let (mut scale_opt, mut weight_opt) = (AdamW::new(), AdamW::new());
+    let schedule = |lr: f64| TrainConfig {
+        steps: config.steps,
+        warmup: config.warmup,
+        lr,
+        ..TrainConfig::default()
+    };
+    let (scale_schedule, weight_schedule) = (schedule(config.lr), schedule(config.weight_lr));
+    let mut bank: VecDeque<Tensor> = VecDeque::new();
+    let mut banked = 0usize;
+    for step in 0..config.steps {
+        let t0 = Instant::now();
+        let picked: Vec<Vec<u32>> = (0..config.batch)
+            .map(|i| train[(step * config.batch + i) % train.len()].clone())
+            .collect();
+        let batch = batch_of(&picked)?;
+        let view = teacher_view(&teacher, &batch)?;
+        let bank_tensor = if bank.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&bank.iter().collect::<Vec<_>>(), 0)?)
+        };
+        let student = model.student(&teacher)?;
+        let (kd, contrastive) = student_losses(
+            &student,
+            &batch,
+            &view,
+            bank_tensor.as_ref(),
+            config.temperature,
+        )?;
+        let loss = if config.contrastive_weight > 0.0 {
+            (&kd + (&contrastive * config.contrastive_weight)?)?
+        } else {
+            kd.clone()
+        };
+        let grads = loss.backward()?;
+        let collect = |vars: &[(String, Var)]| {
+            vars.iter()
+                .filter_map(|(n, v)| grads.get(v).map(|g| (n.clone(), g.clone())))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        scale_opt.step(&scales, &collect(&scales), scale_schedule.lr_at(step), 0.0)?;
+        if config.train_weights {
+            weight_opt.step(
+                &weights,
+                &collect(&weights),
+                weight_schedule.lr_at(step),
+                0.0,
+            )?;
+        }
+        if config.memory_bank > 0 {
+            banked += view.reps.dim(0)?;
+            bank.push_back(view.reps.clone());
+            while banked > config.memory_bank {
+                match bank.pop_front() {
+                    Some(old) => banked -= old.dim(0)?,
+                    None => break,
+                }
+            }
+        }
+        let tokens: usize = picked.iter().map(Vec::len).sum();
+        on_event(&LearnEvent::Step {
+            step: step + 1,
+            kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
+            contrastive: contrastive.to_scalar::<f32>()? as f64,
+            tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
+        });
+    }
+    let final_kl = if config.steps == 0 {
+        initial_kl
+    } else {
+        heldout_kl(&model, &teacher, heldout, config.batch)?
+    };
+    let summary = LearnSummary {
+        config: config.clone(),
+        rtn_kl: rtn_kl.unwrap_or(initial_kl),
+        initial_kl,
+        final_kl,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((model, summary))
+}
+
+/// Cuts token streams (documents, each ending with an end-of-text token) into rows of
+/// `seq_len`, at most `max_rows`; the tail that does not fill a row is dropped.
+pub fn calibration_rows(documents: &[Vec<u32>], seq_len: usize, max_rows: usize) -> Vec<Vec<u32>> {
+    let mut rows = Vec::new();
+    let mut current = Vec::with_capacity(seq_len);
+    for doc in documents {
+        for &t in doc {
+            current.push(t);
+            if current.len() == seq_len {
+                rows.push(std::mem::replace(&mut current, Vec::with_capacity(seq_len)));
+                if rows.len() == max_rows {
+                    return rows;
+                }
+            }
+        }
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_rows_are_full_and_bounded() {
+        let docs = vec![vec![1, 2, 3], vec![4, 5, 6, 7], vec![8]];
+        assert_eq!(
+            calibration_rows(&docs, 3, 10),
+            vec![vec![1, 2, 3], vec![4, 5, 6]]
+        );
+        assert_eq!(calibration_rows(&docs, 2, 2), vec![vec![1, 2], vec![3, 4]]);
+    }
+}
