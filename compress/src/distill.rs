@@ -229,6 +229,11 @@ impl LearnedModel {
             }
     }
 
+    /// The quantized model as candle runs it (what the written file holds), built on `base`.
+    pub fn student_model(&self, base: &BaseWeights) -> Result<AdaptedModel> {
+        self.student(&AdaptedModel::new(base, None)?)
+    }
+
     /// The student: `teacher` with fake-quantized linears and the quantized embedding.
     fn student(&self, teacher: &AdaptedModel) -> Result<AdaptedModel> {
         let mut by_slot = std::collections::HashMap::new();

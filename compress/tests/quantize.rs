@@ -1,5 +1,6 @@
-//! Round-to-nearest quantization against the shipped file: SmolLM2's Q4_1 GGUF was written by
-//! llama.cpp's quantizer, so dequantizing it and quantizing back to Q4_1 must give the same bytes.
+//! Quantization on the real model. Round-to-nearest against the shipped file: SmolLM2's Q4_1
+//! GGUF was written by llama.cpp's quantizer, so dequantizing it and quantizing back to Q4_1
+//! must give the same bytes. Learned scales: trained, written, and served by llama.cpp.
 
 mod common;
 
@@ -9,11 +10,15 @@ use std::fs::File;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
+use geek_backend::{Engine, EngineConfig};
+use geek_compress::blocks::ScaleInit;
+use geek_compress::distill::{calibration_rows, learn, LearnEvent, LearnedConfig};
 use geek_compress::quantize::{quantize_rtn, QuantType};
-use geek_compress::BaseWeights;
+use geek_compress::{AdaptedModel, BaseWeights};
 
 #[test]
 fn requantizing_the_shipped_q4_1_file_reproduces_llama_cpps_bytes() {
+    let _model = common::one_model_at_a_time();
     let shipped = model_path();
     let base = BaseWeights::load(&shipped).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -37,4 +42,128 @@ fn requantizing_the_shipped_q4_1_file_reproduces_llama_cpps_bytes() {
         same += 1;
     }
     assert_eq!(same, 272);
+}
+
+fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
+    let text = "The llama is a domesticated South American camelid, widely used as a meat and \
+        pack animal by Andean cultures since the pre-Columbian era. Llamas are social animals \
+        and live with others as a herd. Their wool is soft and contains only a small amount of \
+        lanolin. Llamas can learn simple tasks after a few repetitions. The gestation period of \
+        a llama is about eleven and a half months. The Vietnam War lasted from 1955 to 1975, \
+        almost twenty years, during which a llama could give birth many times.";
+    engine
+        .tokenize(text, false)
+        .wait()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect()
+}
+
+/// Mean KL(llama.cpp ‖ candle) and top-1 agreement of next-token predictions over `ids`.
+fn agreement(served: &Engine, student: &AdaptedModel, ids: &[u32]) -> (f64, f64) {
+    let ours: Vec<Vec<f32>> = student.sequence_logits(ids).unwrap().to_vec2().unwrap();
+    let seq = served.sequence().unwrap();
+    let (mut kl, mut agree) = (0.0, 0);
+    for (pos, &tok) in ids.iter().enumerate() {
+        seq.append_tokens(vec![tok as i32]).wait().unwrap();
+        let theirs = seq.logits().wait().unwrap();
+        let (p, q) = (log_softmax(&theirs), log_softmax(&ours[pos]));
+        kl += p
+            .iter()
+            .zip(&q)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+        let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+        agree += usize::from(argmax(&p) == argmax(&q));
+    }
+    (kl / ids.len() as f64, agree as f64 / ids.len() as f64)
+}
+
+/// Learned Q4_0 and learned 2-bit (Q2_K with constant sub-scales on ffn_down, learned Q4_0
+/// where rows are 576 wide): a few distillation steps run, the files hold the promised types,
+/// and llama.cpp, reading them, predicts what the candle student predicts.
+#[test]
+fn learned_scales_train_and_llama_cpp_serves_exactly_them() {
+    let _model = common::one_model_at_a_time();
+    let path = model_path();
+    let base = BaseWeights::load(&path).unwrap();
+    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
+    let tokens = llama_text_tokens(&engine);
+    drop(engine);
+    let rows = calibration_rows(&[tokens.clone(), tokens.clone()], 32, 5);
+    assert_eq!(rows.len(), 5);
+    let dir = tempfile::tempdir().unwrap();
+    // (type, types written, llama.cpp agreement bounds). llama.cpp rounds activations to 8
+    // bits inside its dot products (per 32 values for Q4_0, per 256 for Q2_K: about 1% and
+    // 2% relative error on heavy-tailed inputs, measured with candle's port of those dot
+    // products on our blocks), and the 2-bit model, several nats from the teacher, amplifies
+    // it: measured KL 0.002 / top-1 1.0 for Q4_0 and KL 0.099 / top-1 0.775 for Q2_K.
+    let cases = [
+        (
+            QuantType::Q4_0,
+            vec![("q4_0", 210), ("q8_0", 1)],
+            0.02,
+            0.95,
+        ),
+        (
+            QuantType::Q2K,
+            vec![("q2_k", 30), ("q4_0", 180), ("q8_0", 1)],
+            0.1,
+            0.8,
+        ),
+    ];
+    for (ty, written, max_kl, min_top1) in cases {
+        let config = LearnedConfig {
+            ty,
+            init: ScaleInit::Rtn,
+            steps: 3,
+            batch: 2,
+            lr: 2e-2,
+            warmup: 1,
+            memory_bank: 64,
+            holdout: 1,
+            ..LearnedConfig::default()
+        };
+        let mut steps = 0;
+        let (model, summary) = learn(&base, &rows, &config, &mut |e| {
+            if let LearnEvent::Step { kl, .. } = e {
+                assert!(kl.is_finite());
+                steps += 1;
+            }
+        })
+        .unwrap();
+        assert_eq!(steps, 3);
+        eprintln!(
+            "{}: held-out KL {:.4} -> {:.4}",
+            ty.name(),
+            summary.initial_kl,
+            summary.final_kl
+        );
+        assert!(summary.final_kl.is_finite());
+        if ty == QuantType::Q2K {
+            // Round-to-nearest 2-bit is far off; even three steps pull it back.
+            assert!(summary.final_kl < summary.initial_kl, "{summary:?}");
+        }
+
+        let out = dir.path().join(format!("learned-{}.gguf", ty.name()));
+        let report = model.write_gguf(&base, &out).unwrap();
+        for (name, n) in written {
+            assert_eq!(report.tensors_by_type[name], n, "{report:?}");
+        }
+        let served = Engine::load(EngineConfig::new(&out).with_threads(2)).unwrap();
+        let (kl, top1) = agreement(&served, &model.student_model(&base).unwrap(), &tokens[..40]);
+        eprintln!(
+            "{}: llama.cpp vs the candle student: KL {kl:.5}, top-1 {top1:.3}",
+            ty.name()
+        );
+        assert!(kl < max_kl, "{}: KL {kl}", ty.name());
+        assert!(top1 >= min_top1, "{}: top-1 {top1}", ty.name());
+    }
+}
+
+fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    v.iter().map(|&x| x as f64 - lse).collect()
 }

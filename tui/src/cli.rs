@@ -80,7 +80,7 @@ pub enum Command {
     Ppl(PplArgs),
     /// Make the agent's model: train adapters, export GGUF.
     #[command(subcommand)]
-    Compress(CompressCommand),
+    Compress(Box<CompressCommand>),
 }
 
 /// `geek ppl`
@@ -110,6 +110,8 @@ pub enum CompressCommand {
     Export(ExportArgs),
     /// Quantize a model into GGUF block types: round-to-nearest, or learned scales (QuantGPT).
     Quantize(QuantizeArgs),
+    /// Finetune an adapter, merge it and quantize the result into one GGUF, in one command.
+    Pipeline(PipelineArgs),
     /// Write a model dequantized to f32 or f16 (the reference for quantization).
     Dequantize {
         /// Output GGUF.
@@ -119,6 +121,56 @@ pub enum CompressCommand {
         #[arg(long, default_value = "f32")]
         r#type: String,
     },
+}
+
+/// `geek compress pipeline`
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// The base model (GGUF path or catalogue name; default: --model).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// lora, moslora or loretta-rep (loretta-adp has no mergeable form).
+    #[arg(long, default_value = "lora")]
+    pub adapter: String,
+    /// Training JSONL `{prompt, completion}` (e.g. from `geek data trajectories`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Quantized type of the result (q4_0, q8_0, …; see `quantize`).
+    #[arg(long)]
+    pub r#type: String,
+    /// The GGUF to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// rtn or learned quantization.
+    #[arg(long, default_value = "learned", value_parser = ["rtn", "learned"])]
+    pub method: String,
+    /// Where the finetune keeps its checkpoint (resumed when rerun), adapter and loss curve
+    /// (default: OUT with extension `.work`).
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Finetune optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub finetune_steps: usize,
+    /// Finetune peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub finetune_lr: f64,
+    /// Finetune tokens per row.
+    #[arg(long, default_value_t = 1536)]
+    pub finetune_seq_len: usize,
+    /// Finetune rows accumulated per step.
+    #[arg(long, default_value_t = 4)]
+    pub accumulation: usize,
+    /// Examples held out of the finetune.
+    #[arg(long, default_value_t = 32)]
+    pub holdout: usize,
+    /// Use only the first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub learned: LearnedArgs,
 }
 
 /// `geek compress quantize`

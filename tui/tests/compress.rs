@@ -1,5 +1,5 @@
-//! `geek data trajectories`, `geek compress finetune` and `geek compress export` end to end on
-//! the real model, and the exported model served by `geek generate`.
+//! `geek data trajectories`, `geek compress finetune`, `export` and `pipeline` end to end on
+//! the real model, and the exported models served by `geek generate`.
 
 mod common;
 
@@ -142,6 +142,69 @@ fn trajectories_finetune_export_and_serve() {
         .args(["generate", "--max-tokens", "8", "The capital of France is"])
         .arg("--model")
         .arg(&merged)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap());
+    assert!(!text.trim().is_empty());
+
+    // The same data through the one-command pipeline: finetune → merge → learned Q4_0.
+    let quantized = dir.path().join("pipeline-q4_0.gguf");
+    let summary = dir.path().join("quant.json");
+    let out = ok(geek(
+        &index,
+        &[
+            "compress",
+            "pipeline",
+            "--data",
+            t,
+            "--adapter",
+            "lora",
+            "--rank",
+            "4",
+            "--type",
+            "q4_0",
+            "--out",
+            quantized.to_str().unwrap(),
+            "--finetune-steps",
+            "1",
+            "--finetune-seq-len",
+            "384",
+            "--accumulation",
+            "1",
+            "--holdout",
+            "2",
+            "--limit",
+            "6",
+            "--steps",
+            "1",
+            "--calib-rows",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--summary",
+            summary.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        out.contains("q4_0, learned") && out.contains("210 q4_0"),
+        "{out}"
+    );
+    let learned: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(learned["learn"]["final_kl"].as_f64().unwrap().is_finite());
+    assert!(quantized.with_extension("work").join("adapter").is_dir());
+    let info = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["model", "info"])
+        .arg(&quantized)
+        .output()
+        .unwrap());
+    assert!(info.contains("q4_0") || info.contains("Q4_0"), "{info}");
+    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["generate", "--max-tokens", "8", "The capital of France is"])
+        .arg("--model")
+        .arg(&quantized)
         .env("GEEK_THREADS", "2")
         .output()
         .unwrap());

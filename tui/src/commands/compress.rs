@@ -1,29 +1,58 @@
 //! `geek compress finetune` and `geek compress export`.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use geek_backend::Engine;
 use geek_compress::data::{read_jsonl, tokenize};
 use geek_compress::export::{
-    load_adapter, save_adapter, write_gguf_lora, write_merged_gguf, write_peft, FloatType,
+    load_adapter, merge, save_adapter, write_gguf_lora, write_merged_gguf, write_peft, FloatType,
 };
-use geek_compress::train::{finetune as train, TrainConfig, TrainEvent};
-use geek_compress::{AdapterConfig, AdapterKind, BaseWeights, MixerInit, Target};
+use geek_compress::train::{finetune as train, TrainConfig, TrainEvent, TrainSummary};
+use geek_compress::{AdaptedModel, AdapterConfig, AdapterKind, BaseWeights, MixerInit, Target};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use geek_compress::blocks::{Granularity, ScaleInit};
 use geek_compress::distill::{
     calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig, LearnedModel,
 };
-use geek_compress::quantize::{quantize_rtn, QuantType};
+use geek_compress::quantize::{quantize_rtn, QuantReport, QuantType};
 use geek_retriever::CorpusSource;
 
-use crate::cli::{ExportArgs, FinetuneArgs, LearnedArgs, QuantizeArgs};
+use crate::cli::{ExportArgs, FinetuneArgs, LearnedArgs, PipelineArgs, QuantizeArgs};
 use crate::config::Resolved;
 
 pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
+    let bar = steps_bar(args.steps as u64);
+    let started = Instant::now();
+    let (base, model, summary) = finetune_with(&args, config, &bar, 0)?;
+    bar.finish_and_clear();
+    report_finetune(&args, &base, &model, &summary, started)
+}
+
+/// A progress bar over optimizer steps (hidden when stderr is not a terminal).
+fn steps_bar(len: u64) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// Trains the adapter of `args`, moving `bar` from `offset`.
+fn finetune_with(
+    args: &FinetuneArgs,
+    config: &Resolved,
+    bar: &ProgressBar,
+    offset: u64,
+) -> Result<(BaseWeights, AdaptedModel, TrainSummary)> {
     let base_path = config.model_path(args.base.as_deref())?;
     let adapter = AdapterConfig {
         kind: AdapterKind::from_name(&args.adapter)?,
@@ -74,16 +103,6 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
         args.holdout,
         adapter.kind.name()
     );
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(args.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
-    let started = Instant::now();
     let (model, summary) = train(
         &base,
         &adapter,
@@ -106,7 +125,7 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
                         String::new()
                     }
                 ));
-                bar.set_position(*start_step as u64);
+                bar.set_position(offset + *start_step as u64);
             }
             TrainEvent::Step {
                 step,
@@ -114,9 +133,9 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
                 lr,
                 tokens_per_sec,
             } => {
-                bar.set_position(*step as u64);
+                bar.set_position(offset + *step as u64);
                 bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.1e} {tokens_per_sec:.0} tok/s"
+                    "finetune: loss {loss:.4} lr {lr:.1e} {tokens_per_sec:.0} tok/s"
                 ));
                 tracing::info!(step, loss, lr, tokens_per_sec, "step");
                 if !bar.is_hidden() {
@@ -134,9 +153,22 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
             TrainEvent::Checkpoint { step } => tracing::info!(step, "checkpoint"),
         },
     )?;
-    bar.finish_and_clear();
+    Ok((base, model, summary))
+}
+
+/// Saves the adapter, loss curve and summary of a finetune and prints what it did.
+fn report_finetune(
+    args: &FinetuneArgs,
+    base: &BaseWeights,
+    model: &AdaptedModel,
+    summary: &TrainSummary,
+    started: Instant,
+) -> Result<()> {
+    let adapter = model
+        .adapter()
+        .context("a finetuned model has an adapter")?;
     let adapter_dir = args.out.join("adapter");
-    save_adapter(&model, &base, &adapter_dir)?;
+    save_adapter(model, base, &adapter_dir)?;
     let points: Vec<(usize, f64, Option<f64>)> = summary
         .history
         .iter()
@@ -156,7 +188,7 @@ pub fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
         eprintln!("warning: no loss curve: {e}");
     }
     let summary_path = args.out.join("summary.json");
-    std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
+    std::fs::write(&summary_path, serde_json::to_vec_pretty(summary)?)
         .with_context(|| format!("write {}", summary_path.display()))?;
     println!(
         "{}: {} trainable weights, {} steps; held-out loss {} -> {:.4}; {:.1} tokens/s, peak RSS {:.2} GB, {:.0} s",
@@ -198,30 +230,85 @@ pub fn quantize(args: QuantizeArgs, config: &Resolved) -> Result<()> {
     let path = config.model_path(args.input.as_deref())?;
     let started = Instant::now();
     let base = BaseWeights::load(&path)?;
-    let (report, summary) = match args.method.as_str() {
-        "learned" => {
-            let rows = calibration(&args.learned, config)?;
-            let (model, summary) = learn_scales(&base, &rows, ty, &args.learned)?;
-            (model.write_gguf(&base, &args.out)?, Some(summary))
-        }
-        _ => (quantize_rtn(&base, ty, &args.out)?, None),
-    };
+    let learned = args.method == "learned";
+    let bar = steps_bar(if learned {
+        args.learned.steps as u64
+    } else {
+        0
+    });
+    let result = quantize_weights(
+        &base,
+        ty,
+        learned,
+        &args.learned,
+        &args.out,
+        config,
+        &bar,
+        0,
+    );
+    bar.finish_and_clear();
+    let (report, summary) = result?;
+    report_quantize(
+        &path,
+        &args.out,
+        ty,
+        &args.method,
+        &base,
+        &report,
+        summary.as_ref(),
+        &args.learned,
+        started,
+    )
+}
+
+/// Quantizes `base` into `out` by rtn or learned scales, moving `bar` from `offset`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_weights(
+    base: &BaseWeights,
+    ty: QuantType,
+    learned: bool,
+    args: &LearnedArgs,
+    out: &Path,
+    config: &Resolved,
+    bar: &ProgressBar,
+    offset: u64,
+) -> Result<(QuantReport, Option<LearnSummary>)> {
+    if !learned {
+        return Ok((quantize_rtn(base, ty, out)?, None));
+    }
+    bar.set_message("quantize: tokenizing calibration text");
+    let rows = calibration(args, config)?;
+    let (model, summary) = learn_scales(base, &rows, ty, args, bar, offset)?;
+    Ok((model.write_gguf(base, out)?, Some(summary)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report_quantize(
+    input: &Path,
+    out: &Path,
+    ty: QuantType,
+    method: &str,
+    base: &BaseWeights,
+    report: &QuantReport,
+    summary: Option<&LearnSummary>,
+    args: &LearnedArgs,
+    started: Instant,
+) -> Result<()> {
     let types: Vec<String> = report
         .tensors_by_type
         .iter()
         .map(|(t, n)| format!("{n} {t}"))
         .collect();
     println!(
-        "{} -> {} ({}, {}): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
-        path.display(),
-        args.out.display(),
+        "{} -> {} ({}, {method}): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
+        input.display(),
+        out.display(),
         ty.name(),
-        args.method,
         base.names().len(),
         types.join(", "),
         report.fallbacks,
         report.bits_per_weight,
-        std::fs::metadata(&args.out).map_or(0, |m| m.len()) as f64 / 1e6,
+        std::fs::metadata(out).map_or(0, |m| m.len()) as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
     if let Some(summary) = summary {
@@ -229,12 +316,87 @@ pub fn quantize(args: QuantizeArgs, config: &Resolved) -> Result<()> {
             "held-out KL(teacher ‖ student) per token: rtn {:.4}, initial scales {:.4}, learned {:.4}",
             summary.rtn_kl, summary.initial_kl, summary.final_kl
         );
-        if let Some(file) = &args.learned.summary {
+        if let Some(file) = &args.summary {
             let json = serde_json::json!({ "learn": summary, "report": report });
             std::fs::write(file, serde_json::to_vec_pretty(&json)?)
                 .with_context(|| format!("write {}", file.display()))?;
         }
     }
+    Ok(())
+}
+
+/// finetune → merge → quantize, with one progress bar over both trainings.
+pub fn pipeline(args: PipelineArgs, config: &Resolved) -> Result<()> {
+    let ty = QuantType::from_name(&args.r#type)?;
+    let learned = args.method == "learned";
+    let work = args
+        .work
+        .clone()
+        .unwrap_or_else(|| args.out.with_extension("work"));
+    let finetune = FinetuneArgs {
+        base: args.base.clone(),
+        adapter: args.adapter.clone(),
+        data: args.data.clone(),
+        out: work.clone(),
+        rank: args.rank,
+        alpha: 2.0 * args.rank as f64,
+        targets: ["q", "k", "v", "o", "gate", "up", "down"]
+            .map(String::from)
+            .to_vec(),
+        tt_rank: 5,
+        mixer_init: "kaiming".into(),
+        steps: args.finetune_steps,
+        batch: 1,
+        accumulation: args.accumulation,
+        seq_len: args.finetune_seq_len,
+        lr: args.finetune_lr,
+        warmup: (args.finetune_steps / 10).max(1),
+        weight_decay: 0.0,
+        clip: 1.0,
+        eval_every: 0,
+        checkpoint_every: 10,
+        holdout: args.holdout,
+        limit: args.limit,
+        seed: args.learned.seed,
+    };
+    if AdapterKind::from_name(&args.adapter)? == AdapterKind::LorettaAdp {
+        bail!("loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep");
+    }
+    let quant_steps = if learned { args.learned.steps } else { 0 };
+    let bar = steps_bar((args.finetune_steps + quant_steps) as u64);
+    let started = Instant::now();
+    let result = (|| -> Result<_> {
+        let (base, model, summary) = finetune_with(&finetune, config, &bar, 0)?;
+        bar.suspend(|| report_finetune(&finetune, &base, &model, &summary, started))?;
+        bar.set_message("merging the adapter");
+        let merged = merge(&model, &base)?;
+        drop(model);
+        let quantized = quantize_weights(
+            &merged,
+            ty,
+            learned,
+            &args.learned,
+            &args.out,
+            config,
+            &bar,
+            args.finetune_steps as u64,
+        )?;
+        Ok((merged, quantized))
+    })();
+    bar.finish_and_clear();
+    let (merged, (report, summary)) = result?;
+    report_quantize(
+        &work.join("adapter"),
+        &args.out,
+        ty,
+        &args.method,
+        &merged,
+        &report,
+        summary.as_ref(),
+        &args.learned,
+        started,
+    )?;
+    println!("serve it: geek ask --model {} \"…\"", args.out.display());
     Ok(())
 }
 
@@ -293,6 +455,8 @@ fn learn_scales(
     rows: &[Vec<u32>],
     ty: QuantType,
     args: &LearnedArgs,
+    bar: &ProgressBar,
+    offset: u64,
 ) -> Result<(LearnedModel, LearnSummary)> {
     let learned = LearnedConfig {
         ty,
@@ -312,15 +476,6 @@ fn learn_scales(
         memory_bank: args.memory_bank,
         ..LearnedConfig::default()
     };
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(args.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
-            .expect("valid template"),
-    );
     let result = learn(base, rows, &learned, &mut |e| {
         match e {
         LearnEvent::Started {
@@ -337,9 +492,9 @@ fn learn_scales(
             contrastive,
             tokens_per_sec,
         } => {
-            bar.set_position(*step as u64);
+            bar.set_position(offset + *step as u64);
             bar.set_message(format!(
-                "KL {kl:.4} contrastive {contrastive:.3} {tokens_per_sec:.0} tok/s"
+                "quantize: KL {kl:.4} contrastive {contrastive:.3} {tokens_per_sec:.0} tok/s"
             ));
             tracing::info!(step, kl, contrastive, tokens_per_sec, "step");
             if bar.is_hidden() && (*step == 1 || step % 10 == 0) {
@@ -348,7 +503,6 @@ fn learn_scales(
         }
     }
     });
-    bar.finish_and_clear();
     Ok(result?)
 }
 

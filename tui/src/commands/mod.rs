@@ -28,11 +28,14 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd, config),
         Command::Ppl(args) => ppl::run(args, config),
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
-        Command::Compress(CompressCommand::Finetune(args)) => compress::finetune(args, config),
-        Command::Compress(CompressCommand::Export(args)) => compress::export(args, config),
-        Command::Compress(CompressCommand::Quantize(args)) => compress::quantize(args, config),
-        Command::Compress(CompressCommand::Dequantize { out, r#type }) => {
-            compress::dequantize(&out, &r#type, config)
-        }
+        Command::Compress(cmd) => match *cmd {
+            CompressCommand::Finetune(args) => compress::finetune(args, config),
+            CompressCommand::Export(args) => compress::export(args, config),
+            CompressCommand::Quantize(args) => compress::quantize(args, config),
+            CompressCommand::Pipeline(args) => compress::pipeline(args, config),
+            CompressCommand::Dequantize { out, r#type } => {
+                compress::dequantize(&out, &r#type, config)
+            }
+        },
     }
 }
