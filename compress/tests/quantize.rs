@@ -15,6 +15,7 @@ use geek_compress::blocks::ScaleInit;
 use geek_compress::distill::{calibration_rows, learn, LearnEvent, LearnedConfig};
 use geek_compress::quantize::{quantize_rtn, QuantType};
 use geek_compress::{AdaptedModel, BaseWeights};
+use sha2::{Digest, Sha256};
 
 #[test]
 fn requantizing_the_shipped_q4_1_file_reproduces_llama_cpps_bytes() {
@@ -42,6 +43,38 @@ fn requantizing_the_shipped_q4_1_file_reproduces_llama_cpps_bytes() {
         same += 1;
     }
     assert_eq!(same, 272);
+}
+
+/// Q8_0 and Q4_0 by round-to-nearest give, tensor by tensor, the bytes llama.cpp's
+/// `llama-quantize` wrote from the same f32 weights (hashes recorded in the fixture, since
+/// building llama.cpp's tools is not part of the test run).
+#[test]
+fn rtn_q8_0_and_q4_0_are_byte_identical_to_llama_quantize() {
+    let _model = common::one_model_at_a_time();
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/llama_quantize_sha256.json")).unwrap();
+    let base = BaseWeights::load(model_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [QuantType::Q8_0, QuantType::Q4_0] {
+        let expected = fixture[ty.name()].as_object().unwrap();
+        let out = dir.path().join(format!("{}.gguf", ty.name()));
+        quantize_rtn(&base, ty, &out).unwrap();
+        let mut file = File::open(&out).unwrap();
+        let content = Content::read(&mut file).unwrap();
+        assert_eq!(content.tensor_infos.len(), expected.len());
+        for (name, want) in expected {
+            let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let digest = Sha256::digest(t.data().unwrap());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            let type_name = format!("{:?}", t.dtype()).to_lowercase();
+            assert_eq!(
+                format!("{type_name}:{hex}"),
+                want.as_str().unwrap(),
+                "{} {name}",
+                ty.name()
+            );
+        }
+    }
 }
 
 fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
