@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
 use crate::fused::{cross_entropy, soft_cross_entropy};
-use crate::quantize::{tensor_type, write_quantized, QuantReport, QuantType, Quantized};
+use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
 use crate::train::{AdamW, TrainConfig};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 
@@ -34,6 +34,9 @@ use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 pub struct LearnedConfig {
     /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q2_k).
     pub ty: QuantType,
+    /// Type of the token embedding and output layer, quantized by round-to-nearest and kept
+    /// fixed (default: llama-quantize's choice, Q8_0).
+    pub embedding: Option<QuantType>,
     /// Who shares a scale factor γ.
     pub granularity: Granularity,
     /// First scales.
@@ -60,10 +63,21 @@ pub struct LearnedConfig {
     pub holdout: usize,
 }
 
+impl LearnedConfig {
+    /// The per-tensor types.
+    pub fn mix(&self) -> Mix {
+        Mix {
+            ty: self.ty,
+            embedding: self.embedding,
+        }
+    }
+}
+
 impl Default for LearnedConfig {
     fn default() -> Self {
         LearnedConfig {
             ty: QuantType::Q4_0,
+            embedding: None,
             granularity: Granularity::Block,
             init: ScaleInit::Mse,
             train_weights: false,
@@ -165,7 +179,7 @@ impl LearnedModel {
             for target in Target::ALL {
                 let name = format!("blk.{layer}.{}.weight", target.gguf());
                 let w = base.get(&name)?;
-                let (ty, fell_back) = tensor_type(&name, w.dims(), config.ty);
+                let (ty, fell_back) = config.mix().tensor_type(&name, w.dims());
                 let (rows, cols) = w.dims2()?;
                 let mut grid =
                     QuantGrid::new(BlockFormat::of(ty)?, config.granularity, rows, cols)?;
@@ -184,7 +198,7 @@ impl LearnedModel {
         }
         let fixed = |name: &str| -> Result<(QTensor, Tensor)> {
             let t = base.get(name)?;
-            let (ty, _) = tensor_type(name, t.dims(), config.ty);
+            let (ty, _) = config.mix().tensor_type(name, t.dims());
             let q = QTensor::quantize(t, ty.ggml())?;
             let d = q.dequantize(&Device::Cpu)?;
             Ok((q, d))
@@ -277,7 +291,7 @@ impl LearnedModel {
                     fell_back: l.fell_back,
                 }
             } else {
-                let (ty, fell_back) = tensor_type(name, t.dims(), self.config.ty);
+                let (ty, fell_back) = self.config.mix().tensor_type(name, t.dims());
                 let tensor = match (name.as_str(), &self.output) {
                     ("token_embd.weight", _) => QTensor::quantize(t, self.embedding.0.dtype())?,
                     ("output.weight", Some((o, _))) => QTensor::quantize(t, o.dtype())?,

@@ -151,17 +151,53 @@ pub struct QuantReport {
     pub bits_per_weight: f64,
 }
 
+/// Which type each tensor gets: `ty` for the matrices and, when set, `embedding` for the token
+/// embedding and output layer (llama-quantize's `--token-embedding-type` / `--output-tensor-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mix {
+    /// Type of the linear weights.
+    pub ty: QuantType,
+    /// Type of the token embedding and output layer (default: llama-quantize's choice).
+    pub embedding: Option<QuantType>,
+}
+
+impl From<QuantType> for Mix {
+    fn from(ty: QuantType) -> Mix {
+        Mix {
+            ty,
+            embedding: None,
+        }
+    }
+}
+
+impl Mix {
+    /// The type of tensor `name` of shape `dims`, and whether it took the fallback.
+    pub fn tensor_type(&self, name: &str, dims: &[usize]) -> (QuantType, bool) {
+        tensor_type_with(name, dims, self.ty, self.embedding)
+    }
+}
+
 /// The type each tensor gets: 1-D tensors stay f32; the token embedding (tied output) takes
 /// Q8_0 unless `ty` is wider (llama-quantize asks Q6_K for the output, which falls back to Q8_0
 /// on 576-wide rows); every other matrix gets `ty`, or its fallback when its rows do not fit.
 pub fn tensor_type(name: &str, dims: &[usize], ty: QuantType) -> (QuantType, bool) {
+    tensor_type_with(name, dims, ty, None)
+}
+
+fn tensor_type_with(
+    name: &str,
+    dims: &[usize],
+    ty: QuantType,
+    embedding: Option<QuantType>,
+) -> (QuantType, bool) {
     if dims.len() < 2 {
         return (QuantType::F32, false);
     }
     let wanted = if name == "token_embd.weight" || name == "output.weight" {
-        match ty {
-            QuantType::F32 | QuantType::F16 | QuantType::Q8_0 => ty,
-            _ => QuantType::Q8_0,
+        match (embedding, ty) {
+            (Some(e), _) => e,
+            (None, QuantType::F32 | QuantType::F16 | QuantType::Q8_0) => ty,
+            (None, _) => QuantType::Q8_0,
         }
     } else {
         ty
@@ -175,11 +211,12 @@ pub fn tensor_type(name: &str, dims: &[usize], ty: QuantType) -> (QuantType, boo
 }
 
 /// Quantizes every tensor of `base` with round-to-nearest into `path`.
-pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<QuantReport> {
+pub fn quantize_rtn(base: &BaseWeights, mix: impl Into<Mix>, path: &Path) -> Result<QuantReport> {
+    let mix = mix.into();
     let mut tensors = Vec::with_capacity(base.names().len());
     for name in base.names() {
         let t = base.get(name)?;
-        let (chosen, fell_back) = tensor_type(name, t.dims(), ty);
+        let (chosen, fell_back) = mix.tensor_type(name, t.dims());
         let q = QTensor::quantize(t, chosen.ggml())?;
         tensors.push(Quantized {
             name: name.clone(),
@@ -188,7 +225,7 @@ pub fn quantize_rtn(base: &BaseWeights, ty: QuantType, path: &Path) -> Result<Qu
             fell_back,
         });
     }
-    write_quantized(base, ty, tensors, path)
+    write_quantized(base, mix.ty, tensors, path)
 }
 
 /// One tensor as written.
@@ -270,5 +307,17 @@ mod tests {
             assert_eq!(t.name(), name);
         }
         assert!(QuantType::from_name("q3_k_m").is_err());
+        let mix = Mix {
+            ty: QuantType::Q4_0,
+            embedding: Some(QuantType::Q4_0),
+        };
+        assert_eq!(
+            mix.tensor_type("token_embd.weight", &[49152, 576]).0,
+            QuantType::Q4_0
+        );
+        assert_eq!(
+            mix.tensor_type("blk.0.attn_norm.weight", &[576]).0,
+            QuantType::F32
+        );
     }
 }

@@ -193,9 +193,12 @@ pub struct QuantizeArgs {
     pub learned: LearnedArgs,
 }
 
-/// Options of learned quantization.
+/// Options of quantization (all but --embedding-type only for the learned method).
 #[derive(Debug, Args)]
 pub struct LearnedArgs {
+    /// Type of the token embedding and output layer (default: llama-quantize's, q8_0 here).
+    #[arg(long)]
+    pub embedding_type: Option<String>,
     /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
     /// or JSONL `{id, title, text}`) or a plain .txt file (default: the StrategyQA paragraphs
     /// and vital articles of the data dir). Never the perplexity test text.

@@ -334,6 +334,22 @@ fn ppl_of_the_model_its_dequantized_and_its_requantized_copies() {
     assert!((q4 - f).abs() / q4 < 0.02, "{q4} vs {f}");
     // Requantizing to Q4_0 (no minimum per block) costs perplexity.
     assert!(rtn > f * 1.05, "{rtn} vs {f}");
+    // The embedding's type is selectable, as in llama-quantize's mixes.
+    let all_q4 = dir.path().join("all-q4_0.gguf");
+    let out = stdout_of(&geek(&[
+        "compress",
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--type",
+        "q4_0",
+        "--embedding-type",
+        "q4_0",
+        "--out",
+        all_q4.to_str().unwrap(),
+    ]));
+    assert!(out.contains("(61 f32, 211 q4_0; 0 fell back)"), "{out}");
+    assert!(ppl(&all_q4) > rtn, "a 4-bit embedding costs more");
     let bad = geek(&[
         "ppl",
         "--model",

@@ -18,7 +18,7 @@ use geek_compress::blocks::{Granularity, ScaleInit};
 use geek_compress::distill::{
     calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig, LearnedModel,
 };
-use geek_compress::quantize::{quantize_rtn, QuantReport, QuantType};
+use geek_compress::quantize::{quantize_rtn, Mix, QuantReport, QuantType};
 use geek_retriever::CorpusSource;
 
 use crate::cli::{ExportArgs, FinetuneArgs, LearnedArgs, PipelineArgs, QuantizeArgs};
@@ -273,8 +273,14 @@ fn quantize_weights(
     bar: &ProgressBar,
     offset: u64,
 ) -> Result<(QuantReport, Option<LearnSummary>)> {
+    let embedding = args
+        .embedding_type
+        .as_deref()
+        .map(QuantType::from_name)
+        .transpose()?;
     if !learned {
-        return Ok((quantize_rtn(base, ty, out)?, None));
+        let mix = Mix { ty, embedding };
+        return Ok((quantize_rtn(base, mix, out)?, None));
     }
     bar.set_message("quantize: tokenizing calibration text");
     let rows = calibration(args, config)?;
@@ -460,6 +466,11 @@ fn learn_scales(
 ) -> Result<(LearnedModel, LearnSummary)> {
     let learned = LearnedConfig {
         ty,
+        embedding: args
+            .embedding_type
+            .as_deref()
+            .map(QuantType::from_name)
+            .transpose()?,
         granularity: Granularity::from_name(&args.granularity)?,
         init: if args.init == "rtn" {
             ScaleInit::Rtn
