@@ -15,7 +15,7 @@
 //! The result is written with [`LearnedModel::write_gguf`] in block types that hold the
 //! learned grid exactly, so stock llama.cpp serves what was trained.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::time::Instant;
 
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
 use crate::fused::{cross_entropy, soft_cross_entropy};
 use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
-use crate::train::{AdamW, TrainConfig};
+use crate::train::{swap_in, AdamW, TrainConfig};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 
 /// How a learned quantization runs.
@@ -61,6 +61,8 @@ pub struct LearnedConfig {
     pub memory_bank: usize,
     /// Calibration rows held out to measure KL(teacher ‖ student).
     pub holdout: usize,
+    /// Save a resumable checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
 }
 
 impl LearnedConfig {
@@ -90,6 +92,7 @@ impl Default for LearnedConfig {
             temperature: 0.1,
             memory_bank: 2048,
             holdout: 4,
+            checkpoint_every: 10,
         }
     }
 }
@@ -105,6 +108,8 @@ pub enum LearnEvent {
         rows: usize,
         /// Held-out KL before training.
         heldout_kl: f64,
+        /// The step a checkpoint resumed at (0 for a fresh run).
+        start_step: usize,
     },
     /// One optimizer step done.
     Step {
@@ -250,7 +255,7 @@ impl LearnedModel {
 
     /// The student: `teacher` with fake-quantized linears and the quantized embedding.
     fn student(&self, teacher: &AdaptedModel) -> Result<AdaptedModel> {
-        let mut by_slot = std::collections::HashMap::new();
+        let mut by_slot = HashMap::new();
         for l in &self.linears {
             by_slot.insert((l.layer, l.target), l);
         }
@@ -388,11 +393,14 @@ fn heldout_kl(
 }
 
 /// Learns quantization scales of `base` on calibration `rows` (token rows of one length;
-/// the last `config.holdout` are held out).
+/// the last `config.holdout` are held out). With `checkpoint`, the run saves its state there
+/// every `config.checkpoint_every` steps and resumes from it when rerun with the same model,
+/// data and settings (more steps may be asked for).
 pub fn learn(
     base: &BaseWeights,
     rows: &[Vec<u32>],
     config: &LearnedConfig,
+    checkpoint: Option<&Path>,
     on_event: &mut dyn FnMut(&LearnEvent),
 ) -> Result<(LearnedModel, LearnSummary)> {
     let started = Instant::now();
@@ -425,13 +433,33 @@ pub fn learn(
     };
     let model = LearnedModel::new(base, config)?;
     let initial_kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
+    let (scales, weights) = model.vars();
+    let (mut scale_opt, mut weight_opt) = (AdamW::new(), AdamW::new());
+    let mut bank: VecDeque<Tensor> = VecDeque::new();
+    let mut banked = 0usize;
+    let fresh = CheckpointState {
+        step: 0,
+        config: config.clone(),
+        base: base.path.display().to_string(),
+        data: rows_fingerprint(rows),
+    };
+    let mut start = 0;
+    if let Some(dir) = checkpoint.filter(|d| d.join("state.json").is_file()) {
+        let saved = resume(dir, &fresh, &scales, &weights)?;
+        scale_opt.restore("scales/", &saved.moments, saved.state.step);
+        weight_opt.restore("weights/", &saved.moments, saved.state.step);
+        if let Some(b) = saved.bank {
+            banked = b.dim(0)?;
+            bank.push_back(b);
+        }
+        start = saved.state.step;
+    }
     on_event(&LearnEvent::Started {
         learnable: model.learnable(),
         rows: train.len(),
         heldout_kl: initial_kl,
+        start_step: start,
     });
-    let (scales, weights) = model.vars();
-    let (mut scale_opt, mut weight_opt) = (AdamW::new(), AdamW::new());
     let schedule = |lr: f64| TrainConfig {
         steps: config.steps,
         warmup: config.warmup,
@@ -439,9 +467,7 @@ pub fn learn(
         ..TrainConfig::default()
     };
     let (scale_schedule, weight_schedule) = (schedule(config.lr), schedule(config.weight_lr));
-    let mut bank: VecDeque<Tensor> = VecDeque::new();
-    let mut banked = 0usize;
-    for step in 0..config.steps {
+    for step in start..config.steps {
         let t0 = Instant::now();
         let picked: Vec<Vec<u32>> = (0..config.batch)
             .map(|i| train[(step * config.batch + i) % train.len()].clone())
@@ -470,7 +496,7 @@ pub fn learn(
         let collect = |vars: &[(String, Var)]| {
             vars.iter()
                 .filter_map(|(n, v)| grads.get(v).map(|g| (n.clone(), g.clone())))
-                .collect::<std::collections::HashMap<_, _>>()
+                .collect::<HashMap<_, _>>()
         };
         scale_opt.step(&scales, &collect(&scales), scale_schedule.lr_at(step), 0.0)?;
         if config.train_weights {
@@ -498,6 +524,24 @@ pub fn learn(
             contrastive: contrastive.to_scalar::<f32>()? as f64,
             tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
         });
+        let last = step + 1 == config.steps;
+        if let Some(dir) = checkpoint {
+            if last || (config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0) {
+                let state = CheckpointState {
+                    step: step + 1,
+                    ..fresh.clone()
+                };
+                let mut moments = HashMap::new();
+                scale_opt.moments("scales/", &mut moments);
+                weight_opt.moments("weights/", &mut moments);
+                let bank = if bank.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::cat(&bank.iter().collect::<Vec<_>>(), 0)?)
+                };
+                save(dir, &state, &scales, &weights, &moments, bank.as_ref())?;
+            }
+        }
     }
     let final_kl = if config.steps == 0 {
         initial_kl
@@ -512,6 +556,124 @@ pub fn learn(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((model, summary))
+}
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    config: LearnedConfig,
+    base: String,
+    data: String,
+}
+
+struct Saved {
+    state: CheckpointState,
+    moments: HashMap<String, Tensor>,
+    bank: Option<Tensor>,
+}
+
+fn rows_fingerprint(rows: &[Vec<u32>]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for row in rows {
+        for &t in row.iter().chain([&u32::MAX]) {
+            h = (h ^ t as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{}x{h:016x}", rows.len())
+}
+
+fn save(
+    dir: &Path,
+    state: &CheckpointState,
+    scales: &[(String, Var)],
+    weights: &[(String, Var)],
+    moments: &HashMap<String, Tensor>,
+    bank: Option<&Tensor>,
+) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    let mut vars: HashMap<String, Tensor> = scales
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    if state.config.train_weights {
+        vars.extend(
+            weights
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone())),
+        );
+    }
+    let mut tensors = moments.clone();
+    tensors.extend(vars.into_iter().map(|(n, t)| (format!("var/{n}"), t)));
+    if let Some(b) = bank {
+        tensors.insert("bank".into(), b.clone());
+    }
+    candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+    let json_path = tmp.join("state.json");
+    let json = serde_json::to_vec_pretty(state).map_err(|source| Error::Json {
+        path: json_path.clone(),
+        source,
+    })?;
+    std::fs::write(&json_path, json).map_err(Error::io(&json_path))?;
+    swap_in(&tmp, dir)
+}
+
+fn resume(
+    dir: &Path,
+    fresh: &CheckpointState,
+    scales: &[(String, Var)],
+    weights: &[(String, Var)],
+) -> Result<Saved> {
+    let json_path = dir.join("state.json");
+    let bytes = std::fs::read(&json_path).map_err(Error::io(&json_path))?;
+    let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: json_path.clone(),
+        source,
+    })?;
+    let mismatch = |message: String| Error::CheckpointMismatch {
+        path: dir.to_path_buf(),
+        message,
+    };
+    if state.base != fresh.base {
+        return Err(mismatch(format!(
+            "base model {} vs {}",
+            state.base, fresh.base
+        )));
+    }
+    if state.data != fresh.data {
+        return Err(mismatch("the calibration data differs".into()));
+    }
+    let comparable = LearnedConfig {
+        steps: fresh.config.steps,
+        checkpoint_every: fresh.config.checkpoint_every,
+        ..state.config.clone()
+    };
+    if comparable != fresh.config {
+        return Err(mismatch(format!(
+            "settings {:?} vs {:?}",
+            state.config, fresh.config
+        )));
+    }
+    let mut tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
+    let trained = scales.iter().chain(if state.config.train_weights {
+        weights
+    } else {
+        &[]
+    });
+    for (name, var) in trained {
+        let t = tensors
+            .remove(&format!("var/{name}"))
+            .ok_or_else(|| mismatch(format!("variable {name} is missing")))?;
+        var.set(&t)?;
+    }
+    let bank = tensors.remove("bank");
+    Ok(Saved {
+        state,
+        moments: tensors,
+        bank,
+    })
 }
 
 /// Cuts token streams (documents, each ending with an end-of-text token) into rows of

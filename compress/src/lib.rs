@@ -1,8 +1,10 @@
 //! # geek-compress
 //!
 //! Produces the agent's model. This crate runs the llama transformer in `candle` on CPU with a
-//! frozen base and trainable adapters, trains them on (prompt, completion) JSONL, and writes the
-//! result as GGUF files the backend loads.
+//! frozen base and trainable adapters, trains them on (prompt, completion) JSONL, merges them,
+//! quantizes the result — by round-to-nearest ([`quantize`]) or with scales learned by
+//! distillation from the full-precision model ([`distill`], QuantGPT) — and writes GGUF files
+//! the backend (stock llama.cpp) loads.
 //!
 //! ```no_run
 //! use geek_compress::{AdaptedModel, AdapterConfig, AdapterKind, BaseWeights};
@@ -16,6 +18,24 @@
 //! // Next-token logits for every position of a token sequence.
 //! let logits = model.sequence_logits(&[1, 2, 3])?;
 //! assert_eq!(logits.dims(), &[3, base.config.n_vocab]);
+//! # Ok(()) }
+//! ```
+//!
+//! Learned 4-bit quantization of the same model, trained on a few calibration rows:
+//!
+//! ```no_run
+//! use geek_compress::distill::{learn, LearnedConfig};
+//! use geek_compress::quantize::QuantType;
+//! use geek_compress::BaseWeights;
+//!
+//! # fn main() -> geek_compress::Result<()> {
+//! let base = BaseWeights::load("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! // Token rows of one length, from the model's own tokenizer (see `distill::calibration_rows`).
+//! let rows: Vec<Vec<u32>> = vec![vec![1; 256]; 8];
+//! let config = LearnedConfig { ty: QuantType::Q4_0, steps: 30, ..LearnedConfig::default() };
+//! let (model, summary) = learn(&base, &rows, &config, &mut |_event| {})?;
+//! println!("held-out KL {:.3} -> {:.3}", summary.initial_kl, summary.final_kl);
+//! model.write_gguf(&base, "model-q4_0.gguf".as_ref())?;
 //! # Ok(()) }
 //! ```
 //!

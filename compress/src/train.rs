@@ -178,6 +178,31 @@ impl AdamW {
         }
     }
 
+    /// The moments as `{prefix}{name}.m` / `.v` tensors.
+    pub(crate) fn moments(&self, prefix: &str, out: &mut HashMap<String, Tensor>) {
+        for (n, m) in &self.m {
+            out.insert(format!("{prefix}{n}.m"), m.clone());
+        }
+        for (n, v) in &self.v {
+            out.insert(format!("{prefix}{n}.v"), v.clone());
+        }
+    }
+
+    /// Restores the moments saved under `prefix` and the step count.
+    pub(crate) fn restore(&mut self, prefix: &str, saved: &HashMap<String, Tensor>, t: usize) {
+        for (name, tensor) in saved {
+            let Some(rest) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            if let Some(n) = rest.strip_suffix(".m") {
+                self.m.insert(n.to_string(), tensor.clone());
+            } else if let Some(n) = rest.strip_suffix(".v") {
+                self.v.insert(n.to_string(), tensor.clone());
+            }
+        }
+        self.t = t;
+    }
+
     pub(crate) fn step(
         &mut self,
         vars: &[(String, Var)],
@@ -445,12 +470,7 @@ fn save_checkpoint(dir: &Path, state: &State, vars: &[(String, Var)], opt: &Adam
         .collect();
     candle_core::safetensors::save(&weights, tmp.join("adapter.safetensors"))?;
     let mut moments: HashMap<String, Tensor> = HashMap::new();
-    for (n, m) in &opt.m {
-        moments.insert(format!("{n}.m"), m.clone());
-    }
-    for (n, v) in &opt.v {
-        moments.insert(format!("{n}.v"), v.clone());
-    }
+    opt.moments("", &mut moments);
     if !moments.is_empty() {
         candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     }
@@ -460,14 +480,18 @@ fn save_checkpoint(dir: &Path, state: &State, vars: &[(String, Var)], opt: &Adam
         source,
     })?;
     std::fs::write(&json_path, json).map_err(Error::io(&json_path))?;
-    // Swap in the new checkpoint; a kill between the renames leaves `.old`, which resume
-    // ignores while `checkpoint` is complete or absent.
+    swap_in(&tmp, dir)
+}
+
+/// Replaces checkpoint directory `dir` by the complete `tmp`. A kill between the renames
+/// leaves `.old`, which resume ignores while `dir` is complete or absent.
+pub(crate) fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
     let old = dir.with_extension("old");
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(Error::io(dir))?;
     }
-    std::fs::rename(&tmp, dir).map_err(Error::io(dir))?;
+    std::fs::rename(tmp, dir).map_err(Error::io(dir))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -517,17 +541,12 @@ fn resume(dir: &Path, fresh: &State, vars: &[(String, Var)], opt: &mut AdamW) ->
         var.set(t)?;
     }
     let opt_path = dir.join("optimizer.safetensors");
-    if opt_path.is_file() {
-        let moments = candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)?;
-        for (name, t) in moments {
-            if let Some(n) = name.strip_suffix(".m") {
-                opt.m.insert(n.to_string(), t);
-            } else if let Some(n) = name.strip_suffix(".v") {
-                opt.v.insert(n.to_string(), t);
-            }
-        }
-    }
-    opt.t = saved.step;
+    let moments = if opt_path.is_file() {
+        candle_core::safetensors::load(&opt_path, &candle_core::Device::Cpu)?
+    } else {
+        HashMap::new()
+    };
+    opt.restore("", &moments, saved.step);
     Ok(State {
         train: fresh.train.clone(),
         ..saved

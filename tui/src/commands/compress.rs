@@ -284,8 +284,12 @@ fn quantize_weights(
     }
     bar.set_message("quantize: tokenizing calibration text");
     let rows = calibration(args, config)?;
-    let (model, summary) = learn_scales(base, &rows, ty, args, bar, offset)?;
-    Ok((model.write_gguf(base, out)?, Some(summary)))
+    // Resumable: a rerun of the same command continues from the last checkpoint.
+    let checkpoint = out.with_extension("ckpt");
+    let (model, summary) = learn_scales(base, &rows, ty, args, &checkpoint, bar, offset)?;
+    let report = model.write_gguf(base, out)?;
+    let _ = std::fs::remove_dir_all(&checkpoint);
+    Ok((report, Some(summary)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -461,6 +465,7 @@ fn learn_scales(
     rows: &[Vec<u32>],
     ty: QuantType,
     args: &LearnedArgs,
+    checkpoint: &Path,
     bar: &ProgressBar,
     offset: u64,
 ) -> Result<(LearnedModel, LearnSummary)> {
@@ -487,16 +492,24 @@ fn learn_scales(
         memory_bank: args.memory_bank,
         ..LearnedConfig::default()
     };
-    let result = learn(base, rows, &learned, &mut |e| {
-        match e {
+    let result = learn(base, rows, &learned, Some(checkpoint), &mut |e| match e {
         LearnEvent::Started {
             learnable,
             rows,
             heldout_kl,
-        } => bar.println(format!(
-            "{learnable} learnable numbers; {rows} calibration rows of {} tokens; held-out KL {heldout_kl:.4}",
-            args.seq_len
-        )),
+            start_step,
+        } => {
+            bar.println(format!(
+                "{learnable} learnable numbers; {rows} calibration rows of {} tokens; held-out KL {heldout_kl:.4}{}",
+                args.seq_len,
+                if *start_step > 0 {
+                    format!("; resuming at step {start_step} from {}", checkpoint.display())
+                } else {
+                    String::new()
+                }
+            ));
+            bar.set_position(offset + *start_step as u64);
+        }
         LearnEvent::Step {
             step,
             kl,
@@ -512,7 +525,6 @@ fn learn_scales(
                 eprintln!("step {step}: KL {kl:.4}, contrastive {contrastive:.3}, {tokens_per_sec:.0} tokens/s");
             }
         }
-    }
     });
     Ok(result?)
 }
