@@ -2,11 +2,12 @@
 //!
 //! Every block of `width` consecutive weights in a row stores a scale `d` (f16), for some types
 //! an offset `m` (f16), and integer codes `q` in `[qmin, qmax]`; the weight it stands for is
-//! `d·q + m`. Following QuantGPT (Tao et al., ACL 2022), the scale is not stored directly but
-//! as `d = s·γ·mean|w|`: a learnable factor γ per group (block, row or whole module) times the
-//! group's mean magnitude, with the sign `s` of the block's round-to-nearest scale. The
-//! clipping threshold is then `α = |d|·qmax`-ish, a multiple of the mean magnitude, and
-//! training γ moves the threshold. Offsets (Q4_1, Q2_K) are `m = β·mean|w|` per block.
+//! `d·q + m`. Following QuantGPT (Tao et al., ACL 2022), the scale is not learned directly but
+//! through the clipping threshold `α = γ·mean|w|`: a learnable factor γ per group (block, row
+//! or whole module) times the group's mean magnitude, with `d = s·α / levels` (`levels` = 8
+//! for Q4_0, 128 for Q8_0, 15 for Q4_1's range, …; `s` the sign of the block's
+//! round-to-nearest scale). γ is then of the same size for every type, so one learning rate
+//! fits all. Offsets (Q4_1, Q2_K) are `m = β·mean|w|` per block.
 //!
 //! [`FakeQuant`] computes `d·q + m` from `w`, γ and β in the forward pass with f16-rounded
 //! `d` and `m` (exactly what the file will hold) and, in the backward pass, the
@@ -102,6 +103,17 @@ impl BlockFormat {
             qmax,
             offset,
         })
+    }
+
+    /// Steps between the clipping threshold and the block's zero (or minimum): the threshold
+    /// is `α = |d|·levels`, so γ = α / mean|w| is the QuantGPT factor, about the same size
+    /// (the ratio of a block's largest to its mean magnitude) for every type.
+    pub fn levels(&self) -> f32 {
+        if self.offset {
+            self.qmax as f32
+        } else {
+            -self.qmin as f32
+        }
     }
 
     /// Round-to-nearest parameters as ggml's reference quantizers choose them (f32).
@@ -265,7 +277,7 @@ impl QuantGrid {
             let (d, m) = self.format.init(block, how);
             let g = self.group_of(b);
             self.signs[b] = if d < 0.0 { -1.0 } else { 1.0 };
-            ratio_sum[g] += (d.abs() / means[g]) as f64;
+            ratio_sum[g] += (d.abs() * self.format.levels() / means[g]) as f64;
             count[g] += 1;
             beta.push(m / means[g]);
         }
@@ -287,7 +299,7 @@ impl QuantGrid {
         (0..self.blocks())
             .map(|b| {
                 let g = self.group_of(b);
-                let d = self.signs[b] * gamma[g] * means[g];
+                let d = self.signs[b] * gamma[g] * means[g] / self.format.levels();
                 let m = if self.format.offset {
                     beta[b] * means[g]
                 } else {
@@ -485,8 +497,9 @@ impl CustomOp3 for FakeQuant {
             }
             let grp = grid.group_of(b);
             let s = grid.signs[b];
-            grad_gamma[grp] += sum_d * s * means[grp];
-            grad_mean[grp] += sum_d * s * gam[grp];
+            let levels = f.levels();
+            grad_gamma[grp] += sum_d * s * means[grp] / levels;
+            grad_mean[grp] += sum_d * s * gam[grp] / levels;
             if f.offset {
                 grad_beta[b] = sum_m * means[grp];
                 grad_mean[grp] += sum_m * bet[b];
@@ -655,7 +668,9 @@ mod tests {
             (sums / Tensor::from_vec(counts, grid.groups(), &Device::Cpu).unwrap()).unwrap();
         let mean_b = means.index_select(&groups, 0).unwrap();
         let signs = Tensor::from_vec(grid.signs.clone(), nb, &Device::Cpu).unwrap();
-        let d = ((gamma.index_select(&groups, 0).unwrap() * &mean_b).unwrap() * signs).unwrap();
+        let d = (((gamma.index_select(&groups, 0).unwrap() * &mean_b).unwrap() * signs).unwrap()
+            / f.levels() as f64)
+            .unwrap();
         let m = if f.offset {
             (beta * &mean_b).unwrap()
         } else {

@@ -63,6 +63,9 @@ pub struct LearnedConfig {
     pub holdout: usize,
     /// Save a resumable checkpoint every this many steps (0: never).
     pub checkpoint_every: usize,
+    /// Measure the held-out KL every this many steps (and after the last); the scales with
+    /// the lowest held-out KL, the initial ones included, are the result.
+    pub eval_every: usize,
 }
 
 impl LearnedConfig {
@@ -85,7 +88,7 @@ impl Default for LearnedConfig {
             train_weights: false,
             steps: 60,
             batch: 4,
-            lr: 5e-3,
+            lr: 4e-2,
             weight_lr: 1e-5,
             warmup: 5,
             contrastive_weight: 0.1,
@@ -93,6 +96,7 @@ impl Default for LearnedConfig {
             memory_bank: 2048,
             holdout: 4,
             checkpoint_every: 10,
+            eval_every: 10,
         }
     }
 }
@@ -110,6 +114,13 @@ pub enum LearnEvent {
         heldout_kl: f64,
         /// The step a checkpoint resumed at (0 for a fresh run).
         start_step: usize,
+    },
+    /// Held-out KL measured.
+    Heldout {
+        /// After this many steps.
+        step: usize,
+        /// KL(teacher ‖ student) per token on the held-out rows.
+        kl: f64,
     },
     /// One optimizer step done.
     Step {
@@ -133,8 +144,10 @@ pub struct LearnSummary {
     pub rtn_kl: f64,
     /// … with the initial scales.
     pub initial_kl: f64,
-    /// … after training.
+    /// … of the result (the best measured).
     pub final_kl: f64,
+    /// The step whose scales are the result (0: the initial ones).
+    pub best_step: usize,
     /// Seconds spent.
     pub seconds: f64,
 }
@@ -439,13 +452,34 @@ pub fn learn(
     let mut banked = 0usize;
     let fresh = CheckpointState {
         step: 0,
+        best_step: 0,
+        best_kl: initial_kl,
         config: config.clone(),
         base: base.path.display().to_string(),
         data: rows_fingerprint(rows),
     };
+    let trained: NamedVars = scales
+        .iter()
+        .chain(if config.train_weights {
+            &weights[..]
+        } else {
+            &[]
+        })
+        .cloned()
+        .collect();
+    let mut best = Best {
+        step: 0,
+        kl: initial_kl,
+        tensors: snapshot(&trained)?,
+    };
     let mut start = 0;
     if let Some(dir) = checkpoint.filter(|d| d.join("state.json").is_file()) {
-        let saved = resume(dir, &fresh, &scales, &weights)?;
+        let mut saved = resume(dir, &fresh, &scales, &weights)?;
+        best = Best {
+            step: saved.state.best_step,
+            kl: saved.state.best_kl,
+            tensors: take_prefixed(&mut saved.moments, "best/"),
+        };
         scale_opt.restore("scales/", &saved.moments, saved.state.step);
         weight_opt.restore("weights/", &saved.moments, saved.state.step);
         if let Some(b) = saved.bank {
@@ -525,15 +559,31 @@ pub fn learn(
             tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
         });
         let last = step + 1 == config.steps;
+        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
+            let kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
+            on_event(&LearnEvent::Heldout { step: step + 1, kl });
+            if kl < best.kl {
+                best = Best {
+                    step: step + 1,
+                    kl,
+                    tensors: snapshot(&trained)?,
+                };
+            }
+        }
         if let Some(dir) = checkpoint {
             if last || (config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0) {
                 let state = CheckpointState {
                     step: step + 1,
+                    best_step: best.step,
+                    best_kl: best.kl,
                     ..fresh.clone()
                 };
                 let mut moments = HashMap::new();
                 scale_opt.moments("scales/", &mut moments);
                 weight_opt.moments("weights/", &mut moments);
+                for (n, t) in &best.tensors {
+                    moments.insert(format!("best/{n}"), t.clone());
+                }
                 let bank = if bank.is_empty() {
                     None
                 } else {
@@ -543,16 +593,19 @@ pub fn learn(
             }
         }
     }
-    let final_kl = if config.steps == 0 {
-        initial_kl
-    } else {
-        heldout_kl(&model, &teacher, heldout, config.batch)?
-    };
+    if best.step != config.steps {
+        for (name, var) in &trained {
+            if let Some(t) = best.tensors.get(name) {
+                var.set(t)?;
+            }
+        }
+    }
     let summary = LearnSummary {
         config: config.clone(),
         rtn_kl: rtn_kl.unwrap_or(initial_kl),
         initial_kl,
-        final_kl,
+        final_kl: best.kl,
+        best_step: best.step,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((model, summary))
@@ -562,9 +615,41 @@ pub fn learn(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckpointState {
     step: usize,
+    best_step: usize,
+    best_kl: f64,
     config: LearnedConfig,
     base: String,
     data: String,
+}
+
+/// The lowest held-out KL so far and the variables that gave it.
+struct Best {
+    step: usize,
+    kl: f64,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// Deep copies of the variables (a `Var` is updated in place).
+fn snapshot(vars: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
+    vars.iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+        .collect()
+}
+
+/// Removes the tensors named `{prefix}…` from `tensors`, returning them without the prefix.
+fn take_prefixed(tensors: &mut HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let names: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.starts_with(prefix))
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let t = tensors.remove(&n)?;
+            Some((n[prefix.len()..].to_string(), t))
+        })
+        .collect()
 }
 
 struct Saved {

@@ -216,9 +216,12 @@ pub struct LearnedArgs {
     /// Rows per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Peak learning rate of the scales.
-    #[arg(long, default_value_t = 5e-3)]
+    /// Peak learning rate of the scale factors γ (clip threshold / mean|w|, about 3–10).
+    #[arg(long, default_value_t = 4e-2)]
     pub lr: f64,
+    /// Measure the held-out KL every N steps; the best scales measured are kept.
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
     /// Also train the weights (quantization-aware training).
     #[arg(long)]
     pub qat: bool,

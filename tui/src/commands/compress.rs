@@ -323,8 +323,8 @@ fn report_quantize(
     );
     if let Some(summary) = summary {
         println!(
-            "held-out KL(teacher ‖ student) per token: rtn {:.4}, initial scales {:.4}, learned {:.4}",
-            summary.rtn_kl, summary.initial_kl, summary.final_kl
+            "held-out KL(teacher ‖ student) per token: rtn {:.4}, initial scales {:.4}, learned {:.4} (step {})",
+            summary.rtn_kl, summary.initial_kl, summary.final_kl, summary.best_step
         );
         if let Some(file) = &args.summary {
             let json = serde_json::json!({ "learn": summary, "report": report });
@@ -490,6 +490,7 @@ fn learn_scales(
         contrastive_weight: args.contrastive_weight,
         temperature: args.temperature,
         memory_bank: args.memory_bank,
+        eval_every: args.eval_every,
         ..LearnedConfig::default()
     };
     let result = learn(base, rows, &learned, Some(checkpoint), &mut |e| match e {
@@ -509,6 +510,9 @@ fn learn_scales(
                 }
             ));
             bar.set_position(offset + *start_step as u64);
+        }
+        LearnEvent::Heldout { step, kl } => {
+            bar.println(format!("step {step}: held-out KL {kl:.4}"));
         }
         LearnEvent::Step {
             step,
