@@ -33,7 +33,8 @@
 //! // Token rows of one length, from the model's own tokenizer (see `distill::calibration_rows`).
 //! let rows: Vec<Vec<u32>> = vec![vec![1; 256]; 8];
 //! let config = LearnedConfig { ty: QuantType::Q4_0, steps: 30, ..LearnedConfig::default() };
-//! let (model, summary) = learn(&base, &rows, &config, &mut |_event| {})?;
+//! // No checkpoint directory: nothing to resume, nothing saved.
+//! let (model, summary) = learn(&base, &rows, &config, None, &mut |_event| {})?;
 //! println!("held-out KL {:.3} -> {:.3}", summary.initial_kl, summary.final_kl);
 //! model.write_gguf(&base, "model-q4_0.gguf".as_ref())?;
 //! # Ok(()) }
