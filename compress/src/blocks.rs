@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
+use crate::fused::slice_of;
 use crate::quantize::QuantType;
 use crate::{Error, Result};
 
@@ -411,14 +412,6 @@ struct FakeQuant {
     train_weights: bool,
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fake-quant inputs must be contiguous"),
-    }
-}
-
 impl CustomOp3 for FakeQuant {
     fn name(&self) -> &'static str {
         "fake-quant"
@@ -433,11 +426,7 @@ impl CustomOp3 for FakeQuant {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (w, gamma, beta) = (
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
-        );
+        let (w, gamma, beta) = (slice_of(s1, l1)?, slice_of(s2, l2)?, slice_of(s3, l3)?);
         let f = self.grid.format;
         let params = self.grid.params(w, gamma, beta);
         let mut out = Vec::with_capacity(w.len());

@@ -20,7 +20,8 @@ pub(crate) fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tenso
     }
 }
 
-fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+/// The contiguous `f32` data of an op input.
+pub(crate) fn slice_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::model_path;
+use common::{agreement, model_path};
 
 use std::fs::File;
 
@@ -14,7 +14,7 @@ use geek_backend::{Engine, EngineConfig};
 use geek_compress::blocks::ScaleInit;
 use geek_compress::distill::{calibration_rows, learn, LearnEvent, LearnedConfig};
 use geek_compress::quantize::{quantize_rtn, QuantType};
-use geek_compress::{AdaptedModel, BaseWeights};
+use geek_compress::BaseWeights;
 use sha2::{Digest, Sha256};
 
 #[test]
@@ -91,26 +91,6 @@ fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
         .into_iter()
         .map(|t| t as u32)
         .collect()
-}
-
-/// Mean KL(llama.cpp ‖ candle) and top-1 agreement of next-token predictions over `ids`.
-fn agreement(served: &Engine, student: &AdaptedModel, ids: &[u32]) -> (f64, f64) {
-    let ours: Vec<Vec<f32>> = student.sequence_logits(ids).unwrap().to_vec2().unwrap();
-    let seq = served.sequence().unwrap();
-    let (mut kl, mut agree) = (0.0, 0);
-    for (pos, &tok) in ids.iter().enumerate() {
-        seq.append_tokens(vec![tok as i32]).wait().unwrap();
-        let theirs = seq.logits().wait().unwrap();
-        let (p, q) = (log_softmax(&theirs), log_softmax(&ours[pos]));
-        kl += p
-            .iter()
-            .zip(&q)
-            .map(|(a, b)| a.exp() * (a - b))
-            .sum::<f64>();
-        let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-        agree += usize::from(argmax(&p) == argmax(&q));
-    }
-    (kl / ids.len() as f64, agree as f64 / ids.len() as f64)
 }
 
 /// Learned Q4_0 and learned 2-bit (Q2_K with constant sub-scales on ffn_down, learned Q4_0
@@ -240,10 +220,4 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
-}
-
-fn log_softmax(v: &[f32]) -> Vec<f64> {
-    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-    v.iter().map(|&x| x as f64 - lse).collect()
 }

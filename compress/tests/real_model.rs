@@ -2,16 +2,10 @@
 
 mod common;
 
-use common::model_path;
+use common::{agreement, model_path};
 
 use geek_backend::{Engine, EngineConfig};
 use geek_compress::{AdaptedModel, BaseWeights};
-
-fn log_softmax(v: &[f32]) -> Vec<f64> {
-    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
-    v.iter().map(|&x| x as f64 - lse).collect()
-}
 
 #[test]
 fn candle_and_llama_cpp_predict_the_same_next_tokens() {
@@ -25,28 +19,17 @@ fn candle_and_llama_cpp_predict_the_same_next_tokens() {
         "The capital of France is Paris. The capital of Germany is",
         "Action: AddDecomp\nSub-question 1: How long is the gestation period of a llama?",
     ];
-    let (mut kl_sum, mut agree, mut n) = (0.0, 0, 0);
+    let (mut kl_sum, mut agree, mut n) = (0.0, 0.0, 0);
     for prompt in prompts {
         let tokens = engine.tokenize(prompt, true).wait().unwrap();
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-        let ours: Vec<Vec<f32>> = model.sequence_logits(&ids).unwrap().to_vec2().unwrap();
-        let seq = engine.sequence().unwrap();
-        for (pos, &tok) in tokens.iter().enumerate() {
-            seq.append_tokens(vec![tok]).wait().unwrap();
-            let theirs = seq.logits().wait().unwrap();
-            let (p, q) = (log_softmax(&theirs), log_softmax(&ours[pos]));
-            kl_sum += p
-                .iter()
-                .zip(&q)
-                .map(|(a, b)| a.exp() * (a - b))
-                .sum::<f64>();
-            let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-            agree += usize::from(argmax(&p) == argmax(&q));
-            n += 1;
-        }
+        let (kl, top1) = agreement(&engine, &model, &ids);
+        kl_sum += kl * ids.len() as f64;
+        agree += top1 * ids.len() as f64;
+        n += ids.len();
     }
     let kl = kl_sum / n as f64;
-    let top1 = agree as f64 / n as f64;
+    let top1 = agree / n as f64;
     eprintln!("{n} positions: mean KL(llama.cpp ‖ candle) = {kl:.5}, top-1 agreement {top1:.3}");
     assert!(n > 40);
     assert!(kl < 0.02, "mean KL {kl}");

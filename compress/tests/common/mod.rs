@@ -24,3 +24,35 @@ pub fn one_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// Log-softmax of logits, in f64.
+pub fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    v.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Mean KL(llama.cpp ‖ candle) and top-1 agreement of the next-token predictions of `engine`
+/// (token by token in a fresh sequence) and `model` over `ids`.
+pub fn agreement(
+    engine: &geek_backend::Engine,
+    model: &geek_compress::AdaptedModel,
+    ids: &[u32],
+) -> (f64, f64) {
+    let ours: Vec<Vec<f32>> = model.sequence_logits(ids).unwrap().to_vec2().unwrap();
+    let seq = engine.sequence().unwrap();
+    let (mut kl, mut agree) = (0.0, 0);
+    for (pos, &tok) in ids.iter().enumerate() {
+        seq.append_tokens(vec![tok as i32]).wait().unwrap();
+        let theirs = seq.logits().wait().unwrap();
+        let (p, q) = (log_softmax(&theirs), log_softmax(&ours[pos]));
+        kl += p
+            .iter()
+            .zip(&q)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+        let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+        agree += usize::from(argmax(&p) == argmax(&q));
+    }
+    (kl / ids.len() as f64, agree as f64 / ids.len() as f64)
+}
