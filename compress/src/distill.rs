@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
 use crate::fused::{cross_entropy, soft_cross_entropy};
 use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
-use crate::train::{swap_in, AdamW, TrainConfig};
+use crate::train::{read_json, swap_in, write_json, AdamW, TrainConfig};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 
 /// How a learned quantization runs.
@@ -696,12 +696,7 @@ fn save(
         tensors.insert("bank".into(), b.clone());
     }
     candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-    let json_path = tmp.join("state.json");
-    let json = serde_json::to_vec_pretty(state).map_err(|source| Error::Json {
-        path: json_path.clone(),
-        source,
-    })?;
-    std::fs::write(&json_path, json).map_err(Error::io(&json_path))?;
+    write_json(&tmp.join("state.json"), state)?;
     swap_in(&tmp, dir)
 }
 
@@ -711,12 +706,7 @@ fn resume(
     scales: &[(String, Var)],
     weights: &[(String, Var)],
 ) -> Result<Saved> {
-    let json_path = dir.join("state.json");
-    let bytes = std::fs::read(&json_path).map_err(Error::io(&json_path))?;
-    let state: CheckpointState = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: json_path.clone(),
-        source,
-    })?;
+    let state: CheckpointState = read_json(&dir.join("state.json"))?;
     let mismatch = |message: String| Error::CheckpointMismatch {
         path: dir.to_path_buf(),
         message,

@@ -474,13 +474,26 @@ fn save_checkpoint(dir: &Path, state: &State, vars: &[(String, Var)], opt: &Adam
     if !moments.is_empty() {
         candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
     }
-    let json_path = tmp.join("state.json");
-    let json = serde_json::to_vec_pretty(state).map_err(|source| Error::Json {
-        path: json_path.clone(),
+    write_json(&tmp.join("state.json"), state)?;
+    swap_in(&tmp, dir)
+}
+
+/// Writes `value` as pretty JSON.
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
         source,
     })?;
-    std::fs::write(&json_path, json).map_err(Error::io(&json_path))?;
-    swap_in(&tmp, dir)
+    std::fs::write(path, json).map_err(Error::io(path))
+}
+
+/// Reads JSON written by [`write_json`].
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Replaces checkpoint directory `dir` by the complete `tmp`. A kill between the renames
@@ -497,12 +510,7 @@ pub(crate) fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
 }
 
 fn resume(dir: &Path, fresh: &State, vars: &[(String, Var)], opt: &mut AdamW) -> Result<State> {
-    let json_path = dir.join("state.json");
-    let bytes = std::fs::read(&json_path).map_err(Error::io(&json_path))?;
-    let saved: State = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: json_path.clone(),
-        source,
-    })?;
+    let saved: State = read_json(&dir.join("state.json"))?;
     let mismatch = |message: String| Error::CheckpointMismatch {
         path: dir.to_path_buf(),
         message,
