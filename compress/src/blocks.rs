@@ -521,7 +521,7 @@ impl CustomOp3 for FakeQuant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Rng;
+    use crate::init::{max_abs_diff, Rng};
     use candle_core::Var;
 
     fn weights(rows: usize, cols: usize, seed: u64) -> Tensor {
@@ -551,15 +551,7 @@ mod tests {
                 let fake = grid.fake_quant(&w, &gamma, &beta, false).unwrap();
                 let q = grid.encode(&w, &gamma, &beta).unwrap();
                 let back = q.dequantize(&Device::Cpu).unwrap();
-                let diff = (back - &fake)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert_eq!(diff, 0.0, "{ty:?} {gran:?}");
+                assert_eq!(max_abs_diff(&back, &fake), 0.0, "{ty:?} {gran:?}");
             }
         }
     }
@@ -707,21 +699,8 @@ mod tests {
                 let ours = grid.fake_quant(&w, &gamma, &beta, true).unwrap();
                 let plain = reference(&grid, &w, &gamma, &beta);
                 let close = |a: &Tensor, b: &Tensor, what: &str| {
-                    let d = (a - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let s = b
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let d = max_abs_diff(a, b);
+                    let s = max_abs_diff(b, &b.zeros_like().unwrap());
                     assert!(
                         d <= 1e-4 * s.max(1.0),
                         "{ty:?} {gran:?} {what}: {d} (scale {s})"
