@@ -27,7 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(index) => index,
         Err(_) => {
             let data = corpus::data_dir(None);
-            Bm25Index::build(&index_dir, &CorpusSource::defaults(&data), false)?
+            Bm25Index::build(&index_dir, &CorpusSource::defaults(&data))?
         }
     };
 

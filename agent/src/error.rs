@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The language model failed (context overflow, engine stopped, …).
-    #[error("model: {0}")]
+    #[error(transparent)]
     Model(#[from] geek_backend::Error),
     /// The builder was missing something or had a value out of range.
     #[error("agent configuration: {0}")]
@@ -25,3 +25,24 @@ pub enum Error {
 
 /// `Result` with the agent's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: `model: context overflow …: context overflow …`.
+    #[test]
+    fn a_wrapped_error_is_printed_once() {
+        let e = Error::from(geek_backend::Error::ContextOverflow {
+            needed: 9,
+            limit: 8,
+        });
+        let mut text = e.to_string();
+        let mut cur = std::error::Error::source(&e);
+        while let Some(s) = cur {
+            text.push_str(&format!(": {s}"));
+            cur = s.source();
+        }
+        assert_eq!(text.matches("context overflow").count(), 1, "{text}");
+    }
+}

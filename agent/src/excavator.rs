@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use geek_backend::{Completion, GenerateParams, Sampling, StopReason};
+use geek_backend::{Completion, GenerateParams, PromptPart, Sampling, StopReason};
 use geek_retriever::Retriever;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -143,7 +143,7 @@ impl ExcavatorBuilder {
 
 /// The system prompt, decoded once and forked for every question.
 struct CachedPrefix {
-    text: String,
+    parts: Vec<PromptPart>,
     seq: Box<dyn AgentSequence>,
     len: usize,
 }
@@ -200,14 +200,18 @@ impl Excavator {
     ) -> Result<(Box<dyn AgentSequence>, usize, TokenCounts)> {
         let user = prompts::user(question);
         let prompt = self.model.chat_prompt(prompts::SYSTEM, &user).await?;
-        let split = prompt.rfind(&user).unwrap_or(prompt.len());
+        // Everything before the user's message is the same for every question.
+        let split = prompt
+            .iter()
+            .rposition(|p| !p.special && p.text == user)
+            .unwrap_or(prompt.len());
         let (head, tail) = prompt.split_at(split);
         let mut guard = self.prefix.lock().await;
-        if guard.as_ref().is_none_or(|p| p.text != head) {
+        if guard.as_ref().is_none_or(|p| p.parts != head) {
             let seq = self.model.sequence()?;
-            let stats = seq.append(head).await?;
+            let stats = seq.append_parts(head).await?;
             *guard = Some(CachedPrefix {
-                text: head.to_string(),
+                parts: head.to_vec(),
                 seq,
                 len: stats.total,
             });
@@ -216,7 +220,7 @@ impl Excavator {
         let seq = prefix.seq.fork().await?;
         let prefix_len = prefix.len;
         drop(guard);
-        let stats = seq.append(tail).await?;
+        let stats = seq.append_parts(tail).await?;
         let counts = TokenCounts {
             decoded: stats.decoded,
             unique: stats.total - prefix_len,

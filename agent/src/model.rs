@@ -2,7 +2,7 @@
 //! the llama.cpp [`Engine`]. Tests implement them with a scripted model.
 
 use geek_backend::{
-    ChatMessage, Completion, Engine, GenEvent, GenerateParams, PrefillStats, Sequence,
+    ChatMessage, Completion, Engine, GenEvent, GenerateParams, PrefillStats, PromptPart, Sequence,
 };
 use geek_retriever::BoxFuture;
 
@@ -13,8 +13,13 @@ pub trait AgentModel: Send + Sync {
     /// A description for traces (model file or name).
     fn describe(&self) -> String;
 
-    /// Renders a system + user chat with the model's template, opened for the assistant.
-    fn chat_prompt<'a>(&'a self, system: &'a str, user: &'a str) -> BoxFuture<'a, Result<String>>;
+    /// Renders a system + user chat with the model's template, opened for the assistant: the
+    /// template's text (special-token markers parsed) and the two messages as content parts.
+    fn chat_prompt<'a>(
+        &'a self,
+        system: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PromptPart>>>;
 
     /// A new, empty sequence.
     fn sequence(&self) -> Result<Box<dyn AgentSequence>>;
@@ -25,8 +30,11 @@ pub trait AgentModel: Send + Sync {
 
 /// A KV-cached token sequence of an [`AgentModel`].
 pub trait AgentSequence: Send + Sync {
-    /// Appends text, decoding only the new tokens.
+    /// Appends plain text (special-token markers in it stay text), decoding only the new tokens.
     fn append<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<PrefillStats>>;
+
+    /// Appends prompt parts from [`AgentModel::chat_prompt`].
+    fn append_parts<'a>(&'a self, parts: &'a [PromptPart]) -> BoxFuture<'a, Result<PrefillStats>>;
 
     /// Generates after the sequence; `on_piece` sees the text as it streams.
     fn generate<'a>(
@@ -56,16 +64,25 @@ impl AgentModel for Engine {
         )
     }
 
-    fn chat_prompt<'a>(&'a self, system: &'a str, user: &'a str) -> BoxFuture<'a, Result<String>> {
+    fn chat_prompt<'a>(
+        &'a self,
+        system: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PromptPart>>> {
         Box::pin(async move {
             let messages = [
                 ChatMessage::new("system", system),
                 ChatMessage::new("user", user),
             ];
-            match Engine::chat_prompt(self, &messages, true).await {
+            match Engine::chat_parts(self, &messages, true).await {
                 Ok(p) => Ok(p),
                 // A base model without a template gets a plain transcript.
-                Err(geek_backend::Error::ChatTemplate(_)) => Ok(format!("{system}\n\n{user}\n")),
+                Err(geek_backend::Error::ChatTemplate(_)) => Ok(vec![
+                    PromptPart::content(system),
+                    PromptPart::content("\n\n"),
+                    PromptPart::content(user),
+                    PromptPart::content("\n"),
+                ]),
                 Err(e) => Err(e.into()),
             }
         })
@@ -82,7 +99,11 @@ impl AgentModel for Engine {
 
 impl AgentSequence for Sequence {
     fn append<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<PrefillStats>> {
-        Box::pin(async move { Ok(Sequence::append(self, text).await?) })
+        Box::pin(async move { Ok(Sequence::append_text(self, text).await?) })
+    }
+
+    fn append_parts<'a>(&'a self, parts: &'a [PromptPart]) -> BoxFuture<'a, Result<PrefillStats>> {
+        Box::pin(async move { Ok(Sequence::append_parts(self, parts.to_vec()).await?) })
     }
 
     fn generate<'a>(

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use geek_backend::{Completion, GenerateParams, PrefillStats, StopReason};
+use geek_backend::{Completion, GenerateParams, PrefillStats, PromptPart, StopReason};
 use geek_retriever::BoxFuture;
 
 use crate::model::{AgentModel, AgentSequence};
@@ -65,8 +65,20 @@ impl AgentModel for ScriptedModel {
         "scripted".into()
     }
 
-    fn chat_prompt<'a>(&'a self, system: &'a str, user: &'a str) -> BoxFuture<'a, Result<String>> {
-        Box::pin(async move { Ok(format!("<system>{system}</system>\n<user>{user}</user>\n")) })
+    fn chat_prompt<'a>(
+        &'a self,
+        system: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PromptPart>>> {
+        Box::pin(async move {
+            Ok(vec![
+                PromptPart::template("<system>"),
+                PromptPart::content(system),
+                PromptPart::template("</system>\n<user>"),
+                PromptPart::content(user),
+                PromptPart::template("</user>\n"),
+            ])
+        })
     }
 
     fn sequence(&self) -> Result<Box<dyn AgentSequence>> {
@@ -104,6 +116,13 @@ impl AgentSequence for ScriptedSequence {
                 reused,
                 total,
             })
+        })
+    }
+
+    fn append_parts<'a>(&'a self, parts: &'a [PromptPart]) -> BoxFuture<'a, Result<PrefillStats>> {
+        Box::pin(async move {
+            let text: String = parts.iter().map(|p| p.text.as_str()).collect();
+            self.append(&text).await
         })
     }
 

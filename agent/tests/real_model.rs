@@ -42,7 +42,7 @@ fn dev_questions(n: usize) -> Vec<String> {
 async fn dev_questions_excavate_with_valid_steps_citations_and_kv_reuse() {
     let _model = ONE_MODEL_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let index = Bm25Index::build(dir.path(), &CorpusSource::defaults(&data_dir()), false).unwrap();
+    let index = Bm25Index::build(dir.path(), &CorpusSource::defaults(&data_dir())).unwrap();
     let engine = Engine::load(EngineConfig::new(model_path()).with_threads(2)).unwrap();
     let agent = Excavator::builder()
         .backend(engine)

@@ -146,6 +146,41 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// sha256 of a file, remembered in the user cache by (path, size, modification time) so that a
+/// multi-gigabyte model is hashed once, not at every start. A changed file is hashed again.
+pub fn sha256_cached(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let canonical = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let key = format!("{}|{}|{mtime}", canonical.display(), meta.len());
+    let cache_path = models_dir(None).parent().map_or_else(
+        || PathBuf::from(".geek-sha256.json"),
+        |d| d.join("sha256.json"),
+    );
+    let mut cache: std::collections::BTreeMap<String, String> = std::fs::read(&cache_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some(hash) = cache.get(&key) {
+        return Ok(hash.clone());
+    }
+    let hash = sha256_file(path)?;
+    cache.insert(key, hash.clone());
+    // A cache that cannot be written only costs time at the next start.
+    if let Some(dir) = cache_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        let tmp = cache_path.with_extension(format!("json.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, serde_json::to_vec(&cache).unwrap_or_default()).is_ok() {
+            let _ = std::fs::rename(&tmp, &cache_path);
+        }
+    }
+    Ok(hash)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -138,6 +138,14 @@ pub enum KvType {
 }
 
 impl KvType {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
     pub(crate) fn llama_type(self) -> llama_cpp_2::context::params::KvCacheType {
         match self {
             KvType::F32 => llama_cpp_2::context::params::KvCacheType::F32,

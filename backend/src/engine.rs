@@ -80,6 +80,35 @@ impl ChatMessage {
     }
 }
 
+/// A piece of a prompt: the chat template's own text, whose special-token markers
+/// (`<|im_start|>`) become control tokens, or content (a question, a passage), whose text is
+/// tokenized as plain text whatever it contains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptPart {
+    /// The text.
+    pub text: String,
+    /// Whether special-token markers in it are parsed.
+    pub special: bool,
+}
+
+impl PromptPart {
+    /// Template text: special-token markers are parsed.
+    pub fn template(text: impl Into<String>) -> Self {
+        PromptPart {
+            text: text.into(),
+            special: true,
+        }
+    }
+
+    /// Content: tokenized as plain text.
+    pub fn content(text: impl Into<String>) -> Self {
+        PromptPart {
+            text: text.into(),
+            special: false,
+        }
+    }
+}
+
 /// How much of a request's prompt had to be decoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefillStats {
@@ -154,7 +183,7 @@ pub struct EngineStats {
 }
 
 pub(crate) enum Input {
-    Text(String),
+    Parts(Vec<PromptPart>),
     Tokens(Vec<i32>),
 }
 
@@ -174,6 +203,11 @@ pub(crate) enum Command {
         messages: Vec<ChatMessage>,
         add_assistant: bool,
         reply: ReplyTx<String>,
+    },
+    ChatParts {
+        messages: Vec<ChatMessage>,
+        add_assistant: bool,
+        reply: ReplyTx<Vec<PromptPart>>,
     },
     Append {
         seq: i32,
@@ -313,6 +347,7 @@ impl Engine {
                 "max_sequences must be between 1 and 256".into(),
             ));
         }
+        check_kv_memory(&gguf, &config)?;
         let ids = Arc::new(SeqIds::new(config.max_sequences));
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -395,6 +430,22 @@ impl Engine {
         })
     }
 
+    /// Like [`chat_prompt`](Self::chat_prompt), split into the template's own text and the
+    /// messages' contents, so that [`Sequence::append_parts`] parses special-token markers in
+    /// the template only: a question or passage that contains `<|im_end|>` stays text.
+    pub fn chat_parts(
+        &self,
+        messages: &[ChatMessage],
+        add_assistant: bool,
+    ) -> Reply<Vec<PromptPart>> {
+        let messages = messages.to_vec();
+        self.request(|reply| Command::ChatParts {
+            messages,
+            add_assistant,
+            reply,
+        })
+    }
+
     /// Switches to LoRA adapter `index` of [`EngineConfig::lora_adapters`] at `scale`, or back to
     /// the base model with `None`. The KV caches of live sequences were computed with other
     /// weights, so they are cleared and re-decoded on next use. Fails while requests run.
@@ -414,6 +465,34 @@ impl Engine {
     fn request<T>(&self, make: impl FnOnce(ReplyTx<T>) -> Command) -> Reply<T> {
         request(&self.shared, make)
     }
+}
+
+/// Refuses a context whose KV cache cannot fit in this machine's memory, before llama.cpp
+/// spends a minute trying to allocate it.
+fn check_kv_memory(gguf: &GgufFile, config: &EngineConfig) -> Result<()> {
+    let Some(bytes) = gguf.kv_cache_bytes(config.n_ctx as u64, config.kv_type.bytes()) else {
+        return Ok(());
+    };
+    let Some(memory) = total_memory() else {
+        return Ok(());
+    };
+    if bytes > memory {
+        return Err(Error::InvalidParameter(format!(
+            "a context of {} tokens needs a {:.1} GiB KV cache for this model, more than this machine's {:.1} GiB of memory; use a smaller --n-ctx",
+            config.n_ctx,
+            bytes as f64 / (1u64 << 30) as f64,
+            memory as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
+/// Physical memory in bytes (Linux), when known.
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn request<T>(shared: &Shared, make: impl FnOnce(ReplyTx<T>) -> Command) -> Reply<T> {
@@ -444,9 +523,21 @@ impl Sequence {
     }
 
     /// Appends text and decodes its tokens. The first append of a sequence adds BOS when the
-    /// model wants one; special tokens in the text are parsed.
+    /// model wants one; special-token markers in the text are parsed (for text that is a
+    /// template or a raw prompt; use [`append_text`](Self::append_text) for anything else).
     pub fn append(&self, text: impl Into<String>) -> Reply<PrefillStats> {
-        let input = Input::Text(text.into());
+        self.append_parts(vec![PromptPart::template(text)])
+    }
+
+    /// Appends text as plain text: special-token markers in it are not parsed. This is how
+    /// retrieved passages, questions and other text from outside are appended.
+    pub fn append_text(&self, text: impl Into<String>) -> Reply<PrefillStats> {
+        self.append_parts(vec![PromptPart::content(text)])
+    }
+
+    /// Appends prompt parts (see [`Engine::chat_parts`]) and decodes their tokens.
+    pub fn append_parts(&self, parts: Vec<PromptPart>) -> Reply<PrefillStats> {
+        let input = Input::Parts(parts);
         self.request(|reply| Command::Append {
             seq: self.id,
             input,

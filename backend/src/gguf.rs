@@ -30,9 +30,20 @@ pub enum Value {
     Bool(bool),
     /// A UTF-8 string (invalid bytes replaced).
     String(String),
-    /// An array of values.
+    /// An array of at most [`MAX_ARRAY_ITEMS`] values.
     Array(Vec<Value>),
+    /// A longer array, kept by its length only (its bytes are checked and skipped, so a huge
+    /// array costs no memory).
+    LongArray {
+        /// The GGUF type id of the elements.
+        elem_type: u32,
+        /// Number of elements.
+        len: u64,
+    },
 }
+
+/// Arrays longer than this are read as [`Value::LongArray`].
+pub const MAX_ARRAY_ITEMS: u64 = 1 << 16;
 
 impl Value {
     /// The value as an unsigned integer, when it is a non-negative integer.
@@ -40,6 +51,15 @@ impl Value {
         match *self {
             Value::U64(v) => Some(v),
             Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The number of elements of an array value.
+    pub fn array_len(&self) -> Option<u64> {
+        match self {
+            Value::Array(items) => Some(items.len() as u64),
+            Value::LongArray { len, .. } => Some(*len),
             _ => None,
         }
     }
@@ -67,9 +87,15 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements.
+    /// Number of elements (validated by [`GgufFile::open`] not to overflow).
     pub fn n_elements(&self) -> u64 {
-        self.dims.iter().product()
+        self.checked_elements().unwrap_or(u64::MAX)
+    }
+
+    fn checked_elements(&self) -> Option<u64> {
+        self.dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// The ggml type name (`Q4_1`, `F32`, …) or `type<N>` for ids this reader does not know.
@@ -82,7 +108,7 @@ impl TensorInfo {
     /// Size of the tensor's data in bytes, when the type is known.
     pub fn n_bytes(&self) -> Option<u64> {
         let t = ggml_type(self.type_id)?;
-        Some(self.n_elements() / t.block_size * t.type_size)
+        (self.checked_elements()? / t.block_size).checked_mul(t.type_size)
     }
 }
 
@@ -215,7 +241,8 @@ impl GgufFile {
             metadata.insert(key, value);
         }
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        // Grown as entries are read (each takes file bytes), never sized by the header's claim.
+        let mut tensors = Vec::with_capacity(n_tensors.min(4096) as usize);
         for _ in 0..n_tensors {
             let name = r.string().map_err(corrupt)?;
             let n_dims = r.u32().map_err(corrupt)?;
@@ -228,19 +255,46 @@ impl GgufFile {
                 .map_err(corrupt)?;
             let type_id = r.u32().map_err(corrupt)?;
             let offset = r.u64().map_err(corrupt)?;
-            tensors.push(TensorInfo {
+            let tensor = TensorInfo {
                 name,
                 dims,
                 type_id,
                 offset,
-            });
+            };
+            let n = tensor.checked_elements().ok_or_else(|| {
+                corrupt(format!(
+                    "tensor {:?} has shape {:?}, whose element count overflows",
+                    tensor.name, tensor.dims
+                ))
+            })?;
+            if let Some(t) = ggml_type(type_id) {
+                if n % t.block_size != 0 {
+                    return Err(corrupt(format!(
+                        "tensor {:?} has {n} elements, not a multiple of {}'s block of {}",
+                        tensor.name, t.name, t.block_size
+                    )));
+                }
+            }
+            tensors.push(tensor);
+        }
+        let total = tensors
+            .iter()
+            .try_fold(0u64, |acc, t| acc.checked_add(t.n_elements()));
+        if total.is_none() {
+            return Err(corrupt("the tensors' element counts overflow".into()));
         }
 
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32)
-            .max(1);
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(v) => match v.as_u64() {
+                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
+                _ => {
+                    return Err(corrupt(format!(
+                        "general.alignment is {v:?}, not a power of two up to 1 MiB"
+                    )))
+                }
+            },
+        };
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         for t in &tensors {
             if let Some(bytes) = t.n_bytes() {
@@ -286,6 +340,23 @@ impl GgufFile {
     /// Training context length (`<arch>.context_length`).
     pub fn context_length(&self) -> Option<u64> {
         self.get_u64(&format!("{}.context_length", self.architecture()?))
+    }
+
+    /// Bytes of a KV cache of `n_ctx` cells with `elem_bytes`-byte elements, from the
+    /// architecture's layer, head and width keys (`None` when they are missing).
+    pub fn kv_cache_bytes(&self, n_ctx: u64, elem_bytes: u64) -> Option<u64> {
+        let arch = self.architecture()?;
+        let get = |k: &str| self.get_u64(&format!("{arch}.{k}"));
+        let layers = get("block_count")?;
+        let heads = get("attention.head_count")?.max(1);
+        let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
+        let width = get("embedding_length")?;
+        let key = get("attention.key_length").unwrap_or(width / heads);
+        let value = get("attention.value_length").unwrap_or(width / heads);
+        layers
+            .checked_mul(n_ctx)?
+            .checked_mul(kv_heads.checked_mul(key.checked_add(value)?)?)?
+            .checked_mul(elem_bytes)
     }
 
     /// The chat template stored in the file (`tokenizer.chat_template`).
@@ -410,7 +481,16 @@ impl<R: Read> Reader<R> {
                 if len > self.remaining() {
                     return Err(format!("array of {len} elements cannot fit in the file"));
                 }
-                let mut items = Vec::with_capacity(len.min(1 << 20) as usize);
+                if len > MAX_ARRAY_ITEMS {
+                    for _ in 0..len {
+                        self.skip_value(elem_ty, depth + 1)?;
+                    }
+                    return Ok(Value::LongArray {
+                        elem_type: elem_ty,
+                        len,
+                    });
+                }
+                let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     items.push(self.value(elem_ty, depth + 1)?);
                 }
@@ -421,6 +501,49 @@ impl<R: Read> Reader<R> {
             12 => Value::F64(f64::from_le_bytes(fixed(8)?)),
             other => return Err(format!("unknown metadata value type {other}")),
         })
+    }
+
+    /// Reads past one value without keeping it.
+    fn skip_value(&mut self, ty: u32, depth: u32) -> ReadResult<()> {
+        let fixed = match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => self.u64()?,
+            9 => {
+                if depth > 2 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let elem_ty = self.u32()?;
+                let len = self.u64()?;
+                if len > self.remaining() {
+                    return Err(format!("array of {len} elements cannot fit in the file"));
+                }
+                for _ in 0..len {
+                    self.skip_value(elem_ty, depth + 1)?;
+                }
+                return Ok(());
+            }
+            other => return Err(format!("unknown metadata value type {other}")),
+        };
+        self.skip(fixed)
+    }
+
+    fn skip(&mut self, n: u64) -> ReadResult<()> {
+        if n > self.remaining() {
+            return Err(format!(
+                "a value of {n} bytes at byte {} runs past the end of the file",
+                self.pos
+            ));
+        }
+        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
+            .map_err(|e| format!("read failed: {e}"))?;
+        self.pos += copied;
+        if copied < n {
+            return Err(format!("unexpected end of file at byte {}", self.pos));
+        }
+        Ok(())
     }
 }
 
@@ -510,5 +633,95 @@ mod tests {
             f.check_architecture(),
             Err(Error::UnsupportedArchitecture { architecture, .. }) if architecture == "frobnicator"
         ));
+    }
+
+    /// Appends a GGUF v3 header with `n_tensors` claimed and the given metadata bytes.
+    fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&n_tensors.to_le_bytes());
+        b.extend_from_slice(&n_kv.to_le_bytes());
+        b
+    }
+
+    fn key(b: &mut Vec<u8>, name: &str, ty: u32) {
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&ty.to_le_bytes());
+    }
+
+    /// Regression: a header claiming billions of tensors made the reader allocate for all of
+    /// them up front and abort the process.
+    #[test]
+    fn a_huge_tensor_count_is_an_error_not_an_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = header(1 << 32, 0);
+        b.resize(1 << 20, 0);
+        let p = dir.path().join("claims.gguf");
+        std::fs::write(&p, &b).unwrap();
+        assert!(matches!(GgufFile::open(&p), Err(Error::CorruptGguf { .. })));
+    }
+
+    /// Regression: a shape of 2^32 × 2^32 overflowed to 0 elements and passed.
+    #[test]
+    fn overflowing_shapes_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = header(1, 0);
+        b.extend_from_slice(&1u64.to_le_bytes());
+        b.push(b'w');
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(&(1u64 << 32).to_le_bytes());
+        b.extend_from_slice(&(1u64 << 32).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.resize(4096, 0);
+        let p = dir.path().join("overflow.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let err = GgufFile::open(&p).unwrap_err();
+        assert!(err.to_string().contains("overflow"), "{err}");
+    }
+
+    /// Regression: a 128 MB array of bytes cost 4.2 GB as one `Value` per element.
+    #[test]
+    fn long_arrays_are_kept_by_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let n: u64 = 8 << 20;
+        let mut b = header(0, 2);
+        key(&mut b, "general.architecture", 8);
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(b"llama");
+        key(&mut b, "big", 9);
+        b.extend_from_slice(&0u32.to_le_bytes()); // u8 elements
+        b.extend_from_slice(&n.to_le_bytes());
+        b.resize(b.len() + n as usize, 7);
+        let p = dir.path().join("array.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        assert_eq!(
+            f.metadata["big"],
+            Value::LongArray {
+                elem_type: 0,
+                len: n
+            }
+        );
+        assert_eq!(f.metadata["big"].array_len(), Some(n));
+        assert_eq!(f.architecture(), Some("llama"));
+        // Cut inside the array: corrupt, not a panic.
+        std::fs::write(&p, &b[..b.len() - 10]).unwrap();
+        assert!(matches!(GgufFile::open(&p), Err(Error::CorruptGguf { .. })));
+    }
+
+    /// Regression: `general.alignment = 0` divided by zero (in candle, which compress used).
+    #[test]
+    fn a_zero_alignment_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = header(0, 1);
+        key(&mut b, "general.alignment", 4);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let p = dir.path().join("align.gguf");
+        std::fs::write(&p, &b).unwrap();
+        let err = GgufFile::open(&p).unwrap_err();
+        assert!(err.to_string().contains("alignment"), "{err}");
     }
 }

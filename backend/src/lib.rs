@@ -51,6 +51,7 @@ mod config;
 mod engine;
 mod error;
 pub mod gguf;
+mod llama_log;
 pub mod perplexity;
 mod sampling;
 mod text;
@@ -60,7 +61,7 @@ pub use arch::SUPPORTED_ARCHITECTURES;
 pub use config::{default_threads, EngineConfig, FlashAttention, KvType};
 pub use engine::{
     ChatMessage, Completion, Engine, EngineStats, Fork, GenEvent, Generation, ModelInfo,
-    PrefillStats, Reply, Sequence, StopReason,
+    PrefillStats, PromptPart, Reply, Sequence, StopReason,
 };
 pub use error::{Error, Result};
 pub use sampling::{GenerateParams, Sampling};

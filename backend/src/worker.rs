@@ -53,13 +53,13 @@ pub(crate) fn run(
     let loaded = (|| -> Result<(LlamaModel, Vec<LlamaLoraAdapter>)> {
         let backend = llama_backend()?;
         let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
-        let mut model =
-            LlamaModel::load_from_file(backend, &config.model, &params).map_err(|e| {
-                Error::ModelLoad {
-                    path: config.model.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let (model, said) = crate::llama_log::capture(|| {
+            LlamaModel::load_from_file(backend, &config.model, &params)
+        });
+        let mut model = model.map_err(|e| Error::ModelLoad {
+            path: config.model.clone(),
+            reason: llama_reason(&e.to_string(), &said),
+        })?;
         let adapters = config
             .lora_adapters
             .iter()
@@ -91,12 +91,11 @@ pub(crate) fn run(
         .with_type_v(config.kv_type.llama_type())
         .with_flash_attention_policy(config.flash_attention.llama_policy());
     let ctx = match llama_backend().and_then(|b| {
-        model
-            .new_context(b, ctx_params)
-            .map_err(|e| Error::ModelLoad {
-                path: config.model.clone(),
-                reason: format!("cannot create a context: {e}"),
-            })
+        let (ctx, said) = crate::llama_log::capture(|| model.new_context(b, ctx_params));
+        ctx.map_err(|e| Error::ModelLoad {
+            path: config.model.clone(),
+            reason: llama_reason(&format!("cannot create a context: {e}"), &said),
+        })
     }) {
         Ok(ctx) => ctx,
         Err(e) => {
@@ -136,6 +135,14 @@ pub(crate) fn run(
         stats: EngineStats::default(),
     };
     worker.serve(rx);
+}
+
+/// A llama-cpp-2 error with what llama.cpp logged about it.
+fn llama_reason(error: &str, said: &[String]) -> String {
+    match crate::llama_log::reason(said) {
+        Some(why) => format!("{error} (llama.cpp: {why})"),
+        None => error.to_string(),
+    }
 }
 
 /// What the engine keeps per sequence.
@@ -232,7 +239,7 @@ impl Worker<'_> {
                 add_special,
                 reply,
             } => {
-                let toks = self.tokenize(&text, add_special);
+                let toks = self.tokenize(&text, add_special, true);
                 let _ = reply.send(Ok(toks.iter().map(|t| t.0).collect()));
             }
             Command::Detokenize { tokens, reply } => {
@@ -244,6 +251,13 @@ impl Worker<'_> {
                 reply,
             } => {
                 let _ = reply.send(self.chat_prompt(&messages, add_assistant));
+            }
+            Command::ChatParts {
+                messages,
+                add_assistant,
+                reply,
+            } => {
+                let _ = reply.send(self.chat_parts(&messages, add_assistant));
             }
             Command::Append { seq, input, reply } => match self.start_append(seq, input) {
                 Ok(Some(stats)) => {
@@ -336,10 +350,12 @@ impl Worker<'_> {
         Ok(state)
     }
 
-    fn tokenize(&self, text: &str, add_special: bool) -> Vec<LlamaToken> {
+    /// Tokens of `text`; `add_special` adds BOS where the model wants one, `parse_special`
+    /// turns special-token markers into control tokens.
+    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<LlamaToken> {
         self.model
             .vocab()
-            .tokenize(text.as_bytes(), add_special, true)
+            .tokenize(text.as_bytes(), add_special, parse_special)
     }
 
     fn detokenize(&self, tokens: &[i32]) -> Result<String> {
@@ -376,13 +392,49 @@ impl Worker<'_> {
             })
     }
 
+    /// The chat prompt split into template text and message contents: each content is
+    /// rendered as a unique marker, found in the output and replaced by a content part.
+    fn chat_parts(
+        &self,
+        messages: &[crate::ChatMessage],
+        add_assistant: bool,
+    ) -> Result<Vec<crate::PromptPart>> {
+        let marker = |i: usize| format!("GEEKCONTENTMARKER{i}X");
+        let marked: Vec<crate::ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| crate::ChatMessage::new(m.role.clone(), marker(i)))
+            .collect();
+        let mut rest = self.chat_prompt(&marked, add_assistant)?;
+        let mut parts = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let Some(at) = rest.find(&marker(i)) else {
+                // The template leaves this message out.
+                continue;
+            };
+            if at > 0 {
+                parts.push(crate::PromptPart::template(&rest[..at]));
+            }
+            parts.push(crate::PromptPart::content(m.content.clone()));
+            rest = rest[at + marker(i).len()..].to_string();
+        }
+        if !rest.is_empty() {
+            parts.push(crate::PromptPart::template(rest));
+        }
+        Ok(parts)
+    }
+
     /// Adds the input to the sequence. `Some` when there is nothing to decode.
     fn start_append(&mut self, seq: i32, input: Input) -> Result<Option<PrefillStats>> {
         let n_vocab = self.model.n_vocab();
         let n_ctx = self.n_ctx;
         let is_empty = self.idle_seq(seq)?.tokens.is_empty();
         let new: Vec<LlamaToken> = match input {
-            Input::Text(t) => self.tokenize(&t, is_empty),
+            Input::Parts(parts) => parts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, p)| self.tokenize(&p.text, is_empty && i == 0, p.special))
+                .collect(),
             Input::Tokens(toks) => {
                 if let Some(bad) = toks.iter().find(|&&t| t < 0 || t >= n_vocab) {
                     return Err(Error::InvalidParameter(format!(

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A tensor operation failed (shapes, dtypes, a malformed GGUF read by candle).
-    #[error("tensor error: {0}")]
+    #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -44,7 +44,7 @@ pub enum Error {
     #[error("{0}")]
     NotExportable(String),
     /// The tokenizer (the llama.cpp backend) failed.
-    #[error("tokenizer: {0}")]
+    #[error(transparent)]
     Backend(#[from] geek_backend::Error),
     /// A checkpoint does not belong to this run (other base model, adapter or data).
     #[error("checkpoint {path} does not match this run: {message}")]
@@ -55,7 +55,7 @@ pub enum Error {
         message: String,
     },
     /// JSON (checkpoint state, adapter config) could not be parsed or written.
-    #[error("{path}: {source}")]
+    #[error("bad JSON in {path}")]
     Json {
         /// The file.
         path: PathBuf,
@@ -71,5 +71,28 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: I/O and wrapped errors repeated their source's text.
+    #[test]
+    fn a_wrapped_error_is_printed_once() {
+        let errors = [
+            Error::io("/x")(std::io::Error::other("disk on fire")),
+            Error::from(geek_backend::Error::Fetch("disk on fire".into())),
+        ];
+        for e in errors {
+            let mut text = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(s) = cur {
+                text.push_str(&format!(": {s}"));
+                cur = s.source();
+            }
+            assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
+        }
     }
 }

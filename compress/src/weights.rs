@@ -61,10 +61,12 @@ impl std::fmt::Debug for BaseWeights {
 }
 
 impl BaseWeights {
-    /// Reads and dequantizes a GGUF file. Only the `llama` architecture (SmolLM2, Llama, …) is
+    /// Reads and dequantizes a GGUF file (checked by [`geek_backend::gguf::GgufFile`] first). Only the `llama` architecture (SmolLM2, Llama, …) is
     /// supported; anything else is [`Error::UnsupportedArchitecture`].
     pub fn load(path: impl AsRef<Path>) -> Result<BaseWeights> {
         let path = path.as_ref().to_path_buf();
+        // The backend's reader validates what candle's trusts (sizes, shapes, alignment).
+        geek_backend::gguf::GgufFile::open(&path)?;
         let file = File::open(&path).map_err(Error::io(&path))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| Error::Gguf {

@@ -30,6 +30,12 @@ pub enum Error {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] geek_backend::Error),
+    /// Another process is writing this run.
+    #[error("another `geek eval` is writing this run ({path} is locked); wait for it to finish, or pass another --out")]
+    RunBusy {
+        /// The locked samples file.
+        path: PathBuf,
+    },
     /// The run was set up wrongly.
     #[error("evaluation configuration: {0}")]
     Config(String),

@@ -166,7 +166,7 @@ impl Answerer {
         };
         let prompt = self.model.chat_prompt(system, &user).await?;
         let seq = self.model.sequence()?;
-        let stats = seq.append(&prompt).await?;
+        let stats = seq.append_parts(&prompt).await?;
         let (mut decoded, mut without_reuse) = (stats.decoded, stats.total);
         let mut reasoning = None;
         if method == Method::Cot {

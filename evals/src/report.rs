@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use crate::run::{read_samples, Results, Sample};
+use crate::metrics::Metrics;
+use crate::run::Results;
+use crate::samples::{read_samples, Sample};
 use crate::{Error, Result};
 
 /// One run found on disk.
@@ -37,15 +39,12 @@ pub fn find_runs(dirs: &[PathBuf]) -> Result<Vec<RunOnDisk>> {
             if !(name.starts_with("results_") && name.ends_with(".json")) {
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let results: Results = serde_json::from_slice(&bytes).map_err(|e| Error::Dataset {
-                path: path.clone(),
-                reason: format!("not a results file: {e}"),
-            })?;
-            let samples = read_samples(&results.samples_file).unwrap_or_default();
+            let results = read_results(&path)?;
+            let samples = read_samples(&samples_beside(&path, &results)?)?;
+            if !samples.damaged.is_empty() {
+                tracing::warn!(results = %path.display(), lines = samples.damaged.len(), "damaged sample lines skipped");
+            }
+            let samples = samples.samples;
             runs.push(RunOnDisk {
                 path,
                 results,
@@ -59,13 +58,61 @@ pub fn find_runs(dirs: &[PathBuf]) -> Result<Vec<RunOnDisk>> {
     Ok(runs)
 }
 
+/// Reads a results file, refusing one without StrategyQA metrics.
+fn read_results(path: &Path) -> Result<Results> {
+    let bad = |reason: String| Error::Dataset {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let results: Results =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a results file: {e}")))?;
+    if !results.results.contains_key(METRICS_KEY) {
+        return Err(bad(format!("no \"{METRICS_KEY}\" metrics in it")));
+    }
+    Ok(results)
+}
+
+/// The samples file of a results file: the file it names, in the results file's own
+/// directory (a results file can never make a report read, or touch, a file elsewhere).
+fn samples_beside(results_path: &Path, results: &Results) -> Result<PathBuf> {
+    let name = results
+        .samples_file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !(name.starts_with("samples_") && name.ends_with(".jsonl")) {
+        return Err(Error::Dataset {
+            path: results_path.to_path_buf(),
+            reason: format!(
+                "its samples_file {:?} is not a samples_*.jsonl name",
+                results.samples_file
+            ),
+        });
+    }
+    Ok(results_path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(name))
+}
+
+/// The key of the StrategyQA metrics in a results file.
+const METRICS_KEY: &str = "strategyqa";
+
+fn run_metrics(r: &RunOnDisk) -> &Metrics {
+    &r.results.results[METRICS_KEY]
+}
+
 /// The Markdown comparison table.
 pub fn markdown(runs: &[RunOnDisk]) -> String {
     let mut s = String::from(
-        "| method | split | n | accuracy | ± stderr | Recall@10 | steps/question | questions/min | tokens decoded | without KV reuse | model |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| method | split | n | accuracy | ± stderr | calibrated (offset) | yes answers | AUC | Recall@10 | steps/question | questions/min | tokens decoded | without KV reuse | model |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in runs {
-        let m = &r.results.results["strategyqa"];
+        let m = run_metrics(r);
         let f = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |x| format!("{x:.d$}"));
         let model = r
             .results
@@ -73,13 +120,25 @@ pub fn markdown(runs: &[RunOnDisk]) -> String {
             .model
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+        let calibrated = m.calibrated.as_ref().map_or("–".to_string(), |c| {
+            format!(
+                "{} ± {} ({:+.2}, {})",
+                f(c.acc, 4),
+                f(c.acc_stderr, 4),
+                c.offset,
+                c.source
+            )
+        });
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
             r.results.config.method.name(),
             r.results.config.split,
             m.n,
             f(m.acc, 4),
             f(m.acc_stderr, 4),
+            calibrated,
+            m.yes_answers,
+            f(m.auc, 3),
             f(m.recall_at_10, 3),
             f(m.mean_steps, 2),
             r.results.questions_per_minute,
@@ -161,7 +220,7 @@ fn accuracy_plot(runs: &[RunOnDisk], path: &Path) -> Result<PathBuf> {
     let points: Vec<(String, f64, f64)> = runs
         .iter()
         .filter_map(|r| {
-            let m = &r.results.results["strategyqa"];
+            let m = run_metrics(r);
             Some((
                 format!(
                     "{} ({})",

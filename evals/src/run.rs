@@ -3,7 +3,9 @@
 //! Samples are appended to `samples_<method>_<timestamp>.jsonl` and flushed one question at a
 //! time; `run_<method>_<timestamp>.json` records what identifies the run. Rerunning the same
 //! command finds that run, drops a half-written last line left by a kill, and skips the
-//! questions already answered, so every question ends up exactly once.
+//! questions already answered, so every question ends up exactly once. One process at a time
+//! writes a run (the samples file is locked); run files are created exclusively, so two runs
+//! started in the same second get different names.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -17,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::methods::{Answerer, Method, BASELINE_PROMPT_VERSION};
+use crate::metrics::{calibrated_prediction, metrics, Metrics};
 use crate::recall::recall_at_k;
+use crate::samples::{finite, Sample, SamplesRead, SamplesWriter};
 use crate::strategyqa::Question;
 use crate::{Error, Result};
 
@@ -73,73 +77,6 @@ pub fn prompts_version(method: Method) -> String {
     }
 }
 
-/// One answered question, one line of the samples file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sample {
-    /// Position in the dataset.
-    pub index: usize,
-    /// Question id.
-    pub qid: String,
-    /// The question.
-    pub question: String,
-    /// Gold answer (absent for test).
-    pub gold: Option<bool>,
-    /// The prediction.
-    pub prediction: bool,
-    /// prediction == gold.
-    pub correct: Option<bool>,
-    /// log p(" yes").
-    pub yes_logprob: f32,
-    /// log p(" no").
-    pub no_logprob: f32,
-    /// Passage ids retrieved, in order.
-    pub retrieved: Vec<String>,
-    /// Recall@10 of `retrieved` against the gold evidence, when both exist.
-    pub recall_at_10: Option<f64>,
-    /// Sub-questions of the main branch (geek).
-    pub steps: Option<usize>,
-    /// Actions per kind over all branches (geek).
-    pub actions: BTreeMap<String, usize>,
-    /// Tokens decoded.
-    pub tokens_decoded: usize,
-    /// Tokens without KV reuse.
-    pub tokens_without_reuse: usize,
-    /// Seconds spent on this question.
-    pub seconds: f64,
-    /// Chain of thought (cot).
-    pub reasoning: Option<String>,
-    /// Why answering failed (the question then counts as wrong).
-    pub error: Option<String>,
-    /// The agent's trace (geek).
-    pub trace: Option<geek_agent::Trace>,
-}
-
-/// Accuracy with its standard error, lm-evaluation-harness style.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Metrics {
-    /// Questions answered.
-    pub n: usize,
-    /// Correct answers (None for unlabelled splits).
-    pub correct: Option<usize>,
-    /// Accuracy.
-    pub acc: Option<f64>,
-    /// Standard error of the accuracy.
-    pub acc_stderr: Option<f64>,
-    /// Mean Recall@10 of retrieved passages over questions with gold evidence.
-    #[serde(rename = "recall@10")]
-    pub recall_at_10: Option<f64>,
-    /// Mean sub-questions per question (geek).
-    pub mean_steps: Option<f64>,
-    /// Mean actions per question, by kind (geek).
-    pub mean_actions: BTreeMap<String, f64>,
-    /// Tokens decoded in all.
-    pub tokens_decoded: usize,
-    /// Tokens a stateless API would have decoded.
-    pub tokens_without_reuse: usize,
-    /// Questions that failed.
-    pub errors: usize,
-}
-
 /// `results_<method>_<timestamp>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
@@ -153,47 +90,8 @@ pub struct Results {
     pub wall_seconds: f64,
     /// Questions per minute.
     pub questions_per_minute: f64,
-    /// The samples file.
+    /// The samples file's name; it sits beside the results file.
     pub samples_file: PathBuf,
-}
-
-/// Computes the metrics of a set of samples.
-pub fn metrics(samples: &[Sample]) -> Metrics {
-    let n = samples.len();
-    let labelled: Vec<&Sample> = samples.iter().filter(|s| s.correct.is_some()).collect();
-    let correct =
-        (!labelled.is_empty()).then(|| labelled.iter().filter(|s| s.correct == Some(true)).count());
-    let acc = correct.map(|c| c as f64 / labelled.len() as f64);
-    let acc_stderr = acc.map(|p| {
-        let m = labelled.len() as f64;
-        if m > 1.0 {
-            (p * (1.0 - p) * m / (m - 1.0) / m).sqrt()
-        } else {
-            0.0
-        }
-    });
-    let recalls: Vec<f64> = samples.iter().filter_map(|s| s.recall_at_10).collect();
-    let steps: Vec<usize> = samples.iter().filter_map(|s| s.steps).collect();
-    let mut mean_actions = BTreeMap::new();
-    for s in samples {
-        for (k, v) in &s.actions {
-            *mean_actions.entry(k.clone()).or_insert(0.0) += *v as f64 / n as f64;
-        }
-    }
-    Metrics {
-        n,
-        correct,
-        acc,
-        acc_stderr,
-        recall_at_10: (!recalls.is_empty())
-            .then(|| recalls.iter().sum::<f64>() / recalls.len() as f64),
-        mean_steps: (!steps.is_empty())
-            .then(|| steps.iter().sum::<usize>() as f64 / steps.len() as f64),
-        mean_actions,
-        tokens_decoded: samples.iter().map(|s| s.tokens_decoded).sum(),
-        tokens_without_reuse: samples.iter().map(|s| s.tokens_without_reuse).sum(),
-        errors: samples.iter().filter(|s| s.error.is_some()).count(),
-    }
 }
 
 /// A UTC timestamp `YYYYMMDDTHHMMSS`.
@@ -259,37 +157,83 @@ fn files(out: &Path, method: Method, ts: &str) -> RunFiles {
     }
 }
 
-/// Finds the run with this spec's key in the output directory, or starts a new one.
-fn open_run(spec: &RunSpec) -> Result<(RunFiles, RunRecord)> {
+/// Finds the run with this spec's key in the output directory, or starts a new one, and
+/// takes the writer's lock on its samples. The directory is locked meanwhile, so two
+/// invocations never both start (or both resume) one run.
+fn open_run(spec: &RunSpec) -> Result<(RunFiles, RunRecord, SamplesWriter, SamplesRead)> {
     std::fs::create_dir_all(&spec.out_dir).map_err(|e| io(&spec.out_dir, e))?;
+    let lock_path = spec.out_dir.join(".geek-eval.lock");
+    let dir_lock = File::create(&lock_path).map_err(|e| io(&lock_path, e))?;
+    dir_lock.lock().map_err(|e| io(&lock_path, e))?;
+    let (files, record) = match find_run(spec)? {
+        Some(found) => found,
+        None => new_run(spec)?,
+    };
+    let (writer, read) = SamplesWriter::open(&files.samples)?;
+    drop(dir_lock);
+    Ok((files, record, writer, read))
+}
+
+/// The run of this spec's key in the output directory, if there is one.
+fn find_run(spec: &RunSpec) -> Result<Option<(RunFiles, RunRecord)>> {
     let key = spec.key();
     let prefix = format!("run_{}_", spec.method.name());
     let entries = std::fs::read_dir(&spec.out_dir).map_err(|e| io(&spec.out_dir, e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with(&prefix) && name.ends_with(".json")) {
-            continue;
-        }
-        let Ok(bytes) = std::fs::read(entry.path()) else {
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix) && n.ends_with(".json"))
+        .collect();
+    names.sort();
+    for name in names {
+        let Ok(bytes) = std::fs::read(spec.out_dir.join(&name)) else {
             continue;
         };
         if let Ok(record) = serde_json::from_slice::<RunRecord>(&bytes) {
             if record.key == key {
                 tracing::info!(run = %record.timestamp, "resuming");
-                return Ok((files(&spec.out_dir, spec.method, &record.timestamp), record));
+                let f = files(&spec.out_dir, spec.method, &record.timestamp);
+                return Ok(Some((f, record)));
             }
         }
     }
+    Ok(None)
+}
+
+/// A new run whose files no other run has: its record is created exclusively.
+fn new_run(spec: &RunSpec) -> Result<(RunFiles, RunRecord)> {
     let ts = timestamp();
-    let record = RunRecord {
-        key,
-        timestamp: ts.clone(),
-        spec: spec.clone(),
-        wall_seconds: 0.0,
-    };
-    let f = files(&spec.out_dir, spec.method, &ts);
-    write_json(&f.record, &record)?;
-    Ok((f, record))
+    for attempt in 0..1000 {
+        let stamp = if attempt == 0 {
+            ts.clone()
+        } else {
+            format!("{ts}-{attempt}")
+        };
+        let f = files(&spec.out_dir, spec.method, &stamp);
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&f.record);
+        match created {
+            Ok(mut file) => {
+                let record = RunRecord {
+                    key: spec.key(),
+                    timestamp: stamp,
+                    spec: spec.clone(),
+                    wall_seconds: 0.0,
+                };
+                let json = serde_json::to_vec_pretty(&record).expect("serializable");
+                file.write_all(&json).map_err(|e| io(&f.record, e))?;
+                return Ok((f, record));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(&f.record, e)),
+        }
+    }
+    Err(Error::Config(format!(
+        "cannot find a free run name in {}",
+        spec.out_dir.display()
+    )))
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -302,40 +246,6 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
-/// Reads the samples written so far, cutting off a half-written last line.
-pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(path, e)),
-    };
-    let mut samples = Vec::new();
-    let mut good_end = 0;
-    for line in bytes.split_inclusive(|&b| b == b'\n') {
-        if !line.ends_with(b"\n") {
-            break;
-        }
-        match serde_json::from_slice::<Sample>(line) {
-            Ok(s) => {
-                samples.push(s);
-                good_end += line.len();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dropping a damaged sample line and what follows");
-                break;
-            }
-        }
-    }
-    if good_end < bytes.len() {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io(path, e))?;
-        f.set_len(good_end as u64).map_err(|e| io(path, e))?;
-    }
-    Ok(samples)
-}
-
 /// What a finished invocation reports.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -345,14 +255,41 @@ pub struct RunOutcome {
     pub files: RunFiles,
     /// Questions answered by this invocation (the rest were already done).
     pub answered_now: usize,
+    /// Damaged lines of the samples file that were skipped (their questions answered again).
+    pub damaged_lines: usize,
 }
 
-/// Runs (or resumes) an evaluation.
+/// Progress of a run, for the caller to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunProgress {
+    /// The run is about to answer; `done` questions were answered by earlier invocations.
+    Started {
+        /// Questions in the run.
+        total: usize,
+        /// Already answered.
+        done: usize,
+    },
+    /// One more question answered.
+    Answered {
+        /// Answered so far (earlier invocations included).
+        done: usize,
+        /// Questions in the run.
+        total: usize,
+        /// Accuracy so far.
+        acc: Option<f64>,
+        /// Questions per minute of this invocation.
+        per_minute: f64,
+    },
+}
+
+/// Runs (or resumes) an evaluation. `calibration` (offset, source) adds calibrated metrics;
+/// `progress` sees every answered question.
 pub async fn run(
     spec: RunSpec,
     questions: &[Question],
     answerer: Answerer,
-    show_progress: bool,
+    calibration: Option<(f32, String)>,
+    progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> Result<RunOutcome> {
     if spec.parallel == 0 {
         return Err(Error::Config("parallel must be at least 1".into()));
@@ -360,8 +297,9 @@ pub async fn run(
     let questions = &questions[..spec
         .limit
         .map_or(questions.len(), |l| l.min(questions.len()))];
-    let (files, mut record) = open_run(&spec)?;
-    let mut samples = read_samples(&files.samples)?;
+    let (files, mut record, mut writer, read) = open_run(&spec)?;
+    let damaged_lines = read.damaged.len();
+    let mut samples = read.samples;
     samples.retain(|s| s.index < questions.len() && questions[s.index].qid == s.qid);
     let mut seen = HashSet::new();
     samples.retain(|s| seen.insert(s.index));
@@ -370,23 +308,11 @@ pub async fn run(
         .enumerate()
         .filter(|(i, _)| !seen.contains(i))
         .collect();
-
-    let bar = if show_progress {
-        indicatif::ProgressBar::new(questions.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_position(samples.len() as u64);
-    let mut out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&files.samples)
-        .map_err(|e| io(&files.samples, e))?;
+    progress(RunProgress::Started {
+        total: questions.len(),
+        done: samples.len(),
+    });
+    let calib = calibration.as_ref().map(|(o, s)| (*o, s.as_str()));
     let started = Instant::now();
     let method = spec.method;
     let mut answered_now = 0;
@@ -402,49 +328,51 @@ pub async fn run(
         .buffer_unordered(spec.parallel);
     while let Some((index, q, answer, seconds)) = stream.next().await {
         let sample = to_sample(index, q, answer, seconds);
-        let mut line = serde_json::to_vec(&sample).expect("serializable");
-        line.push(b'\n');
-        out.write_all(&line)
-            .and_then(|()| out.flush())
-            .map_err(|e| io(&files.samples, e))?;
+        writer.append(&sample)?;
         samples.push(sample);
         answered_now += 1;
-        let m = metrics(&samples);
         let minutes = started.elapsed().as_secs_f64() / 60.0;
-        bar.set_message(format!(
-            "acc {} | {:.1} q/min",
-            m.acc.map_or("-".into(), |a| format!("{a:.3}")),
-            answered_now as f64 / minutes.max(1e-9)
-        ));
-        bar.inc(1);
+        progress(RunProgress::Answered {
+            done: samples.len(),
+            total: questions.len(),
+            acc: metrics(&samples, None).acc,
+            per_minute: answered_now as f64 / minutes.max(1e-9),
+        });
     }
-    bar.finish_and_clear();
-    drop(out);
-
+    drop(stream);
     record.wall_seconds += started.elapsed().as_secs_f64();
     write_json(&files.record, &record)?;
     samples.sort_by_key(|s| s.index);
     let results = Results {
-        results: BTreeMap::from([("strategyqa".to_string(), metrics(&samples))]),
+        results: BTreeMap::from([("strategyqa".to_string(), metrics(&samples, calib))]),
         config: spec.clone(),
         git_commit: git_commit(),
         wall_seconds: record.wall_seconds,
         questions_per_minute: samples.len() as f64 / (record.wall_seconds / 60.0).max(1e-9),
-        samples_file: files.samples.clone(),
+        samples_file: file_name(&files.samples),
     };
     write_json(&files.results, &results)?;
     if samples.iter().all(|s| s.gold.is_none()) {
         let preds: BTreeMap<&str, bool> = samples
             .iter()
-            .map(|s| (s.qid.as_str(), s.prediction))
+            .map(|s| {
+                let p = calib.map_or(s.prediction, |(o, _)| calibrated_prediction(s, o));
+                (s.qid.as_str(), p)
+            })
             .collect();
         write_json(&files.predictions, &preds)?;
     }
+    drop(writer);
     Ok(RunOutcome {
         results,
         files,
         answered_now,
+        damaged_lines,
     })
+}
+
+fn file_name(path: &Path) -> PathBuf {
+    path.file_name().map_or_else(PathBuf::new, PathBuf::from)
 }
 
 fn to_sample(
@@ -469,8 +397,8 @@ fn to_sample(
                 gold: q.answer,
                 prediction: a.prediction,
                 correct: q.answer.map(|g| g == a.prediction),
-                yes_logprob: a.yes_logprob,
-                no_logprob: a.no_logprob,
+                yes_logprob: finite(a.yes_logprob),
+                no_logprob: finite(a.no_logprob),
                 recall_at_10: (!a.retrieved.is_empty())
                     .then(|| recall_at_k(&a.retrieved, &gold_ids, 10))
                     .flatten(),
@@ -492,8 +420,8 @@ fn to_sample(
             gold: q.answer,
             prediction: false,
             correct: q.answer.map(|_| false),
-            yes_logprob: f32::NAN,
-            no_logprob: f32::NAN,
+            yes_logprob: None,
+            no_logprob: None,
             retrieved: Vec::new(),
             recall_at_10: None,
             steps: None,
@@ -516,22 +444,6 @@ fn git_commit() -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// Opens the model's file and hashes it (the run's identity includes it).
-pub fn model_sha256(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = File::open(path).map_err(|e| io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Convenience for callers that hold the agent pieces.
@@ -557,68 +469,5 @@ mod tests {
         assert_eq!(ts.len(), 15);
         assert!(ts.starts_with("20"));
         assert_eq!(&ts[8..9], "T");
-    }
-
-    #[test]
-    fn a_half_written_line_is_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s.jsonl");
-        let s = Sample {
-            index: 0,
-            qid: "q".into(),
-            question: "?".into(),
-            gold: Some(true),
-            prediction: true,
-            correct: Some(true),
-            yes_logprob: -0.1,
-            no_logprob: -2.0,
-            retrieved: vec![],
-            recall_at_10: None,
-            steps: None,
-            actions: BTreeMap::new(),
-            tokens_decoded: 1,
-            tokens_without_reuse: 1,
-            seconds: 0.1,
-            reasoning: None,
-            error: None,
-            trace: None,
-        };
-        let mut text = serde_json::to_string(&s).unwrap();
-        text.push('\n');
-        text.push_str("{\"index\":1,\"qid\":\"r\",\"quest");
-        std::fs::write(&p, &text).unwrap();
-        let back = read_samples(&p).unwrap();
-        assert_eq!(back, vec![s]);
-        assert!(std::fs::read_to_string(&p).unwrap().ends_with("}\n"));
-    }
-
-    #[test]
-    fn accuracy_and_stderr() {
-        let mk = |correct: bool| Sample {
-            index: 0,
-            qid: "q".into(),
-            question: "?".into(),
-            gold: Some(true),
-            prediction: correct,
-            correct: Some(correct),
-            yes_logprob: 0.0,
-            no_logprob: 0.0,
-            retrieved: vec![],
-            recall_at_10: Some(0.5),
-            steps: Some(2),
-            actions: BTreeMap::from([("Retrieve".into(), 2)]),
-            tokens_decoded: 10,
-            tokens_without_reuse: 100,
-            seconds: 0.0,
-            reasoning: None,
-            error: None,
-            trace: None,
-        };
-        let m = metrics(&[mk(true), mk(true), mk(false), mk(true)]);
-        assert_eq!(m.correct, Some(3));
-        assert_eq!(m.acc, Some(0.75));
-        assert!((m.acc_stderr.unwrap() - (0.75f64 * 0.25 / 3.0).sqrt()).abs() < 1e-12);
-        assert_eq!(m.recall_at_10, Some(0.5));
-        assert_eq!(m.mean_actions["Retrieve"], 2.0);
     }
 }

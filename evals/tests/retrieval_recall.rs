@@ -15,7 +15,7 @@ fn data_dir() -> PathBuf {
 fn dev_recall_reaches_the_bm25s_baseline() {
     let data = data_dir();
     let dir = tempfile::tempdir().unwrap();
-    let index = Bm25Index::build(dir.path(), &CorpusSource::defaults(&data), false).unwrap();
+    let index = Bm25Index::build(dir.path(), &CorpusSource::defaults(&data)).unwrap();
     assert_eq!(index.meta().documents, 19284);
     let dev = strategyqa::load(&Split::Dev.path(&data)).unwrap();
     assert_eq!(dev.len(), 229);

@@ -32,9 +32,7 @@ fn bench(c: &mut Criterion) {
     let mut build = c.benchmark_group("build");
     build.sample_size(10);
     build.bench_function("default_corpus", |b| {
-        b.iter(|| {
-            Bm25Index::build_from_documents(dir.path(), &docs, sources.clone(), false).unwrap()
-        })
+        b.iter(|| Bm25Index::build_from_documents(dir.path(), &docs, sources.clone()).unwrap())
     });
     build.finish();
 

@@ -11,7 +11,7 @@
 //!
 //! let dir = std::path::Path::new("/tmp/geek-index");
 //! let corpora = CorpusSource::defaults(std::path::Path::new("../shared/data"));
-//! let index = Bm25Index::build(dir, &corpora, false)?;
+//! let index = Bm25Index::build(dir, &corpora)?;
 //! for hit in index.search("How long is a llama pregnant?", 3)? {
 //!     println!("{:.2} {} — {}", hit.score, hit.id, hit.title);
 //! }
@@ -38,6 +38,9 @@ use crate::{Error, Passage, Result};
 pub const SCHEMA_VERSION: u32 = 1;
 const ANALYZER: &str = "geek_en";
 const META_FILE: &str = "geek-index.json";
+const BUILD_LOCK: &str = ".geek-index.lock";
+const BUILDING_PREFIX: &str = ".building-";
+const GENERATION_PREFIX: &str = "generation-";
 /// Weight of the separate title-field match, on top of the title's two copies in the body.
 /// Chosen on StrategyQA dev (0.5, 1, 1.5, 2, 3 tried) and checked on the full train file.
 pub const TITLE_BOOST: f32 = 1.0;
@@ -53,6 +56,10 @@ pub struct IndexMeta {
     pub documents: usize,
     /// Build time, seconds since the Unix epoch.
     pub built_at: u64,
+    /// The subdirectory holding tantivy's files (absent: the directory itself, as indexes
+    /// built before atomic rebuilds were laid out).
+    #[serde(default)]
+    pub data: Option<String>,
 }
 
 struct Fields {
@@ -123,52 +130,127 @@ pub fn default_index_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".geek-index"))
 }
 
+/// Refuses to build into an existing directory that holds something other than a geek index.
+fn check_build_target(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+        Ok(m) if !m.is_dir() => return Err(Error::NotAnIndex(dir.to_path_buf())),
+        Ok(_) => {}
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let empty = entries.next().is_none();
+    if empty || dir.join(META_FILE).is_file() {
+        Ok(())
+    } else {
+        Err(Error::NotAnIndex(dir.to_path_buf()))
+    }
+}
+
+fn is_generation_name(name: &str) -> bool {
+    name.strip_prefix(GENERATION_PREFIX)
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes what earlier builds left in an index directory: killed builds, older generations
+/// and (once a generation is current) the files of a pre-generation index. Only geek's own
+/// names are touched.
+fn remove_leftovers(dir: &Path, current: Option<&str>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let stale = name.starts_with(BUILDING_PREFIX)
+            || (current.is_some() && is_generation_name(&name) && Some(name.as_str()) != current);
+        let old_layout = current.is_some() && is_tantivy_file(&name);
+        if stale && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        } else if old_layout && path.is_file() {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Files tantivy writes into an index directory.
+fn is_tantivy_file(name: &str) -> bool {
+    name == "meta.json"
+        || name == ".managed.json"
+        || name.starts_with(".tantivy-")
+        || [
+            ".idx",
+            ".pos",
+            ".term",
+            ".store",
+            ".fast",
+            ".fieldnorm",
+            ".del",
+        ]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+/// Writes the passages as a tantivy index into the (empty) directory `dir`.
+fn write_tantivy(dir: &Path, docs: &[Document]) -> Result<()> {
+    let (schema, f) = schema();
+    let index = Index::create_in_dir(dir, schema)?;
+    index.tokenizers().register(ANALYZER, analyzer());
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    let mut writer: IndexWriter = index.writer_with_num_threads(threads, 256 << 20)?;
+    for d in docs {
+        let mut doc = TantivyDocument::default();
+        doc.add_text(f.id, &d.id);
+        doc.add_text(f.title, &d.title);
+        doc.add_text(f.section, &d.section);
+        doc.add_text(f.text, &d.text);
+        doc.add_text(f.body, format!("{}\n{}\n{}", d.title, d.title, d.text));
+        writer.add_document(doc)?;
+    }
+    writer.commit()?;
+    writer.wait_merging_threads()?;
+    Ok(())
+}
+
 impl Bm25Index {
-    /// Builds an index of `corpora` in `dir`, replacing what is there.
-    pub fn build(dir: &Path, corpora: &[CorpusSource], show_progress: bool) -> Result<Self> {
+    /// Builds an index of `corpora` in `dir`, replacing the index that is there.
+    ///
+    /// `dir` must be missing, empty, or a geek index: any other directory is refused
+    /// ([`Error::NotAnIndex`]), so a typo never deletes someone's files. The new index is
+    /// built beside the old one and switched in by one atomic rename of its metadata file:
+    /// a failed or killed build leaves the old index as it was.
+    pub fn build(dir: &Path, corpora: &[CorpusSource]) -> Result<Self> {
         let docs = load_all(corpora)?;
-        Self::build_from_documents(dir, &docs, corpora.to_vec(), show_progress)
+        Self::build_from_documents(dir, &docs, corpora.to_vec())
     }
 
-    /// Builds an index of the given passages in `dir`, replacing what is there.
+    /// Builds an index of the given passages in `dir` (see [`build`](Self::build)).
     pub fn build_from_documents(
         dir: &Path,
         docs: &[Document],
         corpora: Vec<CorpusSource>,
-        show_progress: bool,
     ) -> Result<Self> {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
+        check_build_target(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let (schema, f) = schema();
-        let index = Index::create_in_dir(dir, schema)?;
-        index.tokenizers().register(ANALYZER, analyzer());
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(4);
-        let mut writer: IndexWriter = index.writer_with_num_threads(threads, 256 << 20)?;
-        let bar = if show_progress {
-            indicatif::ProgressBar::new(docs.len() as u64).with_style(
-                indicatif::ProgressStyle::with_template("indexing {bar:40} {pos}/{len} passages")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            )
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        for d in docs {
-            let mut doc = TantivyDocument::default();
-            doc.add_text(f.id, &d.id);
-            doc.add_text(f.title, &d.title);
-            doc.add_text(f.section, &d.section);
-            doc.add_text(f.text, &d.text);
-            doc.add_text(f.body, format!("{}\n{}\n{}", d.title, d.title, d.text));
-            writer.add_document(doc)?;
-            bar.inc(1);
-        }
-        writer.commit()?;
-        writer.wait_merging_threads()?;
-        bar.finish_and_clear();
+        // One build at a time per directory.
+        let lock_path = dir.join(BUILD_LOCK);
+        let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        remove_leftovers(dir, None)?;
+        let building = tempfile::Builder::new()
+            .prefix(BUILDING_PREFIX)
+            .tempdir_in(dir)
+            .map_err(|e| Error::io(dir, e))?;
+        write_tantivy(building.path(), docs)?;
+        let generation = format!(
+            "{GENERATION_PREFIX}{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let data_dir = dir.join(&generation);
+        std::fs::rename(building.keep(), &data_dir).map_err(|e| Error::io(&data_dir, e))?;
         let meta = IndexMeta {
             schema_version: SCHEMA_VERSION,
             corpora,
@@ -176,10 +258,16 @@ impl Bm25Index {
             built_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            data: Some(generation.clone()),
         };
+        // The switch: until this rename the old metadata (and its data) is the index.
         let meta_path = dir.join(META_FILE);
+        let tmp = dir.join(format!("{META_FILE}.tmp"));
         let json = serde_json::to_vec_pretty(&meta).expect("meta serializes");
-        std::fs::write(&meta_path, json).map_err(|e| Error::io(&meta_path, e))?;
+        std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        remove_leftovers(dir, Some(&generation))?;
+        drop(lock);
         Self::open(dir)
     }
 
@@ -206,10 +294,21 @@ impl Bm25Index {
             });
         }
         let meta: IndexMeta = serde_json::from_slice(&bytes).map_err(|e| Error::Corpus {
-            path: meta_path,
+            path: meta_path.clone(),
             reason: e.to_string(),
         })?;
-        let index = Index::open_in_dir(dir)?;
+        let data_dir = match &meta.data {
+            Some(name) if is_generation_name(name) => dir.join(name),
+            Some(name) => {
+                return Err(Error::Corpus {
+                    path: meta_path,
+                    reason: format!("its data directory {name:?} is not an index generation"),
+                })
+            }
+            // Indexes built before generations kept tantivy's files in the directory itself.
+            None => dir.to_path_buf(),
+        };
+        let index = Index::open_in_dir(&data_dir)?;
         index.tokenizers().register(ANALYZER, analyzer());
         let (_, fields) = schema();
         let reader = index
@@ -293,6 +392,8 @@ impl Bm25Index {
     /// no results.
     pub fn search(&self, query: &str, k: usize) -> Result<Vec<Passage>> {
         let terms = self.analyze(query);
+        // tantivy allocates room for k hits up front: never ask for more than there are.
+        let k = k.min(self.reader.searcher().num_docs() as usize);
         if terms.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
@@ -340,7 +441,7 @@ mod tests {
             doc("Vietnam War-1", "Vietnam War", "The Vietnam War lasted from 1955 to 1975."),
             doc("Paris-1", "Paris", "Paris is the capital and most populous city of France."),
         ];
-        Bm25Index::build_from_documents(dir, &docs, vec![], false).unwrap()
+        Bm25Index::build_from_documents(dir, &docs, vec![]).unwrap()
     }
 
     #[test]
@@ -385,7 +486,7 @@ mod tests {
             doc("a", "Camel", "An animal of the desert, unlike the llama."),
             doc("b", "Llama", "An animal of the Andes, unlike the camel."),
         ];
-        let index = Bm25Index::build_from_documents(dir.path(), &docs, vec![], false).unwrap();
+        let index = Bm25Index::build_from_documents(dir.path(), &docs, vec![]).unwrap();
         assert_eq!(index.search("llama", 2).unwrap()[0].id, "b");
         assert_eq!(index.search("camel", 2).unwrap()[0].id, "a");
     }
@@ -409,5 +510,57 @@ mod tests {
             Bm25Index::open(&dir.path().join("nothing")),
             Err(Error::IndexMissing(_))
         ));
+    }
+
+    /// Regression: `geek index build --out DIR` deleted whatever DIR held.
+    #[test]
+    fn a_directory_with_other_files_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = dir.path().join("thesis.txt");
+        std::fs::write(&mine, "years of work").unwrap();
+        let docs = vec![doc("a", "A", "alpha")];
+        let err = Bm25Index::build_from_documents(dir.path(), &docs, vec![]).unwrap_err();
+        assert!(matches!(err, Error::NotAnIndex(_)), "{err}");
+        assert_eq!(std::fs::read_to_string(&mine).unwrap(), "years of work");
+        let file = dir.path().join("thesis.txt");
+        assert!(matches!(
+            Bm25Index::build_from_documents(&file, &docs, vec![]),
+            Err(Error::NotAnIndex(_))
+        ));
+    }
+
+    #[test]
+    fn a_rebuild_replaces_the_index_and_a_killed_one_leaves_it_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let index_dir = dir.path().join("index");
+        small_index(&index_dir);
+        // A build killed before its switch leaves a half-written generation behind.
+        std::fs::create_dir(index_dir.join(".building-x")).unwrap();
+        std::fs::write(index_dir.join(".building-x").join("meta.json"), "{").unwrap();
+        let still = Bm25Index::open(&index_dir).unwrap();
+        assert_eq!(still.search("llama", 1).unwrap()[0].id, "Llama-1");
+        drop(still);
+        let rebuilt =
+            Bm25Index::build_from_documents(&index_dir, &[doc("new", "Tapir", "tapirs")], vec![])
+                .unwrap();
+        assert_eq!(rebuilt.meta().documents, 1);
+        assert_eq!(rebuilt.search("tapir", 5).unwrap()[0].id, "new");
+        let names: Vec<String> = std::fs::read_dir(&index_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".geek-index.lock"))
+            .collect();
+        assert_eq!(names.len(), 2, "one generation and the metadata: {names:?}");
+    }
+
+    /// Regression: `geek search -k 18446744073709551615` overflowed tantivy's allocation.
+    #[test]
+    fn a_huge_k_is_clamped_to_the_document_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = small_index(dir.path());
+        assert_eq!(
+            index.search("llama paris war", usize::MAX).unwrap().len(),
+            3
+        );
     }
 }

@@ -24,6 +24,9 @@ pub enum Error {
     /// There is no index at the given place.
     #[error("no index at {0}; build one with `geek index build`")]
     IndexMissing(PathBuf),
+    /// A directory to build an index in holds other files.
+    #[error("{0} is not empty and is not a geek index; refusing to build an index there (choose an empty or new directory)")]
+    NotAnIndex(PathBuf),
     /// The index was built by another version of geek with another schema.
     #[error("index at {path} has schema version {found}, this geek needs {expected}; rebuild it with `geek index build`")]
     SchemaMismatch {
@@ -35,7 +38,7 @@ pub enum Error {
         expected: u32,
     },
     /// tantivy failed.
-    #[error("search index: {0}")]
+    #[error("search index")]
     Index(#[from] tantivy::TantivyError),
     /// A web provider failed after its retries (the agent treats this as "no results").
     #[error("web retrieval from {provider}: {reason}")]
@@ -56,5 +59,32 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole chain as `anyhow`'s `{:#}` prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            parts.push(s.to_string());
+            cur = s.source();
+        }
+        parts.join(": ")
+    }
+
+    /// Regression: wrapped errors repeated their source's text in their own message.
+    #[test]
+    fn a_wrapped_error_is_printed_once() {
+        let inner = tantivy::TantivyError::InvalidArgument("bad field xyz".into());
+        let text = chain(&Error::from(inner));
+        assert_eq!(text.matches("bad field xyz").count(), 1, "{text}");
+        let io = Error::io("/x", std::io::Error::other("disk on fire"));
+        let text = chain(&io);
+        assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
     }
 }

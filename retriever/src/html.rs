@@ -22,7 +22,7 @@ pub fn html_to_text(html: &str) -> String {
         rest = &after[gt + 1..];
         if (name == "script" || name == "style") && !after[1..].starts_with('/') {
             let close = format!("</{name}");
-            rest = match rest.to_ascii_lowercase().find(&close) {
+            rest = match find_ignoring_ascii_case(rest, &close) {
                 Some(i) => rest[i..].find('>').map_or("", |j| &rest[i + j + 1..]),
                 None => "",
             };
@@ -36,6 +36,16 @@ pub fn html_to_text(html: &str) -> String {
     }
     out.push_str(&decode_entities(rest));
     out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Byte offset of the first occurrence of the ASCII `needle` in `haystack`, ignoring ASCII
+/// case, without copying the haystack (a page with many `<script>` tags stays linear).
+fn find_ignoring_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    if n.is_empty() {
+        return Some(0);
+    }
+    h.windows(n.len()).position(|w| w.eq_ignore_ascii_case(n))
 }
 
 fn decode_entities(s: &str) -> String {

@@ -77,6 +77,9 @@ pub struct WebRetriever {
     client: reqwest::Client,
 }
 
+/// Redirects followed per request (all to the configured host).
+const MAX_REDIRECTS: usize = 5;
+
 /// Why one attempt failed, and whether trying again can help.
 struct Attempt {
     reason: String,
@@ -86,9 +89,24 @@ struct Attempt {
 impl WebRetriever {
     /// A retriever for `provider` with `config`.
     pub fn new(provider: WebProvider, config: WebConfig) -> Result<Self> {
+        let host = reqwest::Url::parse(&config.base_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
+        // Redirects stay on the configured host: a provider cannot send geek elsewhere.
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+            } else if attempt.url().host_str() != host.as_deref() {
+                let to = attempt.url().to_string();
+                attempt.error(format!("redirect to another host ({to}) refused"))
+            } else {
+                attempt.follow()
+            }
+        });
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
+            .redirect(redirects)
             .user_agent(concat!("geek/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Web {
@@ -264,7 +282,7 @@ impl WebRetriever {
             .map(|(rank, h)| {
                 let text = extracts
                     .get(&h.pageid.to_string())
-                    .map(|p| p.extract.trim().to_string())
+                    .map(|p| html_to_text(&p.extract))
                     .filter(|t| !t.is_empty())
                     .unwrap_or_else(|| html_to_text(&h.snippet));
                 Passage {
@@ -311,9 +329,24 @@ impl WebRetriever {
         url: &str,
         query: &[(&str, &str)],
     ) -> std::result::Result<Vec<u8>, Attempt> {
+        let timeout = self.config.timeout;
         let transient = |e: reqwest::Error| Attempt {
-            retry: e.is_timeout() || e.is_connect() || e.is_request(),
-            reason: format!("request to {url} failed: {e}"),
+            retry: e.is_timeout() || e.is_connect() || (e.is_request() && !e.is_redirect()),
+            reason: if e.is_timeout() {
+                format!(
+                    "request to {url} timed out after {:.1} s",
+                    timeout.as_secs_f64()
+                )
+            } else {
+                // reqwest's Display omits the cause ("error sending request"): show the chain.
+                let mut reason = format!("request to {url} failed: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    reason.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                reason
+            },
         };
         let mut response = self
             .client

@@ -17,6 +17,7 @@ struct Reply {
     status: u16,
     body: String,
     delay: Duration,
+    location: Option<String>,
 }
 
 fn ok(body: &str) -> Reply {
@@ -24,6 +25,7 @@ fn ok(body: &str) -> Reply {
         status: 200,
         body: body.into(),
         delay: Duration::ZERO,
+        location: None,
     }
 }
 
@@ -59,8 +61,11 @@ where
                 let n = counter.fetch_add(1, Ordering::SeqCst);
                 let reply = route(&target, n);
                 tokio::time::sleep(reply.delay).await;
+                let location = reply
+                    .location
+                    .map_or(String::new(), |l| format!("location: {l}\r\n"));
                 let resp = format!(
-                    "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                    "HTTP/1.1 {} X\r\ncontent-type: application/json\r\n{location}content-length: {}\r\nconnection: close\r\n\r\n{}",
                     reply.status,
                     reply.body.len(),
                     reply.body
@@ -183,7 +188,7 @@ async fn failures_are_typed_and_bounded() {
     let err = web.search("q", 3).await.unwrap_err().to_string();
     assert!(err.contains("malformed JSON"), "{err}");
 
-    // Too slow: the total timeout fires on every attempt.
+    // Too slow: the total timeout fires on every attempt, and the error says so.
     let (base, count) = serve(|_, _| Reply {
         delay: Duration::from_secs(3),
         ..ok(SEARXNG)
@@ -191,7 +196,8 @@ async fn failures_are_typed_and_bounded() {
     .await;
     let web = WebRetriever::new(WebProvider::SearxNg, config(&base)).unwrap();
     let started = std::time::Instant::now();
-    assert!(web.search("q", 3).await.is_err());
+    let err = web.search("q", 3).await.unwrap_err().to_string();
+    assert!(err.contains("timed out after 0.5 s"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(count.load(Ordering::SeqCst), 3);
 
@@ -253,7 +259,7 @@ async fn hybrid_fuses_local_and_web_and_survives_a_dead_web() {
         },
     ];
     let local: Arc<dyn Retriever> =
-        Arc::new(Bm25Index::build_from_documents(dir.path(), &docs, vec![], false).unwrap());
+        Arc::new(Bm25Index::build_from_documents(dir.path(), &docs, vec![]).unwrap());
     let (base, _) = serve(|_, _| ok(SEARXNG)).await;
     let web: Arc<dyn Retriever> =
         Arc::new(WebRetriever::new(WebProvider::SearxNg, config(&base)).unwrap());
@@ -272,4 +278,61 @@ async fn hybrid_fuses_local_and_web_and_survives_a_dead_web() {
         .await
         .unwrap();
     assert_eq!(hits[0].id, "Llama-1");
+}
+
+/// Regression: reqwest followed up to 10 redirects to any host.
+#[tokio::test]
+async fn redirects_to_another_host_are_refused() {
+    let (elsewhere, visits) = serve(|_, _| ok(SEARXNG)).await;
+    let port = elsewhere.rsplit(':').next().unwrap().to_string();
+    let target = format!("http://localhost:{port}/search");
+    let (base, _) = serve(move |path, _| {
+        if path.starts_with("/search") {
+            Reply {
+                status: 302,
+                location: Some(target.clone()),
+                ..ok("")
+            }
+        } else {
+            ok(SEARXNG)
+        }
+    })
+    .await;
+    let web = WebRetriever::new(WebProvider::SearxNg, config(&base)).unwrap();
+    let err = web.search("q", 3).await.unwrap_err().to_string();
+    assert!(err.contains("another host"), "{err}");
+    assert_eq!(visits.load(Ordering::SeqCst), 0);
+
+    // A redirect on the same host is followed.
+    let (base, _) = serve(|path, _| {
+        if path.starts_with("/search") {
+            Reply {
+                status: 302,
+                location: Some("/moved".into()),
+                ..ok("")
+            }
+        } else {
+            ok(SEARXNG)
+        }
+    })
+    .await;
+    let web = WebRetriever::new(WebProvider::SearxNg, config(&base)).unwrap();
+    assert_eq!(web.search("q", 3).await.unwrap().len(), 2);
+}
+
+/// Regression: MediaWiki extracts were used without stripping HTML (and so without losing any
+/// markup a hostile server put there).
+#[tokio::test]
+async fn mediawiki_extracts_are_stripped() {
+    let (base, _) = serve(|path, _| {
+        if path.contains("list=search") {
+            ok(r#"{"query":{"search":[{"title":"Llama","pageid":1,"snippet":"s"}]}}"#)
+        } else {
+            ok(r#"{"query":{"pages":{"1":{"extract":"<p>The <b>llama</b></p><script>alert(1)</script> is tall &amp; woolly."}}}}"#)
+        }
+    })
+    .await;
+    let web = WebRetriever::new(WebProvider::MediaWiki, config(&base)).unwrap();
+    let hits = web.search("llama", 1).await.unwrap();
+    assert_eq!(hits[0].text, "The llama is tall & woolly.");
 }

@@ -40,11 +40,12 @@ pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
     for q in &questions {
         match gold_trajectory(q, &index, args.passages)? {
             Ok(t) => {
-                let chat = runtime.block_on(AgentModel::chat_prompt(
+                let parts = runtime.block_on(AgentModel::chat_prompt(
                     &engine,
                     prompts::SYSTEM,
                     &t.user_turn(),
                 ))?;
+                let chat: String = parts.iter().map(|p| p.text.as_str()).collect();
                 let ex = t.render(&chat);
                 let line = serde_json::json!({
                     "qid": q.qid,

@@ -62,6 +62,7 @@ fn dataset_path(split: &strategyqa::Split, config: &Resolved) -> Result<std::pat
 }
 
 fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+    anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
     let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
     let dataset = dataset_path(&split, config)?;
     // Every question is checked before any work starts.
@@ -77,7 +78,7 @@ fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
     let parallel = args.parallel.max(1) as u32;
     engine_config.n_ctx = engine_config.n_ctx.max(CONTEXT_PER_QUESTION * parallel);
     engine_config.max_sequences = (parallel * (args.explore as u32 + 2) + 4).min(256);
-    let model_sha256 = run::model_sha256(&engine_config.model)?;
+    let model_sha256 = geek_backend::catalog::sha256_cached(&engine_config.model)?;
     let spec = RunSpec {
         method: args.method,
         split: args.split.clone(),
@@ -117,12 +118,17 @@ fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(run::run(
-        spec,
-        &questions,
-        answerer,
-        std::io::stderr().is_terminal(),
-    ))?;
+    let bar = crate::progress::run_bar(std::io::stderr().is_terminal());
+    let mut on_progress = |p: run::RunProgress| crate::progress::show_run(&bar, p);
+    let outcome = runtime.block_on(run::run(spec, &questions, answerer, None, &mut on_progress))?;
+    bar.finish_and_clear();
+    if outcome.damaged_lines > 0 {
+        eprintln!(
+            "warning: {} damaged line(s) in {} were skipped; their questions were answered again",
+            outcome.damaged_lines,
+            outcome.files.samples.display()
+        );
+    }
     let m = &outcome.results.results["strategyqa"];
     match (m.acc, m.acc_stderr) {
         (Some(acc), Some(se)) => println!(

@@ -1,6 +1,5 @@
 //! `geek index build` and `geek search`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +20,7 @@ pub fn build(corpora: Vec<PathBuf>, out: Option<PathBuf>, config: &Resolved) -> 
     };
     let dir = out.unwrap_or_else(|| config.index_dir.clone());
     let start = Instant::now();
-    let index = Bm25Index::build(&dir, &sources, std::io::stderr().is_terminal())?;
+    let index = Bm25Index::build(&dir, &sources)?;
     println!(
         "indexed {} passages into {} in {:.1} s",
         index.meta().documents,

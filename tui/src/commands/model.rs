@@ -65,10 +65,11 @@ struct ModelFacts {
 
 impl ModelFacts {
     fn read(g: &GgufFile) -> Self {
-        let vocab_size = match g.metadata.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(v)) => Some(v.len()),
-            _ => None,
-        };
+        let vocab_size = g
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::array_len)
+            .map(|n| n as usize);
         ModelFacts {
             path: g.path.display().to_string(),
             file_size: g.file_size,
