@@ -38,6 +38,10 @@ pub struct ExcavatorConfig {
     /// Tokens one question may use (default: the model's context size). Set it when several
     /// questions share one engine's KV cache.
     pub context_limit: Option<usize>,
+    /// Calibration: added to each branch's `log p(yes) − log p(no)` before it answers.
+    pub answer_offset: f32,
+    /// Where the offset came from, recorded in the trace.
+    pub calibration: Option<String>,
 }
 
 impl Default for ExcavatorConfig {
@@ -51,6 +55,8 @@ impl Default for ExcavatorConfig {
             explore_temperature: 0.8,
             seed: 0,
             context_limit: None,
+            answer_offset: 0.0,
+            calibration: None,
         }
     }
 }
@@ -103,6 +109,13 @@ impl ExcavatorBuilder {
     /// Passages shown per retrieval (default 3).
     pub fn passages(mut self, n: usize) -> Self {
         self.config.passages = n;
+        self
+    }
+
+    /// A calibration offset and where it came from (see [`ExcavatorConfig::answer_offset`]).
+    pub fn calibration(mut self, offset: f32, source: impl Into<String>) -> Self {
+        self.config.answer_offset = offset;
+        self.config.calibration = Some(source.into());
         self
     }
 
@@ -178,6 +191,13 @@ impl Excavator {
         &self.config
     }
 
+    /// Sets the calibration offset (see [`ExcavatorConfig::answer_offset`]), keeping the
+    /// cached system prompt.
+    pub fn set_calibration(&mut self, offset: f32, source: impl Into<String>) {
+        self.config.answer_offset = offset;
+        self.config.calibration = Some(source.into());
+    }
+
     /// Excavates `question` and returns the trace.
     pub async fn run(&self, question: &str) -> Result<Trace> {
         self.run_inner(question, None).await
@@ -190,6 +210,24 @@ impl Excavator {
         events: UnboundedSender<Event>,
     ) -> Result<Trace> {
         self.run_inner(question, Some(events)).await
+    }
+
+    /// `log p(yes) − log p(no)` of the final answer after a content-free question and
+    /// summary (`input`, e.g. "N/A"), with no excavation: the bias contextual calibration
+    /// (Zhao et al. 2021) removes.
+    pub async fn content_free_margin(&self, input: &str) -> Result<f32> {
+        let (seq, _, _) = self.question_sequence(input).await?;
+        let transcript = format!(
+            "{}{}{} {}\n{}",
+            prompts::ACTION_PREFIX,
+            prompts::action_line(Action::FinalAnswer),
+            prompts::SUMMARY_PREFIX,
+            input.trim(),
+            prompts::ANSWER_PREFIX
+        );
+        seq.append(&transcript).await?;
+        let scores = seq.score(&[prompts::YES, prompts::NO]).await?;
+        Ok(scores[0] - scores[1])
     }
 
     /// A sequence holding the system prompt and the question, and the length of its shared
@@ -291,9 +329,11 @@ impl Excavator {
         let answer = if yes_votes != no_votes {
             yes_votes > no_votes
         } else {
-            let yes: f32 = branches.iter().map(|b| b.final_answer.yes_logprob).sum();
-            let no: f32 = branches.iter().map(|b| b.final_answer.no_logprob).sum();
-            yes > no
+            let margin: f32 = branches
+                .iter()
+                .map(|b| b.final_answer.yes_logprob - b.final_answer.no_logprob)
+                .sum();
+            margin + self.config.answer_offset * branches.len() as f32 > 0.0
         };
         emit(
             &events,
@@ -322,6 +362,8 @@ impl Excavator {
                 passages: self.config.passages,
             },
             seconds: start.elapsed().as_secs_f64(),
+            answer_offset: self.config.answer_offset,
+            calibration: self.config.calibration.clone(),
         })
     }
 }
@@ -419,8 +461,7 @@ impl BranchRun<'_> {
 
     async fn append(&mut self, text: &str) -> Result<()> {
         let stats = self.seq.append(text).await?;
-        self.counts.decoded += stats.decoded;
-        self.counts.without_reuse += stats.total;
+        self.counts.add_prefill(&stats);
         self.len = stats.total;
         Ok(())
     }
@@ -453,10 +494,8 @@ impl BranchRun<'_> {
             )
         };
         let done: Completion = self.seq.generate(params, &mut on_piece).await?;
-        let generated = done.tokens.len();
-        self.counts.decoded += done.prefill.decoded + generated.saturating_sub(1);
-        self.counts.without_reuse += done.prefill.total + generated;
-        self.len = done.prefill.total + generated;
+        self.counts.add_generation(&done);
+        self.len = done.prefill.total + done.tokens.len();
         let mut text = done.text.trim().to_string();
         if done.stop == StopReason::MaxTokens {
             let close = closing.trim_end_matches('\n');
@@ -536,8 +575,7 @@ impl BranchRun<'_> {
     async fn draft_plan(&mut self, sampling: Sampling) -> Result<(String, Option<String>)> {
         let fork = self.seq.fork().await?;
         let stats = fork.append(prompts::PLAN_PREFIX).await?;
-        self.counts.decoded += stats.decoded;
-        self.counts.without_reuse += stats.total;
+        self.counts.add_prefill(&stats);
         let params = GenerateParams {
             max_tokens: 160,
             sampling,
@@ -547,8 +585,7 @@ impl BranchRun<'_> {
         };
         let done = fork.generate(params, &mut |_| {}).await?;
         let generated = done.tokens.len();
-        self.counts.decoded += done.prefill.decoded + generated.saturating_sub(1);
-        self.counts.without_reuse += done.prefill.total + generated;
+        self.counts.add_generation(&done);
         // The fork's own tokens were decoded once and then dropped: unique, not reused.
         self.counts.unique += stats.total - self.len + generated;
         let first = done.text.lines().next().unwrap_or_default();
@@ -684,7 +721,7 @@ impl BranchRun<'_> {
         let scores = self.seq.score(&[prompts::YES, prompts::NO]).await?;
         let final_answer = FinalAnswer {
             summary,
-            answer: scores[0] > scores[1],
+            answer: scores[0] - scores[1] + self.ex.config.answer_offset > 0.0,
             yes_logprob: scores[0],
             no_logprob: scores[1],
             forced: forced.is_some(),

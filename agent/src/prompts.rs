@@ -60,6 +60,13 @@ pub fn sub_question_prefix(k: usize) -> String {
 
 /// The passages block shown for a retrieval, then the opening of the fact line.
 pub fn passages_block(passages: &[(String, String)], k: usize) -> String {
+    let mut s = passage_lines(passages, 1);
+    s.push_str(&fact_prefix(k));
+    s
+}
+
+/// `Passages:` and one `[Pn] Title: text` line per (title, text), numbered from `first`.
+pub fn passage_lines(passages: &[(String, String)], first: usize) -> String {
     let mut s = String::from("Passages:\n");
     if passages.is_empty() {
         s.push_str("(no passage found)\n");
@@ -67,12 +74,11 @@ pub fn passages_block(passages: &[(String, String)], k: usize) -> String {
     for (i, (title, text)) in passages.iter().enumerate() {
         s.push_str(&format!(
             "[P{}] {}: {}\n",
-            i + 1,
+            i + first,
             one_line(title),
             one_line(text)
         ));
     }
-    s.push_str(&fact_prefix(k));
     s
 }
 

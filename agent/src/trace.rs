@@ -117,7 +117,7 @@ pub struct ActionRecord {
 pub struct FinalAnswer {
     /// The model's one-line summary of the facts.
     pub summary: String,
-    /// `yes_logprob > no_logprob`.
+    /// `yes_logprob − no_logprob + offset > 0` (the trace's `answer_offset`).
     pub answer: bool,
     /// log p(" yes") after `Answer:`.
     pub yes_logprob: f32,
@@ -150,6 +150,21 @@ pub struct TokenCounts {
     pub unique: usize,
     /// What a stateless API re-sending the whole history at every call would decode.
     pub without_reuse: usize,
+}
+
+impl TokenCounts {
+    /// Counts an append (or the prompt part of a request).
+    pub fn add_prefill(&mut self, stats: &geek_backend::PrefillStats) {
+        self.decoded += stats.decoded;
+        self.without_reuse += stats.total;
+    }
+
+    /// Counts a generation: its prompt decoding and its tokens (the last one stays undecoded
+    /// until the next request).
+    pub fn add_generation(&mut self, done: &geek_backend::Completion) {
+        self.decoded += done.prefill.decoded + done.tokens.len().saturating_sub(1);
+        self.without_reuse += done.prefill.total + done.tokens.len();
+    }
 }
 
 /// Settings recorded with a trace.
@@ -194,12 +209,28 @@ pub struct Trace {
     pub config: TraceConfig,
     /// Wall time.
     pub seconds: f64,
+    /// The calibration offset added to every branch's margin before it voted.
+    #[serde(default)]
+    pub answer_offset: f32,
+    /// Where the offset came from (`fitted on N train`, `contextual`), when one was set.
+    #[serde(default)]
+    pub calibration: Option<String>,
 }
 
 impl Trace {
     /// The greedy branch.
     pub fn main_branch(&self) -> &Branch {
         &self.branches[0]
+    }
+
+    /// The mean over branches of `log p(yes) − log p(no)`, before any offset.
+    pub fn margin(&self) -> f32 {
+        let n = self.branches.len().max(1) as f32;
+        self.branches
+            .iter()
+            .map(|b| b.final_answer.yes_logprob - b.final_answer.no_logprob)
+            .sum::<f32>()
+            / n
     }
 
     /// `decoded / unique`: 1.0 means nothing was decoded twice.

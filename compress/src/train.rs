@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, read_json, swap_in, write_json};
 use crate::data::{pack, shuffled, Row, Tokenized};
 use crate::model::{AdaptedModel, Batch};
 use crate::{AdapterConfig, BaseWeights, Error, Result};
@@ -291,7 +292,7 @@ pub fn finetune(
     };
     std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let ckpt = checkpoint_dir(out);
-    if ckpt.join("state.json").is_file() {
+    if checkpoint::exists(&ckpt)? {
         state = resume(&ckpt, &state, &vars, &mut opt)?;
     }
     // One epoch of rows per seed; later epochs reshuffle.
@@ -476,37 +477,6 @@ fn save_checkpoint(dir: &Path, state: &State, vars: &[(String, Var)], opt: &Adam
     }
     write_json(&tmp.join("state.json"), state)?;
     swap_in(&tmp, dir)
-}
-
-/// Writes `value` as pretty JSON.
-pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    let json = serde_json::to_vec_pretty(value).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    std::fs::write(path, json).map_err(Error::io(path))
-}
-
-/// Reads JSON written by [`write_json`].
-pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Replaces checkpoint directory `dir` by the complete `tmp`. A kill between the renames
-/// leaves `.old`, which resume ignores while `dir` is complete or absent.
-pub(crate) fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
-    let old = dir.with_extension("old");
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(Error::io(dir))?;
-    }
-    std::fs::rename(tmp, dir).map_err(Error::io(dir))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
 }
 
 fn resume(dir: &Path, fresh: &State, vars: &[(String, Var)], opt: &mut AdamW) -> Result<State> {

@@ -25,9 +25,10 @@ pub struct Metrics {
     /// the margin ranks answers, whatever the threshold (0.5 = chance).
     #[serde(default)]
     pub auc: Option<f64>,
-    /// The same answers with a calibration offset added to every margin.
+    /// The same answers with a calibration offset added to every margin, one entry per
+    /// offset tried (the first is the one `ask` and the TUI would use).
     #[serde(default)]
-    pub calibrated: Option<CalibratedMetrics>,
+    pub calibrated: Vec<CalibratedMetrics>,
     /// Mean Recall@10 of retrieved passages over questions with gold evidence.
     #[serde(rename = "recall@10")]
     pub recall_at_10: Option<f64>,
@@ -84,13 +85,13 @@ pub fn calibrated_prediction(sample: &Sample, offset: f32) -> bool {
         .map_or(sample.prediction, |m| m + offset > 0.0)
 }
 
-/// Computes the metrics of a set of samples; `calibration` = (offset, its source).
-pub fn metrics(samples: &[Sample], calibration: Option<(f32, &str)>) -> Metrics {
+/// Computes the metrics of a set of samples; each calibration is (offset, its source).
+pub fn metrics(samples: &[Sample], calibrations: &[(f32, &str)]) -> Metrics {
     let n = samples.len();
     let labelled: Vec<&Sample> = samples.iter().filter(|s| s.gold.is_some()).collect();
     let raw: Vec<bool> = labelled.iter().map(|s| s.correct == Some(true)).collect();
     let (correct, acc, acc_stderr) = accuracy(&raw);
-    let calibrated = calibration.map(|(offset, source)| {
+    let calibrated = calibrations.iter().map(|&(offset, source)| {
         let outcomes: Vec<bool> = labelled
             .iter()
             .map(|s| s.error.is_none() && Some(calibrated_prediction(s, offset)) == s.gold)
@@ -108,6 +109,7 @@ pub fn metrics(samples: &[Sample], calibration: Option<(f32, &str)>) -> Metrics 
                 .count(),
         }
     });
+    let calibrated = calibrated.collect();
     let scored: Vec<(f32, bool)> = labelled
         .iter()
         .filter_map(|s| Some((s.margin()?, s.gold?)))
@@ -177,7 +179,7 @@ mod tests {
         samples.push(sample(3, true));
         samples[0].recall_at_10 = Some(0.5);
         samples[0].actions = BTreeMap::from([("Retrieve".into(), 8)]);
-        let m = metrics(&samples, None);
+        let m = metrics(&samples, &[]);
         assert_eq!(m.correct, Some(3));
         assert_eq!(m.acc, Some(0.75));
         assert!((m.acc_stderr.unwrap() - (0.75f64 * 0.25 / 3.0).sqrt()).abs() < 1e-12);
@@ -204,12 +206,11 @@ mod tests {
         let mut samples: Vec<Sample> = (0..4).map(|i| sample(i, false)).collect();
         samples[3].gold = Some(false);
         samples[3].correct = Some(true);
-        let m = metrics(&samples, Some((2.0, "test")));
-        let c = m.calibrated.unwrap();
+        let m = metrics(&samples, &[(2.0, "test"), (-2.0, "test")]);
+        let c = &m.calibrated[0];
         assert_eq!(c.yes_answers, 4);
         assert_eq!(c.correct, Some(3));
-        let m = metrics(&samples, Some((-2.0, "test")));
-        let c = m.calibrated.unwrap();
+        let c = &m.calibrated[1];
         assert_eq!((c.correct, c.yes_answers), (Some(1), 0));
     }
 }

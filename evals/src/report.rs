@@ -120,7 +120,7 @@ pub fn markdown(runs: &[RunOnDisk]) -> String {
             .model
             .file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned());
-        let calibrated = m.calibrated.as_ref().map_or("–".to_string(), |c| {
+        let calibrated = m.calibrated.first().map_or("–".to_string(), |c| {
             format!(
                 "{} ± {} ({:+.2}, {})",
                 f(c.acc, 4),

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::methods::{Answerer, Method, BASELINE_PROMPT_VERSION};
+use crate::methods::{Answerer, Method};
 use crate::metrics::{calibrated_prediction, metrics, Metrics};
 use crate::recall::recall_at_k;
 use crate::samples::{finite, Sample, SamplesRead, SamplesWriter};
@@ -44,6 +44,9 @@ pub struct RunSpec {
     pub max_steps: usize,
     /// Seed of sampled branches.
     pub seed: u32,
+    /// Pre-answer drafting (geek).
+    #[serde(default)]
+    pub pre_answer: bool,
     /// Model file.
     pub model: PathBuf,
     /// Its sha256.
@@ -62,18 +65,11 @@ impl RunSpec {
         let identity = serde_json::json!({
             "method": self.method, "dataset": self.dataset, "limit": self.limit,
             "explore": self.explore, "max_steps": self.max_steps, "seed": self.seed,
+            "pre_answer": self.pre_answer,
             "model_sha256": self.model_sha256, "index": self.index, "prompts": self.prompts_version,
         });
         let digest = Sha256::digest(identity.to_string().as_bytes());
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-/// The version string of all prompts a method uses.
-pub fn prompts_version(method: Method) -> String {
-    match method {
-        Method::Geek => geek_agent::prompts::PROMPT_VERSION.to_string(),
-        _ => BASELINE_PROMPT_VERSION.to_string(),
     }
 }
 
@@ -282,13 +278,14 @@ pub enum RunProgress {
     },
 }
 
-/// Runs (or resumes) an evaluation. `calibration` (offset, source) adds calibrated metrics;
-/// `progress` sees every answered question.
+/// Runs (or resumes) an evaluation. Each calibration (offset, source) adds calibrated
+/// metrics, the first also to the test split's predictions; `progress` sees every answered
+/// question.
 pub async fn run(
     spec: RunSpec,
     questions: &[Question],
     answerer: Answerer,
-    calibration: Option<(f32, String)>,
+    calibrations: &[(f32, String)],
     progress: &mut (dyn FnMut(RunProgress) + Send),
 ) -> Result<RunOutcome> {
     if spec.parallel == 0 {
@@ -312,7 +309,7 @@ pub async fn run(
         total: questions.len(),
         done: samples.len(),
     });
-    let calib = calibration.as_ref().map(|(o, s)| (*o, s.as_str()));
+    let calib: Vec<(f32, &str)> = calibrations.iter().map(|(o, s)| (*o, s.as_str())).collect();
     let started = Instant::now();
     let method = spec.method;
     let mut answered_now = 0;
@@ -335,7 +332,7 @@ pub async fn run(
         progress(RunProgress::Answered {
             done: samples.len(),
             total: questions.len(),
-            acc: metrics(&samples, None).acc,
+            acc: metrics(&samples, &[]).acc,
             per_minute: answered_now as f64 / minutes.max(1e-9),
         });
     }
@@ -344,7 +341,7 @@ pub async fn run(
     write_json(&files.record, &record)?;
     samples.sort_by_key(|s| s.index);
     let results = Results {
-        results: BTreeMap::from([("strategyqa".to_string(), metrics(&samples, calib))]),
+        results: BTreeMap::from([("strategyqa".to_string(), metrics(&samples, &calib))]),
         config: spec.clone(),
         git_commit: git_commit(),
         wall_seconds: record.wall_seconds,
@@ -356,7 +353,9 @@ pub async fn run(
         let preds: BTreeMap<&str, bool> = samples
             .iter()
             .map(|s| {
-                let p = calib.map_or(s.prediction, |(o, _)| calibrated_prediction(s, o));
+                let p = calib
+                    .first()
+                    .map_or(s.prediction, |&(o, _)| calibrated_prediction(s, o));
                 (s.qid.as_str(), p)
             })
             .collect();

@@ -388,12 +388,18 @@ pub enum IndexCommand {
 /// `geek eval strategyqa`
 #[derive(Debug, Args)]
 pub struct EvalQaArgs {
-    /// dev, train, full, test or a file path.
-    #[arg(long, default_value = "dev")]
-    pub split: String,
-    /// direct, cot, rag or geek.
+    /// dev, train, full, test or a file path (default: dev; for calibrate: train).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// direct, cot, rag, self-ask, ircot or geek.
     #[arg(long, default_value = "geek")]
     pub method: geek_evals::methods::Method,
+    /// Pre-answer drafting (geek).
+    #[arg(long)]
+    pub pre_answer: bool,
+    /// Passages shown per retrieval (geek).
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -465,6 +471,9 @@ pub enum WebProviderArg {
 pub enum EvalCommand {
     /// Answer StrategyQA questions with a method and measure accuracy (resumable).
     Strategyqa(EvalQaArgs),
+    /// Fit the yes/no decision offset of a method on StrategyQA train questions (resumable);
+    /// `ask`, the TUI and `eval` apply it.
+    Calibrate(EvalQaArgs),
     /// Compare runs: a Markdown table and PNG plots.
     Report {
         /// Directories holding results_*.json files.
@@ -538,6 +547,9 @@ pub struct AskArgs {
     /// Print the trace as JSON instead of the excavation as it happens.
     #[arg(long)]
     pub json: bool,
+    /// Answer by the raw yes/no log-probabilities, without the calibration offset.
+    #[arg(long)]
+    pub no_calibration: bool,
 }
 
 /// `geek generate`

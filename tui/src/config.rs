@@ -1,9 +1,14 @@
 //! Flags resolved once into what the commands use.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
-use geek_backend::{catalog, default_threads, EngineConfig};
+use geek_agent::{Excavator, ExcavatorConfig};
+use geek_backend::{catalog, default_threads, Engine, EngineConfig};
+use geek_evals::calibration::{self, CalibrationKey};
+use geek_evals::methods::{Answerer, Method};
+use geek_retriever::{Bm25Index, Retriever};
 
 use crate::cli::GlobalArgs;
 
@@ -28,7 +33,12 @@ pub struct Resolved {
     pub data_dir: PathBuf,
     /// BM25 index directory.
     pub index_dir: PathBuf,
+    /// Calibration offsets (`calibration.json`).
+    pub calibration_store: PathBuf,
 }
+
+/// Tokens one question may use when several share the engine.
+pub const CONTEXT_PER_QUESTION: u32 = 4096;
 
 impl Resolved {
     /// Applies defaults to the global flags.
@@ -49,6 +59,15 @@ impl Resolved {
                 .index
                 .clone()
                 .unwrap_or_else(geek_retriever::default_index_dir),
+            calibration_store: calibration::default_store_path(),
+        }
+    }
+
+    /// The same settings with another model (a path or catalogue name).
+    pub fn with_model(&self, spec: &str) -> Resolved {
+        Resolved {
+            model_spec: spec.to_string(),
+            ..self.clone()
         }
     }
 
@@ -80,5 +99,106 @@ impl Resolved {
         config.flash_attention = self.flash_attention;
         config.kv_type = self.kv_type;
         Ok(config)
+    }
+}
+
+/// How the agent runs, as the commands' flags set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentOptions {
+    /// Step budget per branch.
+    pub max_steps: usize,
+    /// Branches explored.
+    pub explore: usize,
+    /// Pre-answer drafting.
+    pub pre_answer: bool,
+    /// Retrieval on.
+    pub retrieval: bool,
+    /// Passages per retrieval.
+    pub passages: usize,
+    /// Seed of sampled branches.
+    pub seed: u32,
+    /// Tokens one question may use (when questions share the engine).
+    pub context_limit: Option<usize>,
+}
+
+impl Resolved {
+    /// Loads the engine for the configured model with room for `parallel` questions at once,
+    /// each exploring `explore` branches.
+    pub fn load_engine(&self, parallel: usize, explore: usize) -> Result<Engine> {
+        let mut config = self.engine_config()?;
+        if parallel > 1 {
+            config.n_ctx = config.n_ctx.max(CONTEXT_PER_QUESTION * parallel as u32);
+        }
+        config.max_sequences = ((parallel * (explore + 2) + 4) as u32).min(256);
+        Ok(Engine::load(config)?)
+    }
+
+    /// The BM25 index.
+    pub fn open_index(&self) -> Result<Bm25Index> {
+        Ok(Bm25Index::open(&self.index_dir)?)
+    }
+
+    /// The excavation agent on `engine` with the options given.
+    pub fn excavator(
+        &self,
+        engine: Engine,
+        retriever: Option<Arc<dyn Retriever>>,
+        options: &AgentOptions,
+    ) -> Result<Excavator> {
+        let mut builder = Excavator::builder()
+            .backend(engine)
+            .config(ExcavatorConfig {
+                max_steps: options.max_steps,
+                explore: options.explore,
+                pre_answer: options.pre_answer,
+                retrieval: options.retrieval,
+                passages: options.passages,
+                seed: options.seed,
+                context_limit: options.context_limit,
+                ..ExcavatorConfig::default()
+            });
+        if let (true, Some(r)) = (options.retrieval, retriever) {
+            builder = builder.retriever(r);
+        }
+        Ok(builder.build()?)
+    }
+
+    /// The calibration key of `method` on the engine's model.
+    pub fn calibration_key(&self, engine: &Engine, method: Method) -> Result<CalibrationKey> {
+        Ok(CalibrationKey {
+            model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
+            method: method.name().to_string(),
+            prompt_version: method.prompt_version().to_string(),
+        })
+    }
+
+    /// Gives `agent` the calibration `ask` and the TUI use: the offset fitted on train, else
+    /// the contextual one (computed and stored the first time).
+    pub async fn calibrate_agent(&self, engine: &Engine, agent: Excavator) -> Result<Excavator> {
+        let key = self.calibration_key(engine, Method::Geek)?;
+        let agent = Arc::new(agent);
+        let answerer = Answerer {
+            model: Arc::new(engine.clone()),
+            retriever: None,
+            agent: Some(agent.clone()),
+        };
+        let offsets =
+            calibration::offsets_for(&self.calibration_store, &key, &answerer, Method::Geek)
+                .await?;
+        drop(answerer);
+        let mut agent = Arc::try_unwrap(agent)
+            .map_err(|_| anyhow::anyhow!("the agent is still shared after calibration"))?;
+        if let Some(c) = offsets.first() {
+            agent.set_calibration(c.offset, c.describe());
+        }
+        Ok(agent)
+    }
+
+    /// The async runtime the commands run the libraries on.
+    pub fn runtime(&self) -> Result<tokio::runtime::Runtime> {
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?)
     }
 }

@@ -25,8 +25,9 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let command = cli.command.unwrap_or(cli::Command::Tui);
     let filter = || {
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,llama-cpp-2=error"))
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,llama-cpp-2=error,llama_cpp_2=error")
+        })
     };
     if matches!(command, cli::Command::Tui) {
         // The terminal belongs to the UI: logs go to a file.

@@ -1,5 +1,6 @@
 //! Progress bars: the libraries report progress as events; only the binary draws.
 
+use geek_backend::catalog::PullProgress;
 use geek_evals::run::RunProgress;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -35,5 +36,35 @@ pub fn show_run(bar: &ProgressBar, progress: RunProgress) {
                 acc.map_or("-".into(), |a| format!("{a:.3}"))
             ));
         }
+    }
+}
+
+/// A byte-counting bar of `total` bytes (a spinner when 0; hidden when not `visible`).
+pub fn bytes_bar(visible: bool, total: u64, message: &str) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = if total > 0 {
+        ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    } else {
+        ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        )
+    };
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// Moves the bar of a model pull of `name`.
+pub fn show_pull(bar: &ProgressBar, name: &str, p: PullProgress) {
+    bar.set_position(p.bytes);
+    if p.parts > 1 {
+        bar.set_message(format!("fetching {name} (part {}/{})", p.part, p.parts));
     }
 }

@@ -138,7 +138,7 @@ fn bench_backend_reports_every_test() {
 }
 
 #[test]
-fn model_pull_fetches_and_verifies_the_default_model() {
+fn model_pull_fetches_and_verifies_the_test_model() {
     let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let pull = || {
@@ -147,6 +147,7 @@ fn model_pull_fetches_and_verifies_the_default_model() {
                 .args([
                     "model",
                     "pull",
+                    "smollm2-135m-instruct-q4_1",
                     "--models-dir",
                     dir.path().to_str().unwrap(),
                 ])
@@ -159,10 +160,15 @@ fn model_pull_fetches_and_verifies_the_default_model() {
     assert_eq!(path, dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
     assert_eq!(
         geek_backend::catalog::sha256_file(&path).unwrap(),
-        geek_backend::catalog::default_model().sha256
+        geek_backend::catalog::test_model().sha256
     );
-    // Only the verified file is left behind.
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    // Only the verified file (and the pull's lock) is left behind.
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".pull.lock"))
+        .collect();
+    assert_eq!(left, vec!["SmolLM2-135M-Instruct.Q4_1.gguf"]);
     // A second pull finds it in place.
     assert_eq!(pull().trim(), out.trim());
 }

@@ -93,7 +93,7 @@ fn every_method_answers_the_first_ten_dev_questions() {
         assert_eq!(r["config"]["method"], method);
         assert_eq!(
             r["config"]["model_sha256"],
-            geek_backend::catalog::default_model().sha256
+            geek_backend::catalog::test_model().sha256
         );
         let s = samples(&files(&out, &format!("samples_{method}_"))[0]);
         assert_eq!(s.len(), 10);

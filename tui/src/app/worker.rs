@@ -4,12 +4,12 @@
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
-use geek_agent::{Excavator, ExcavatorConfig};
+use geek_agent::Excavator;
 use geek_backend::{catalog, Engine};
 use geek_retriever::Bm25Index;
 
 use super::state::{Report, Request, Settings};
-use crate::config::Resolved;
+use crate::config::{AgentOptions, Resolved};
 
 struct Loaded {
     engine: Engine,
@@ -30,28 +30,17 @@ pub fn spawn(config: Resolved, settings: Settings) -> (Sender<Request>, Receiver
 }
 
 fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> {
-    let path = match catalog::resolve(model, &config.models_dir) {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = out.send(Report::Problem(format!(
-                "{e}. Pull it, or set the model path in settings (s)."
-            )));
-            return None;
-        }
-    };
-    let mut engine_config = match config.engine_config() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = out.send(Report::Problem(e.to_string()));
-            return None;
-        }
-    };
-    engine_config.model = path;
-    let engine = match Engine::load(engine_config) {
+    if let Err(e) = catalog::resolve(model, &config.models_dir) {
+        let _ = out.send(Report::Problem(format!(
+            "{e}. Pull it, or set the model path in settings (s)."
+        )));
+        return None;
+    }
+    let engine = match config.with_model(model).load_engine(1, MAX_EXPLORE) {
         Ok(e) => e,
         Err(e) => {
             let _ = out.send(Report::Problem(format!(
-                "cannot load the model: {e}. Choose another in settings (s)."
+                "cannot load the model: {e:#}. Choose another in settings (s)."
             )));
             return None;
         }
@@ -77,6 +66,33 @@ fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> 
         index,
         agent: None,
     })
+}
+
+/// Branches the settings panel allows.
+const MAX_EXPLORE: usize = 8;
+
+/// The agent for `settings`, calibrated as `geek ask` is.
+fn build_agent(
+    config: &Resolved,
+    loaded: &Loaded,
+    settings: &Settings,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Excavator> {
+    let options = AgentOptions {
+        max_steps: settings.max_steps,
+        explore: settings.explore.min(MAX_EXPLORE),
+        pre_answer: false,
+        retrieval: settings.retrieval,
+        passages: 3,
+        seed: 0,
+        context_limit: None,
+    };
+    let retriever = loaded
+        .index
+        .clone()
+        .map(|i| i as Arc<dyn geek_retriever::Retriever>);
+    let agent = config.excavator(loaded.engine.clone(), retriever, &options)?;
+    runtime.block_on(config.calibrate_agent(&loaded.engine, agent))
 }
 
 fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out: Sender<Report>) {
@@ -106,30 +122,17 @@ fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out:
                 };
                 let agent = match &l.agent {
                     Some((s, a)) if *s == settings => a.clone(),
-                    _ => {
-                        let mut builder = Excavator::builder().backend(l.engine.clone()).config(
-                            ExcavatorConfig {
-                                max_steps: settings.max_steps,
-                                explore: settings.explore,
-                                retrieval: settings.retrieval,
-                                ..ExcavatorConfig::default()
-                            },
-                        );
-                        if let (true, Some(index)) = (settings.retrieval, &l.index) {
-                            builder = builder.retriever(index.clone());
+                    _ => match build_agent(&config, l, &settings, &runtime) {
+                        Ok(a) => {
+                            let a = Arc::new(a);
+                            l.agent = Some((settings.clone(), a.clone()));
+                            a
                         }
-                        match builder.build() {
-                            Ok(a) => {
-                                let a = Arc::new(a);
-                                l.agent = Some((settings.clone(), a.clone()));
-                                a
-                            }
-                            Err(e) => {
-                                let _ = out.send(Report::Problem(e.to_string()));
-                                continue;
-                            }
+                        Err(e) => {
+                            let _ = out.send(Report::Problem(format!("{e:#}")));
+                            continue;
                         }
-                    }
+                    },
                 };
                 let out = out.clone();
                 running = Some(runtime.spawn(async move {

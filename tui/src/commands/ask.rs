@@ -2,36 +2,41 @@
 
 use std::io::Write;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use geek_agent::{AnswerSource, Event, Excavator, ExcavatorConfig};
-use geek_backend::Engine;
-use geek_retriever::Bm25Index;
+use geek_agent::{AnswerSource, Event};
+use geek_retriever::Retriever;
 
 use crate::cli::AskArgs;
-use crate::config::Resolved;
+use crate::config::{AgentOptions, Resolved};
 
 pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
-    let engine = Engine::load(config.engine_config()?)?;
-    let mut builder = Excavator::builder()
-        .backend(engine)
-        .config(ExcavatorConfig {
-            max_steps: args.max_steps,
-            explore: args.explore,
-            pre_answer: args.pre_answer,
-            retrieval: !args.no_retrieval,
-            passages: args.passages,
-            ..ExcavatorConfig::default()
-        });
-    if !args.no_retrieval {
-        let index = Bm25Index::open(&config.index_dir)
+    let engine = config.load_engine(1, args.explore)?;
+    let retriever: Option<Arc<dyn Retriever>> = if args.no_retrieval {
+        None
+    } else {
+        let index = config
+            .open_index()
             .context("retrieval needs the passage index (or pass --no-retrieval)")?;
-        builder = builder.retriever(index);
-    }
-    let agent = builder.build()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+        Some(Arc::new(index))
+    };
+    let options = AgentOptions {
+        max_steps: args.max_steps,
+        explore: args.explore,
+        pre_answer: args.pre_answer,
+        retrieval: !args.no_retrieval,
+        passages: args.passages,
+        seed: 0,
+        context_limit: None,
+    };
+    let agent = config.excavator(engine.clone(), retriever, &options)?;
+    let runtime = config.runtime()?;
+    let agent = if args.no_calibration {
+        agent
+    } else {
+        runtime.block_on(config.calibrate_agent(&engine, agent))?
+    };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let json = args.json;
     let printer = std::thread::spawn(move || {
@@ -50,8 +55,11 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
         return Ok(());
     }
     let f = &trace.main_branch().final_answer;
+    let calibration = trace.calibration.as_ref().map_or(String::new(), |c| {
+        format!("; calibration {:+.2} ({c})", trace.answer_offset)
+    });
     println!(
-        "\nAnswer: {} (votes yes {} / no {}; log p(yes) {:.3}, log p(no) {:.3})",
+        "\nAnswer: {} (votes yes {} / no {}; log p(yes) {:.3}, log p(no) {:.3}{calibration})",
         if trace.answer { "yes" } else { "no" },
         trace.yes_votes,
         trace.no_votes,

@@ -4,22 +4,19 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Result;
-use geek_agent::{Excavator, ExcavatorConfig};
-use geek_backend::Engine;
-use geek_evals::methods::Method;
+use geek_evals::calibration::{self, CalibrationKey};
+use geek_evals::methods::{Answerer, Method};
 use geek_evals::run::{self, RunSpec};
 use geek_evals::{retrieval, strategyqa};
 use geek_retriever::{Bm25Index, Retriever};
 
 use crate::cli::{EvalCommand, EvalQaArgs};
-use crate::config::Resolved;
-
-/// Tokens one question may use when several share the engine.
-const CONTEXT_PER_QUESTION: u32 = 4096;
+use crate::config::{AgentOptions, Resolved, CONTEXT_PER_QUESTION};
 
 pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
     match cmd {
         EvalCommand::Strategyqa(args) => strategyqa_run(args, config),
+        EvalCommand::Calibrate(args) => calibrate(args, config),
         EvalCommand::Report { dirs, out } => {
             let runs = geek_evals::report::find_runs(&dirs)?;
             anyhow::ensure!(!runs.is_empty(), "no results_*.json in {dirs:?}");
@@ -61,66 +58,87 @@ fn dataset_path(split: &strategyqa::Split, config: &Resolved) -> Result<std::pat
     })
 }
 
-fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+/// Runs (or resumes) `args.method` on the questions of `args.split`, with the calibration
+/// offsets known for it when `calibrate` is set.
+fn answer_questions(
+    args: &EvalQaArgs,
+    split_name: &str,
+    config: &Resolved,
+    calibrate: bool,
+) -> Result<run::RunOutcome> {
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
-    let split: strategyqa::Split = args.split.parse().map_err(anyhow::Error::msg)?;
+    let split: strategyqa::Split = split_name.parse().map_err(anyhow::Error::msg)?;
     let dataset = dataset_path(&split, config)?;
     // Every question is checked before any work starts.
     let questions = strategyqa::load(&dataset)?;
-    let needs_index = matches!(args.method, Method::Rag | Method::Geek);
-    let index = if needs_index {
-        Some(Bm25Index::open(&config.index_dir)?)
+    let index = if args.method.retrieves() {
+        Some(config.open_index()?)
     } else {
         None
     };
-
-    let mut engine_config = config.engine_config()?;
-    let parallel = args.parallel.max(1) as u32;
-    engine_config.n_ctx = engine_config.n_ctx.max(CONTEXT_PER_QUESTION * parallel);
-    engine_config.max_sequences = (parallel * (args.explore as u32 + 2) + 4).min(256);
-    let model_sha256 = geek_backend::catalog::sha256_cached(&engine_config.model)?;
+    let engine = config.load_engine(args.parallel, args.explore)?;
     let spec = RunSpec {
         method: args.method,
-        split: args.split.clone(),
+        split: split_name.to_string(),
         dataset,
         limit: args.limit,
         parallel: args.parallel,
         explore: args.explore,
         max_steps: args.max_steps,
         seed: args.seed,
-        model: engine_config.model.clone(),
-        model_sha256,
-        index: needs_index.then(|| config.index_dir.clone()),
-        prompts_version: run::prompts_version(args.method),
+        pre_answer: args.pre_answer,
+        model: engine.info().path.clone(),
+        model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
+        index: index.is_some().then(|| config.index_dir.clone()),
+        prompts_version: args.method.prompt_version().to_string(),
         out_dir: args.out.clone(),
     };
-    let engine = Engine::load(engine_config)?;
     let retriever: Option<Arc<dyn Retriever>> = index.map(|i| Arc::new(i) as Arc<dyn Retriever>);
     let agent = if args.method == Method::Geek {
-        let mut builder = Excavator::builder()
-            .backend(engine.clone())
-            .config(ExcavatorConfig {
-                max_steps: args.max_steps,
-                explore: args.explore,
-                seed: args.seed,
-                context_limit: Some(CONTEXT_PER_QUESTION as usize),
-                ..ExcavatorConfig::default()
-            });
-        if let Some(r) = &retriever {
-            builder = builder.retriever(r.clone());
-        }
-        Some(builder.build()?)
+        let options = AgentOptions {
+            max_steps: args.max_steps,
+            explore: args.explore,
+            pre_answer: args.pre_answer,
+            retrieval: retriever.is_some(),
+            passages: args.passages,
+            seed: args.seed,
+            context_limit: Some(CONTEXT_PER_QUESTION as usize),
+        };
+        Some(Arc::new(config.excavator(
+            engine.clone(),
+            retriever.clone(),
+            &options,
+        )?))
     } else {
         None
     };
-    let answerer = run::answerer(Arc::new(engine), retriever, agent);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let answerer = Answerer {
+        model: Arc::new(engine.clone()),
+        retriever,
+        agent,
+    };
+    let runtime = config.runtime()?;
+    let calibrations = if calibrate {
+        let key = config.calibration_key(&engine, args.method)?;
+        let found = runtime.block_on(calibration::offsets_for(
+            &config.calibration_store,
+            &key,
+            &answerer,
+            args.method,
+        ))?;
+        found.iter().map(|c| (c.offset, c.describe())).collect()
+    } else {
+        Vec::new()
+    };
     let bar = crate::progress::run_bar(std::io::stderr().is_terminal());
     let mut on_progress = |p: run::RunProgress| crate::progress::show_run(&bar, p);
-    let outcome = runtime.block_on(run::run(spec, &questions, answerer, None, &mut on_progress))?;
+    let outcome = runtime.block_on(run::run(
+        spec,
+        &questions,
+        answerer,
+        &calibrations,
+        &mut on_progress,
+    ))?;
     bar.finish_and_clear();
     if outcome.damaged_lines > 0 {
         eprintln!(
@@ -129,23 +147,41 @@ fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
             outcome.files.samples.display()
         );
     }
+    Ok(outcome)
+}
+
+fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+    let split = args.split.clone().unwrap_or_else(|| "dev".into());
+    let outcome = answer_questions(&args, &split, config, true)?;
     let m = &outcome.results.results["strategyqa"];
     match (m.acc, m.acc_stderr) {
         (Some(acc), Some(se)) => println!(
-            "{}: accuracy {:.4} ± {:.4} ({} of {}), {:.1} questions/min",
-            args.method.name(),
+            "{}: accuracy {:.4} ± {:.4} ({} of {}, {} yes), {:.1} questions/min",
+            args.method,
             acc,
             se,
             m.correct.unwrap_or(0),
             m.n,
+            m.yes_answers,
             outcome.results.questions_per_minute
         ),
         _ => println!(
             "{}: {} predictions written to {}",
-            args.method.name(),
+            args.method,
             m.n,
             outcome.files.predictions.display()
         ),
+    }
+    for c in &m.calibrated {
+        if let (Some(acc), Some(se)) = (c.acc, c.acc_stderr) {
+            println!(
+                "  calibrated ({}, offset {:+.3}): accuracy {acc:.4} ± {se:.4}, {} yes",
+                c.source, c.offset, c.yes_answers
+            );
+        }
+    }
+    if let Some(auc) = m.auc {
+        println!("  AUC of the yes/no margin: {auc:.3}");
     }
     if let Some(r) = m.recall_at_10 {
         println!("Recall@10 of retrieved passages: {r:.4}");
@@ -155,5 +191,38 @@ fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
         outcome.files.results.display(),
         outcome.files.samples.display()
     );
+    Ok(())
+}
+
+/// `geek eval calibrate`: the method on train questions, then the offset that maximises their
+/// accuracy, stored for `ask`, the TUI and `eval`.
+fn calibrate(args: EvalQaArgs, config: &Resolved) -> Result<()> {
+    let split_name = args.split.clone().unwrap_or_else(|| "train".into());
+    let split: strategyqa::Split = split_name.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        split == strategyqa::Split::Train,
+        "calibration is fitted on --split train only (dev and test are for measuring)"
+    );
+    let outcome = answer_questions(&args, &split_name, config, false)?;
+    let key = CalibrationKey {
+        model_sha256: outcome.results.config.model_sha256.clone(),
+        method: args.method.name().to_string(),
+        prompt_version: args.method.prompt_version().to_string(),
+    };
+    let samples = geek_evals::samples::read_samples(&outcome.files.samples)?.samples;
+    let fitted = calibration::fit_and_store(&config.calibration_store, &key, &samples)?;
+    if let calibration::CalibrationSource::Fitted {
+        questions,
+        raw_accuracy,
+        calibrated_accuracy,
+    } = fitted.source
+    {
+        println!(
+            "{}: offset {:+.3} fitted on {questions} train questions (accuracy {raw_accuracy:.4} raw, {calibrated_accuracy:.4} calibrated); stored in {}",
+            args.method,
+            fitted.offset,
+            config.calibration_store.display()
+        );
+    }
     Ok(())
 }

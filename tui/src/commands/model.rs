@@ -17,8 +17,16 @@ pub fn run(cmd: ModelCommand, config: &Resolved) -> Result<()> {
                 Some(n) => catalog::find(&n)?,
                 None => catalog::find(&config.model_spec).unwrap_or(catalog::default_model()),
             };
-            let path = catalog::pull(entry, &config.models_dir, std::io::stderr().is_terminal())?;
-            println!("{}", path.display());
+            let bar = crate::progress::bytes_bar(
+                std::io::stderr().is_terminal(),
+                entry.size,
+                &format!("fetching {}", entry.name),
+            );
+            let path = catalog::pull(entry, &config.models_dir, &mut |p| {
+                crate::progress::show_pull(&bar, entry.name, p)
+            });
+            bar.finish_and_clear();
+            println!("{}", path?.display());
         }
         ModelCommand::List { json } => {
             let list = catalog::list(&config.models_dir);
@@ -27,7 +35,7 @@ pub fn run(cmd: ModelCommand, config: &Resolved) -> Result<()> {
             } else {
                 for m in list {
                     let mark = if m.present { "present" } else { "absent " };
-                    println!("{:<28} {mark}  {}", m.entry.name, m.entry.description);
+                    println!("{:<36} {mark}  {}", m.entry.name, m.entry.description);
                 }
                 println!("models directory: {}", config.models_dir.display());
             }

@@ -9,7 +9,7 @@ pub fn model_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             geek_backend::catalog::models_dir(None)
-                .join(geek_backend::catalog::default_model().file_name)
+                .join(geek_backend::catalog::test_model().file_name)
         });
     assert!(
         path.is_file(),
