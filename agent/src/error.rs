@@ -18,6 +18,14 @@ pub enum Error {
         /// What came back.
         output: String,
     },
+    /// The demonstrations file cannot be read.
+    #[error("demonstrations {path}: {reason}")]
+    Demonstrations {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The question is empty.
     #[error("the question is empty")]
     EmptyQuestion,

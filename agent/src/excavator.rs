@@ -7,6 +7,7 @@ use geek_backend::{Completion, GenerateParams, PromptPart, Sampling, StopReason}
 use geek_retriever::Retriever;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::demos::DemoBank;
 use crate::model::{AgentModel, AgentSequence};
 use crate::prompts;
 use crate::trace::{
@@ -38,6 +39,11 @@ pub struct ExcavatorConfig {
     /// Tokens one question may use (default: the model's context size). Set it when several
     /// questions share one engine's KV cache.
     pub context_limit: Option<usize>,
+    /// Demonstrations shown before the question (needs a [`DemoBank`]).
+    pub demonstrations: usize,
+    /// A retrieved fact whose content words are found in its cited passages less than this
+    /// share of the time is rejected as unsupported (then answered with SelfAnswer).
+    pub min_support: f32,
     /// Calibration: added to each branch's `log p(yes) − log p(no)` before it answers.
     pub answer_offset: f32,
     /// Where the offset came from, recorded in the trace.
@@ -55,6 +61,8 @@ impl Default for ExcavatorConfig {
             explore_temperature: 0.8,
             seed: 0,
             context_limit: None,
+            demonstrations: 0,
+            min_support: 0.35,
             answer_offset: 0.0,
             calibration: None,
         }
@@ -66,6 +74,7 @@ impl Default for ExcavatorConfig {
 pub struct ExcavatorBuilder {
     model: Option<Arc<dyn AgentModel>>,
     retriever: Option<Arc<dyn Retriever>>,
+    demos: Option<Arc<DemoBank>>,
     config: ExcavatorConfig,
 }
 
@@ -79,6 +88,13 @@ impl ExcavatorBuilder {
     /// The retriever (any [`Retriever`], including an `Arc<dyn Retriever>`).
     pub fn retriever(mut self, retriever: impl Retriever + 'static) -> Self {
         self.retriever = Some(Arc::new(retriever));
+        self
+    }
+
+    /// Solved questions to show the most similar of before each question
+    /// ([`ExcavatorConfig::demonstrations`] of them).
+    pub fn demonstrations(mut self, bank: Arc<DemoBank>) -> Self {
+        self.demos = Some(bank);
         self
     }
 
@@ -148,6 +164,7 @@ impl ExcavatorBuilder {
         Ok(Excavator {
             model,
             retriever: self.retriever,
+            demos: self.demos,
             config,
             prefix: tokio::sync::Mutex::new(None),
         })
@@ -176,6 +193,7 @@ struct CachedPrefix {
 pub struct Excavator {
     model: Arc<dyn AgentModel>,
     retriever: Option<Arc<dyn Retriever>>,
+    demos: Option<Arc<DemoBank>>,
     config: ExcavatorConfig,
     prefix: tokio::sync::Mutex<Option<CachedPrefix>>,
 }
@@ -212,21 +230,12 @@ impl Excavator {
         self.run_inner(question, Some(events)).await
     }
 
-    /// `log p(yes) − log p(no)` of the final answer after a content-free question and
-    /// summary (`input`, e.g. "N/A"), with no excavation: the bias contextual calibration
-    /// (Zhao et al. 2021) removes.
+    /// `log p(yes) − log p(no)` of the final answer to a content-free question with a
+    /// content-free fact (`input`, e.g. "N/A"), with no excavation: the bias contextual
+    /// calibration (Zhao et al. 2021) removes.
     pub async fn content_free_margin(&self, input: &str) -> Result<f32> {
-        let (seq, _, _) = self.question_sequence(input).await?;
-        let transcript = format!(
-            "{}{}{} {}\n{}",
-            prompts::ACTION_PREFIX,
-            prompts::action_line(Action::FinalAnswer),
-            prompts::SUMMARY_PREFIX,
-            input.trim(),
-            prompts::ANSWER_PREFIX
-        );
-        seq.append(&transcript).await?;
-        let scores = seq.score(&[prompts::YES, prompts::NO]).await?;
+        let facts = [(input.to_string(), input.to_string())];
+        let (_, scores, _) = final_answer(&*self.model, input, &facts, &mut |_| {}).await?;
         Ok(scores[0] - scores[1])
     }
 
@@ -236,7 +245,10 @@ impl Excavator {
         &self,
         question: &str,
     ) -> Result<(Box<dyn AgentSequence>, usize, TokenCounts)> {
-        let user = prompts::user(question);
+        let demos = self.demos.as_ref().map_or_else(Vec::new, |bank| {
+            bank.nearest(question, self.config.demonstrations)
+        });
+        let user = prompts::user_with_demonstrations(question, &demos);
         let prompt = self.model.chat_prompt(prompts::SYSTEM, &user).await?;
         // Everything before the user's message is the same for every question.
         let split = prompt
@@ -288,6 +300,7 @@ impl Excavator {
             BranchRun {
                 ex: self,
                 id,
+                question: question.to_string(),
                 seq,
                 len: question_len,
                 counts: TokenCounts::default(),
@@ -378,6 +391,8 @@ fn emit(events: &Option<UnboundedSender<Event>>, event: Event) {
 struct BranchRun<'a> {
     ex: &'a Excavator,
     id: usize,
+    /// The question asked.
+    question: String,
     seq: Box<dyn AgentSequence>,
     /// Tokens in `seq`.
     len: usize,
@@ -652,9 +667,15 @@ impl BranchRun<'_> {
         });
         let shown: Vec<(String, String)> = passages
             .iter()
-            .map(|p| (p.title.clone(), prompts::passage_excerpt(&p.text)))
+            .map(|p| {
+                (
+                    p.title.clone(),
+                    prompts::passage_excerpt_for(&p.text, &query),
+                )
+            })
             .collect();
         self.append(&prompts::passages_block(&shown, k)).await?;
+        let before_fact = self.len;
         let text = self
             .line(
                 &prompts::cited_fact_grammar(shown.len()),
@@ -664,24 +685,76 @@ impl BranchRun<'_> {
             )
             .await?;
         let (fact, cited) = split_citations(&text, &refs);
-        self.emit(Event::FactExtracted {
-            branch: self.id,
-            fact: fact.clone(),
-            citations: cited.clone(),
-        });
+        let unsupported = self.unsupported(&fact, &cited, &refs, &shown);
+        if unsupported.is_some() && fact != prompts::NO_ANSWER {
+            // The fact says what its passages do not: the transcript shows that no passage
+            // answered, as the worked example does.
+            self.counts.unique += self.len - before_fact;
+            self.seq.truncate(before_fact).await?;
+            self.len = before_fact;
+            self.append(&format!(" {}\n", prompts::NO_ANSWER)).await?;
+        }
         let step = self.steps.last_mut().expect("checked above");
-        step.answer = Some(fact);
         step.source = Some(AnswerSource::Retrieved {
             query,
             passages: refs,
-            cited,
+            cited: if unsupported.is_some() {
+                vec![]
+            } else {
+                cited.clone()
+            },
             error,
+            unsupported: unsupported.clone(),
         });
+        if unsupported.is_some() {
+            self.append(&format!(
+                "{}{}",
+                prompts::ACTION_PREFIX,
+                prompts::action_line(Action::SelfAnswer)
+            ))
+            .await?;
+            return self.answer_self(k).await;
+        }
+        self.emit(Event::FactExtracted {
+            branch: self.id,
+            fact: fact.clone(),
+            citations: cited,
+        });
+        let step = self.steps.last_mut().expect("checked above");
+        step.answer = Some(fact);
         Ok(())
     }
 
-    async fn self_answer(&mut self) -> Result<()> {
-        let k = self.steps.len();
+    /// Why a retrieved fact is not kept: the extractor found no answer, or the fact's words
+    /// are mostly absent from the passages it cites.
+    fn unsupported(
+        &self,
+        fact: &str,
+        cited: &[String],
+        refs: &[PassageRef],
+        shown: &[(String, String)],
+    ) -> Option<String> {
+        if fact == prompts::NO_ANSWER || refs.is_empty() {
+            return Some(prompts::NO_ANSWER.to_string());
+        }
+        let texts: Vec<String> = refs
+            .iter()
+            .zip(shown)
+            .filter(|(r, _)| cited.contains(&r.id))
+            .map(|(_, (title, text))| format!("{title} {text}"))
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let support = prompts::support(fact, &texts);
+        (support < self.ex.config.min_support).then(|| {
+            format!(
+                "unsupported ({:.0}% of its words cited): {fact}",
+                support * 100.0
+            )
+        })
+    }
+
+    /// Answers the open sub-question `k` with the model's own knowledge (the fact line).
+    async fn answer_self(&mut self, k: usize) -> Result<()> {
         self.append(&prompts::fact_prefix(k)).await?;
         let fact = self
             .line(prompts::LINE_GRAMMAR, 40, Sampling::greedy(), "")
@@ -691,11 +764,18 @@ impl BranchRun<'_> {
             fact: fact.clone(),
             citations: vec![],
         });
+        let step = self.steps.last_mut().expect("a sub-question is open");
+        step.answer = Some(fact);
+        Ok(())
+    }
+
+    async fn self_answer(&mut self) -> Result<()> {
+        let k = self.steps.len();
+        self.answer_self(k).await?;
         let step = self
             .steps
             .last_mut()
             .expect("SelfAnswer follows a sub-question");
-        step.answer = Some(fact);
         step.source = Some(AnswerSource::Model);
         Ok(())
     }
@@ -713,12 +793,7 @@ impl BranchRun<'_> {
                 note: Some(reason.clone()),
             });
         }
-        self.append(prompts::SUMMARY_PREFIX).await?;
-        let summary = self
-            .line(prompts::LINE_GRAMMAR, 60, Sampling::greedy(), "")
-            .await?;
-        self.append(prompts::ANSWER_PREFIX).await?;
-        let scores = self.seq.score(&[prompts::YES, prompts::NO]).await?;
+        let (summary, scores) = self.final_answer().await?;
         let final_answer = FinalAnswer {
             summary,
             answer: scores[0] - scores[1] + self.ex.config.answer_offset > 0.0,
@@ -738,6 +813,71 @@ impl BranchRun<'_> {
         };
         Ok((branch, self.counts, self.len))
     }
+}
+
+impl BranchRun<'_> {
+    /// The reasoning and the yes/no scores of the final answer, in a short prompt of its own
+    /// that holds the question and the facts found (not the passages).
+    async fn final_answer(&mut self) -> Result<(String, Vec<f32>)> {
+        let facts: Vec<(String, String)> = self
+            .steps
+            .iter()
+            .filter_map(|s| Some((s.sub_question.clone(), s.answer.clone()?)))
+            .collect();
+        let (id, events) = (self.id, self.events.clone());
+        let (reasoning, scores, counts) =
+            final_answer(&*self.ex.model, &self.question, &facts, &mut |p| {
+                emit(
+                    &events,
+                    Event::TokenStream {
+                        branch: id,
+                        text: p.to_string(),
+                    },
+                )
+            })
+            .await?;
+        self.counts.decoded += counts.decoded;
+        self.counts.without_reuse += counts.without_reuse;
+        self.counts.unique += counts.decoded;
+        Ok((reasoning, scores))
+    }
+}
+
+/// The final answer of `question` from `facts`: the reasoning line, the scores of yes and no,
+/// and the tokens it took.
+async fn final_answer(
+    model: &dyn AgentModel,
+    question: &str,
+    facts: &[(String, String)],
+    on_piece: &mut (dyn FnMut(&str) + Send),
+) -> Result<(String, Vec<f32>, TokenCounts)> {
+    let mut counts = TokenCounts::default();
+    let prompt = model
+        .chat_prompt(prompts::FINAL_SYSTEM, &prompts::final_user(question, facts))
+        .await?;
+    let seq = model.sequence()?;
+    counts.add_prefill(&seq.append_parts(&prompt).await?);
+    counts.add_prefill(&seq.append(prompts::REASONING_PREFIX).await?);
+    let params = GenerateParams {
+        max_tokens: 64,
+        sampling: Sampling::greedy(),
+        stop: vec!["\n".into()],
+        grammar: Some(prompts::LINE_GRAMMAR.into()),
+        ignore_eos: false,
+    };
+    let done = seq.generate(params, on_piece).await?;
+    counts.add_generation(&done);
+    let close = if done.stop == StopReason::MaxTokens {
+        "\n"
+    } else {
+        ""
+    };
+    counts.add_prefill(
+        &seq.append(&format!("{close}{}", prompts::ANSWER_PREFIX))
+            .await?,
+    );
+    let scores = seq.score(&[prompts::YES, prompts::NO]).await?;
+    Ok((done.text.trim().to_string(), scores, counts))
 }
 
 /// Splits `fact [P1, P3]` into the fact and the cited passage ids.

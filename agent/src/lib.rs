@@ -37,6 +37,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod demos;
 mod error;
 mod excavator;
 pub mod model;
@@ -45,6 +46,7 @@ pub mod scripted;
 pub mod trace;
 pub mod trajectory;
 
+pub use demos::DemoBank;
 pub use error::{Error, Result};
 pub use excavator::{Excavator, ExcavatorBuilder, ExcavatorConfig};
 pub use model::{AgentModel, AgentSequence};

@@ -85,6 +85,10 @@ pub enum AnswerSource {
         cited: Vec<String>,
         /// Why retrieval gave nothing, when it failed.
         error: Option<String>,
+        /// Why the passages gave no answer, when they did not (the extractor said so, or its
+        /// fact was not supported by what it cited); the answer then came from the model.
+        #[serde(default)]
+        unsupported: Option<String>,
     },
     /// Answered by the model itself.
     Model,

@@ -90,7 +90,12 @@ impl Trajectory {
                     action(&mut out, Action::Retrieve);
                     let shown: Vec<(String, String)> = passages
                         .iter()
-                        .map(|(t, p)| (t.clone(), prompts::passage_excerpt(p)))
+                        .map(|(t, p)| {
+                            (
+                                t.clone(),
+                                prompts::passage_excerpt_for(p, &step.sub_question),
+                            )
+                        })
                         .collect();
                     out.push_str(&prompts::passages_block(&shown, k));
                     out.push(' ');
@@ -179,6 +184,7 @@ mod tests {
             .split_once(&format!("{}\n", t.user_turn()))
             .unwrap()
             .1;
+        let example = example.split("\n\nExample:").next().unwrap();
         assert_eq!(ex.completion, example);
     }
 }

@@ -238,7 +238,8 @@ async fn explore_three_votes_the_majority() {
         }
     })
     .with_scores(|t, _| {
-        if excavation(t).contains("alpha") {
+        // The final answer's prompt lists the branch's facts.
+        if t.contains("it alpha") {
             vec![-0.2, -1.5]
         } else {
             vec![-3.0, -0.1]
@@ -289,7 +290,7 @@ async fn explore_three_votes_the_majority() {
         }
     })
     .with_scores(|t, _| {
-        if excavation(t).contains("alpha") {
+        if t.contains("it alpha") {
             vec![-0.5, -0.9]
         } else {
             vec![-4.0, -0.1]
@@ -343,4 +344,72 @@ async fn trace_json_has_the_documented_shape() {
         agent.run("  ").await,
         Err(geek_agent::Error::EmptyQuestion)
     ));
+}
+
+/// A fact its cited passage does not support is replaced by "No passage answers it." and the
+/// sub-question is answered by the model, as the second worked example shows.
+#[tokio::test]
+async fn an_unsupported_fact_falls_back_to_self_answer() {
+    let transcripts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = transcripts.clone();
+    let model = ScriptedModel::new(move |t, _| {
+        seen.lock().unwrap().push(t.to_string());
+        let last = t.rsplit('\n').next().unwrap_or("");
+        if t.ends_with("Action:") {
+            if excavation(t).contains("Sub-question 1:") {
+                if t.ends_with("?\nAction:") {
+                    " Retrieve\n".into()
+                } else {
+                    " FinalAnswer\n".into()
+                }
+            } else {
+                " AddDecomp\n".into()
+            }
+        } else if last.starts_with("Sub-question") {
+            " Can elephants fly?\n".into()
+        } else if last.starts_with("Fact") && excavation(t).contains("Passages:\n[P1]") {
+            if excavation(t).contains("Action: SelfAnswer") {
+                " No, elephants are far too heavy to fly.\n".into()
+            } else {
+                " Elephants migrate south every winter across Africa. [P1]\n".into()
+            }
+        } else {
+            " Elephants cannot fly.\n".into()
+        }
+    });
+    let agent = Excavator::builder()
+        .backend(model)
+        .retriever(retriever(false))
+        .build()
+        .unwrap();
+    let trace = agent.run("Can elephants fly?").await.unwrap();
+    let step = &trace.main_branch().steps[0];
+    assert_eq!(
+        step.answer.as_deref(),
+        Some("No, elephants are far too heavy to fly.")
+    );
+    match step.source.as_ref().unwrap() {
+        AnswerSource::Retrieved {
+            cited, unsupported, ..
+        } => {
+            assert!(cited.is_empty());
+            assert!(unsupported.as_deref().unwrap().contains("unsupported"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The transcript the next action is chosen after.
+    let all = transcripts.lock().unwrap();
+    let t = all
+        .iter()
+        .find(|t| t.contains("No, elephants are far too heavy to fly.\nAction:"))
+        .expect("an action chosen after the self answer");
+    let ex = excavation(t);
+    assert!(
+        ex.contains("Fact 1: No passage answers it.\nAction: SelfAnswer\nFact 1: No, elephants"),
+        "{ex}"
+    );
+    assert!(
+        !ex.contains("migrate south"),
+        "the rejected fact is gone: {ex}"
+    );
 }

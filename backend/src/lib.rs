@@ -53,15 +53,17 @@ mod error;
 pub mod gguf;
 mod llama_log;
 pub mod perplexity;
+mod protocol;
 mod sampling;
 mod text;
+mod types;
 mod worker;
 
 pub use arch::SUPPORTED_ARCHITECTURES;
 pub use config::{default_threads, EngineConfig, FlashAttention, KvType};
-pub use engine::{
-    ChatMessage, Completion, Engine, EngineStats, Fork, GenEvent, Generation, ModelInfo,
-    PrefillStats, PromptPart, Reply, Sequence, StopReason,
-};
+pub use engine::{Engine, Fork, Generation, Reply, Sequence};
 pub use error::{Error, Result};
 pub use sampling::{GenerateParams, Sampling};
+pub use types::{
+    ChatMessage, Completion, EngineStats, GenEvent, ModelInfo, PrefillStats, PromptPart, StopReason,
+};

@@ -47,6 +47,12 @@ pub struct RunSpec {
     /// Pre-answer drafting (geek).
     #[serde(default)]
     pub pre_answer: bool,
+    /// Passages shown per retrieval (geek).
+    #[serde(default)]
+    pub passages: usize,
+    /// Demonstrations shown before each question (geek).
+    #[serde(default)]
+    pub demonstrations: usize,
     /// Model file.
     pub model: PathBuf,
     /// Its sha256.
@@ -65,7 +71,8 @@ impl RunSpec {
         let identity = serde_json::json!({
             "method": self.method, "dataset": self.dataset, "limit": self.limit,
             "explore": self.explore, "max_steps": self.max_steps, "seed": self.seed,
-            "pre_answer": self.pre_answer,
+            "pre_answer": self.pre_answer, "passages": self.passages,
+            "demonstrations": self.demonstrations,
             "model_sha256": self.model_sha256, "index": self.index, "prompts": self.prompts_version,
         });
         let digest = Sha256::digest(identity.to_string().as_bytes());

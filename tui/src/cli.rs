@@ -400,6 +400,9 @@ pub struct EvalQaArgs {
     /// Passages shown per retrieval (geek).
     #[arg(long, default_value_t = 3)]
     pub passages: usize,
+    /// Solved StrategyQA train questions shown before each question (geek).
+    #[arg(long, default_value_t = 0)]
+    pub demos: usize,
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -550,6 +553,9 @@ pub struct AskArgs {
     /// Answer by the raw yes/no log-probabilities, without the calibration offset.
     #[arg(long)]
     pub no_calibration: bool,
+    /// Solved StrategyQA train questions shown before the question (the most similar ones).
+    #[arg(long, default_value_t = 0)]
+    pub demos: usize,
 }
 
 /// `geek generate`

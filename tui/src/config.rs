@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use geek_agent::{Excavator, ExcavatorConfig};
+use geek_agent::{DemoBank, Excavator, ExcavatorConfig};
 use geek_backend::{catalog, default_threads, Engine, EngineConfig};
 use geek_evals::calibration::{self, CalibrationKey};
 use geek_evals::methods::{Answerer, Method};
@@ -119,6 +119,8 @@ pub struct AgentOptions {
     pub seed: u32,
     /// Tokens one question may use (when questions share the engine).
     pub context_limit: Option<usize>,
+    /// Solved train questions shown before each question.
+    pub demonstrations: usize,
 }
 
 impl Resolved {
@@ -155,12 +157,34 @@ impl Resolved {
                 passages: options.passages,
                 seed: options.seed,
                 context_limit: options.context_limit,
+                demonstrations: options.demonstrations,
                 ..ExcavatorConfig::default()
             });
         if let (true, Some(r)) = (options.retrieval, retriever) {
             builder = builder.retriever(r);
         }
+        if options.demonstrations > 0 {
+            match self.demo_bank() {
+                Some(bank) => builder = builder.demonstrations(bank),
+                None => tracing::warn!(
+                    "no StrategyQA train file in {}: answering without demonstrations",
+                    self.data_dir.display()
+                ),
+            }
+        }
         Ok(builder.build()?)
+    }
+
+    /// The solved questions demonstrations are drawn from: StrategyQA train (never dev).
+    fn demo_bank(&self) -> Option<Arc<DemoBank>> {
+        let path = self.data_dir.join("strategyqa/train.json");
+        match DemoBank::from_strategyqa(&path) {
+            Ok(bank) => Some(Arc::new(bank)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no demonstrations");
+                None
+            }
+        }
     }
 
     /// The calibration key of `method` on the engine's model.

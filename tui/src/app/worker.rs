@@ -86,6 +86,7 @@ fn build_agent(
         passages: 3,
         seed: 0,
         context_limit: None,
+        demonstrations: 0,
     };
     let retriever = loaded
         .index

@@ -29,6 +29,7 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
         passages: args.passages,
         seed: 0,
         context_limit: None,
+        demonstrations: args.demos,
     };
     let agent = config.excavator(engine.clone(), retriever, &options)?;
     let runtime = config.runtime()?;
@@ -69,6 +70,10 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
     for (i, step) in trace.main_branch().steps.iter().enumerate() {
         if let (Some(answer), Some(source)) = (&step.answer, &step.source) {
             let from = match source {
+                AnswerSource::Retrieved {
+                    unsupported: Some(_),
+                    ..
+                } => "model; the passages did not answer".into(),
                 AnswerSource::Retrieved { cited, .. } if !cited.is_empty() => cited.join(", "),
                 AnswerSource::Retrieved { .. } => "retrieved, uncited".into(),
                 AnswerSource::Model => "model".into(),

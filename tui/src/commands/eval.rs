@@ -87,6 +87,8 @@ fn answer_questions(
         max_steps: args.max_steps,
         seed: args.seed,
         pre_answer: args.pre_answer,
+        passages: args.passages,
+        demonstrations: args.demos,
         model: engine.info().path.clone(),
         model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
         index: index.is_some().then(|| config.index_dir.clone()),
@@ -103,6 +105,7 @@ fn answer_questions(
             passages: args.passages,
             seed: args.seed,
             context_limit: Some(CONTEXT_PER_QUESTION as usize),
+            demonstrations: args.demos,
         };
         Some(Arc::new(config.excavator(
             engine.clone(),

@@ -1,0 +1,249 @@
+//! The scheduler: each turn builds one `llama_batch` from every running job (one token per
+//! generating sequence, then prompt chunks of prefilling ones) and hands out the results.
+
+use std::time::Instant;
+
+use llama_cpp_2::DecodeError;
+
+use super::{BatchEntry, Job, JobKind, LogitsAt, SeqState, Worker};
+use crate::text::StopCheck;
+use crate::types::{Completion, GenEvent, PrefillStats, StopReason};
+use crate::Error;
+
+impl Worker<'_> {
+    /// One decode over every running job.
+    pub(super) fn step(&mut self) {
+        self.batch.clear();
+        let mut entries: Vec<BatchEntry> = Vec::new();
+        self.sample_generating(&mut entries);
+        self.add_prefill(&mut entries);
+        if self.batch.n_tokens() > 0 {
+            let n_tokens = self.batch.n_tokens() as u64;
+            match self.ctx.decode(&mut self.batch) {
+                Ok(()) => {
+                    self.stats.decode_calls += 1;
+                    self.stats.batch_tokens += n_tokens;
+                    self.after_decode(&entries);
+                }
+                Err(e) => self.fail_batch(&entries, e),
+            }
+        }
+        self.jobs.retain(|j| !j.done);
+    }
+
+    /// Samples the next token of every generating job whose logits are known and puts it into
+    /// the batch.
+    pub(super) fn sample_generating(&mut self, entries: &mut Vec<BatchEntry>) {
+        let model = self.model;
+        let vocab = model.vocab();
+        for (ji, job) in self.jobs.iter_mut().enumerate() {
+            let JobKind::Generate(gen) = &mut job.kind else {
+                continue;
+            };
+            let Some(at) = gen.logits_at.take() else {
+                continue;
+            };
+            let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
+            if gen.first_token_at.is_none() {
+                gen.first_token_at = Some(Instant::now());
+            }
+            if state.tokens.len() >= self.n_ctx {
+                finish_generation(job, StopReason::ContextFull, state);
+                continue;
+            }
+            let token = match at {
+                LogitsAt::Stored => {
+                    let logits = state.last_logits.take().unwrap_or_default();
+                    gen.sampler.sample(&logits)
+                }
+                LogitsAt::Batch(i) => gen.sampler.sample(self.ctx.get_logits_ith(i)),
+            };
+            state.tokens.push(token);
+            gen.tokens.push(token.0);
+            self.stats.generated_tokens += 1;
+
+            let mut stop = None;
+            if vocab.is_eog(token) && !gen.params.ignore_eos {
+                stop = Some(StopReason::Eos);
+            } else {
+                let piece = gen.utf8.push(&vocab.token_to_piece(token, false, None));
+                let (emit, matched) = match gen.stops.push(&piece) {
+                    StopCheck::Emit(s) => (s, None),
+                    StopCheck::Stopped { emit, stop } => (emit, Some(stop)),
+                };
+                if !emit.is_empty() {
+                    gen.text.push_str(&emit);
+                    if gen.events.send(GenEvent::Piece(emit)).is_err() {
+                        stop = Some(StopReason::Cancelled);
+                    }
+                }
+                if let Some(s) = matched {
+                    stop = Some(StopReason::Stop(s));
+                } else if gen.tokens.len() >= gen.params.max_tokens {
+                    stop = Some(StopReason::MaxTokens);
+                }
+            }
+            if let Some(reason) = stop {
+                finish_generation(job, reason, state);
+                continue;
+            }
+            let pos = state.n_decoded;
+            let logits_index = self.batch.n_tokens();
+            if self.batch.add(token, pos as i32, &[job.seq], true).is_err() {
+                // Unreachable: one token per job and n_seq_max <= n_batch is checked at load.
+                finish_generation(job, StopReason::ContextFull, state);
+                continue;
+            }
+            state.n_decoded += 1;
+            entries.push(BatchEntry {
+                job: ji,
+                n_decoded_before: pos,
+                logits_index: Some(logits_index),
+                generated: true,
+            });
+        }
+    }
+
+    /// Fills the rest of the batch with prompt tokens of jobs that are not decoded up to date.
+    pub(super) fn add_prefill(&mut self, entries: &mut Vec<BatchEntry>) {
+        for (ji, job) in self.jobs.iter_mut().enumerate() {
+            if job.done {
+                continue;
+            }
+            let room = self.n_batch - self.batch.n_tokens() as usize;
+            if room == 0 {
+                break;
+            }
+            let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
+            if state.n_decoded >= state.tokens.len() || entries.iter().any(|e| e.job == ji) {
+                continue;
+            }
+            let start = state.n_decoded;
+            let end = state.tokens.len().min(start + room);
+            let mut logits_index = None;
+            for pos in start..end {
+                let last = pos + 1 == state.tokens.len();
+                if last {
+                    logits_index = Some(self.batch.n_tokens());
+                }
+                // Cannot fail: `room` was computed from the batch's free space.
+                let _ = self
+                    .batch
+                    .add(state.tokens[pos], pos as i32, &[job.seq], last);
+            }
+            state.n_decoded = end;
+            state.last_logits = None;
+            job.prefill.decoded += end - start;
+            self.stats.prompt_tokens_decoded += (end - start) as u64;
+            entries.push(BatchEntry {
+                job: ji,
+                n_decoded_before: start,
+                logits_index,
+                generated: false,
+            });
+        }
+    }
+
+    pub(super) fn after_decode(&mut self, entries: &[BatchEntry]) {
+        for entry in entries {
+            let Some(index) = entry.logits_index else {
+                continue;
+            };
+            let seq = self.jobs[entry.job].seq;
+            if let JobKind::Generate(gen) = &mut self.jobs[entry.job].kind {
+                gen.logits_at = Some(LogitsAt::Batch(index));
+                continue;
+            }
+            let logits = self.ctx.get_logits_ith(index).to_vec();
+            if let Some(state) = self.seqs.get_mut(&seq) {
+                state.last_logits = Some(logits);
+            }
+            self.complete(entry.job);
+        }
+    }
+
+    /// Finishes a non-generating job whose sequence is now decoded with logits.
+    pub(super) fn complete(&mut self, ji: usize) {
+        let seq = self.jobs[ji].seq;
+        let job = &mut self.jobs[ji];
+        job.done = true;
+        let prefill = job.prefill;
+        let kind = std::mem::replace(&mut job.kind, JobKind::Finished);
+        if let Some(state) = self.seqs.get_mut(&seq) {
+            state.busy = false;
+        }
+        match kind {
+            JobKind::Append(reply) => {
+                let total = self.seqs.get(&seq).map_or(0, |s| s.tokens.len());
+                let _ = reply.send(Ok(PrefillStats { total, ..prefill }));
+            }
+            JobKind::Logits(reply) => {
+                let logits = self.seqs.get(&seq).and_then(|s| s.last_logits.clone());
+                let _ = reply.send(logits.ok_or(Error::EngineStopped));
+            }
+            JobKind::Score(cands, reply) => {
+                let _ = reply.send(self.score(seq, &cands));
+            }
+            JobKind::Generate(_) | JobKind::Finished => {}
+        }
+    }
+
+    pub(super) fn fail_batch(&mut self, entries: &[BatchEntry], err: DecodeError) {
+        tracing::warn!(%err, "llama_decode failed");
+        for entry in entries {
+            let job = &mut self.jobs[entry.job];
+            let e = match err {
+                DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
+                ref other => Error::Decode(other.to_string()),
+            };
+            if let Some(state) = self.seqs.get_mut(&job.seq) {
+                state.n_decoded = entry.n_decoded_before;
+                if entry.generated {
+                    // The sampled token was never decoded; keep the sequence as it was.
+                    state.tokens.truncate(entry.n_decoded_before);
+                }
+                state.busy = false;
+                let _ = self.ctx.clear_kv_cache_seq(
+                    Some(job.seq as u32),
+                    Some(entry.n_decoded_before as u32),
+                    None,
+                );
+            }
+            job.done = true;
+            let kind = std::mem::replace(&mut job.kind, JobKind::Finished);
+            match kind {
+                JobKind::Append(r) => drop(r.send(Err(e))),
+                JobKind::Logits(r) => drop(r.send(Err(e))),
+                JobKind::Score(_, r) => drop(r.send(Err(e))),
+                JobKind::Generate(g) => drop(g.events.send(GenEvent::Failed(e))),
+                JobKind::Finished => {}
+            }
+        }
+    }
+}
+
+/// Sends the final event of a generation and frees its sequence.
+fn finish_generation(job: &mut Job, stop: StopReason, state: &mut SeqState) {
+    job.done = true;
+    state.busy = false;
+    let JobKind::Generate(gen) = &mut job.kind else {
+        return;
+    };
+    if !matches!(stop, StopReason::Stop(_) | StopReason::Cancelled) {
+        let rest = gen.utf8.finish() + &gen.stops.finish();
+        if !rest.is_empty() {
+            gen.text.push_str(&rest);
+            let _ = gen.events.send(GenEvent::Piece(rest));
+        }
+    }
+    let first = gen.first_token_at.unwrap_or(job.started);
+    let completion = Completion {
+        text: std::mem::take(&mut gen.text),
+        tokens: std::mem::take(&mut gen.tokens),
+        stop,
+        prefill: job.prefill,
+        prefill_seconds: (first - job.started).as_secs_f64(),
+        generation_seconds: first.elapsed().as_secs_f64(),
+    };
+    let _ = gen.events.send(GenEvent::Done(completion));
+}
