@@ -11,7 +11,7 @@ use crate::demos::DemoBank;
 use crate::model::{AgentModel, AgentSequence};
 use crate::prompts;
 use crate::trace::{
-    Action, ActionRecord, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
+    Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
     Trace, TraceConfig,
 };
 use crate::{Error, Result};
@@ -44,6 +44,9 @@ pub struct ExcavatorConfig {
     /// A retrieved fact whose content words are found in its cited passages less than this
     /// share of the time is rejected as unsupported (then answered with SelfAnswer).
     pub min_support: f32,
+    /// A directory where the decoded system prompt is saved and loaded from (keyed by model,
+    /// cache layout and prompt), so a new process does not decode it again.
+    pub prefix_cache: Option<std::path::PathBuf>,
     /// Calibration: added to each branch's `log p(yes) − log p(no)` before it answers.
     pub answer_offset: f32,
     /// Where the offset came from, recorded in the trace.
@@ -63,6 +66,7 @@ impl Default for ExcavatorConfig {
             context_limit: None,
             demonstrations: 0,
             min_support: 0.35,
+            prefix_cache: None,
             answer_offset: 0.0,
             calibration: None,
         }
@@ -235,7 +239,7 @@ impl Excavator {
     /// calibration (Zhao et al. 2021) removes.
     pub async fn content_free_margin(&self, input: &str) -> Result<f32> {
         let facts = [(input.to_string(), input.to_string())];
-        let (_, scores, _) = final_answer(&*self.model, input, &facts, &mut |_| {}).await?;
+        let (_, scores, _, _) = final_answer(&*self.model, input, &facts, &mut |_| {}).await?;
         Ok(scores[0] - scores[1])
     }
 
@@ -258,12 +262,11 @@ impl Excavator {
         let (head, tail) = prompt.split_at(split);
         let mut guard = self.prefix.lock().await;
         if guard.as_ref().is_none_or(|p| p.parts != head) {
-            let seq = self.model.sequence()?;
-            let stats = seq.append_parts(head).await?;
+            let (seq, len) = self.decode_prefix(head).await?;
             *guard = Some(CachedPrefix {
                 parts: head.to_vec(),
                 seq,
-                len: stats.total,
+                len,
             });
         }
         let prefix = guard.as_ref().expect("prefix just set");
@@ -277,6 +280,41 @@ impl Excavator {
             without_reuse: stats.total,
         };
         Ok((seq, stats.total, counts))
+    }
+
+    /// A sequence holding the shared head of every question's prompt: loaded from the prefix
+    /// cache when it was saved there, else decoded (and saved).
+    async fn decode_prefix(&self, head: &[PromptPart]) -> Result<(Box<dyn AgentSequence>, usize)> {
+        let file = match (&self.config.prefix_cache, self.model.state_key()) {
+            (Some(dir), Some(key)) => {
+                let text: String = head.iter().map(|p| p.text.as_str()).collect();
+                let id = fnv1a(&format!("{key}\n{}\n{text}", prompts::PROMPT_VERSION));
+                Some(dir.join(format!("prefix-{id:016x}.kv")))
+            }
+            _ => None,
+        };
+        if let Some(file) = file.as_ref().filter(|f| f.is_file()) {
+            let seq = self.model.sequence()?;
+            match seq.load_state(file).await {
+                Ok(len) => return Ok((seq, len)),
+                Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot load the saved system prompt; decoding it"),
+            }
+        }
+        let seq = self.model.sequence()?;
+        let stats = seq.append_parts(head).await?;
+        if let Some(file) = file {
+            let saved = match file.parent() {
+                Some(dir) => std::fs::create_dir_all(dir).map_err(|e| Error::Config(e.to_string())),
+                None => Ok(()),
+            };
+            if let Err(e) = match saved {
+                Ok(()) => seq.save_state(&file).await,
+                Err(e) => Err(e),
+            } {
+                tracing::warn!(file = %file.display(), error = %e, "cannot save the system prompt");
+            }
+        }
+        Ok((seq, stats.total))
     }
 
     async fn run_inner(
@@ -308,6 +346,8 @@ impl Excavator {
                 actions: Vec::new(),
                 events: events.clone(),
                 sample_next_sub_question: first_seed,
+                timing: ActionTiming::default(),
+                action_started: Instant::now(),
             }
             .run()
         });
@@ -402,6 +442,10 @@ struct BranchRun<'a> {
     events: Option<UnboundedSender<Event>>,
     /// Seed for sampling the next sub-question instead of decoding greedily.
     sample_next_sub_question: Option<u32>,
+    /// The current action's timing so far.
+    timing: ActionTiming,
+    /// When the current action started.
+    action_started: Instant,
 }
 
 impl BranchRun<'_> {
@@ -442,10 +486,7 @@ impl BranchRun<'_> {
                         self.counts.unique += self.len - before_action;
                         self.seq.truncate(before_action).await?;
                         self.len = before_action;
-                        self.actions.push(ActionRecord {
-                            action,
-                            note: Some(note),
-                        });
+                        self.record(action, Some(note));
                         self.sample_next_sub_question = Some(1000 + self.actions.len() as u32);
                         continue;
                     }
@@ -453,12 +494,24 @@ impl BranchRun<'_> {
                 Action::Retrieve => self.retrieve_and_extract().await?,
                 Action::SelfAnswer => self.self_answer().await?,
                 Action::FinalAnswer => {
-                    self.actions.push(ActionRecord { action, note: None });
+                    self.record(action, None);
                     return self.finish(None).await;
                 }
             }
-            self.actions.push(ActionRecord { action, note: None });
+            self.record(action, None);
         }
+    }
+
+    /// Records an action with the time it took since the last one.
+    fn record(&mut self, action: Action, note: Option<String>) {
+        let mut timing = std::mem::take(&mut self.timing);
+        timing.seconds = self.action_started.elapsed().as_secs_f64();
+        self.action_started = Instant::now();
+        self.actions.push(ActionRecord {
+            action,
+            note,
+            timing,
+        });
     }
 
     fn emit(&self, event: Event) {
@@ -475,8 +528,11 @@ impl BranchRun<'_> {
     }
 
     async fn append(&mut self, text: &str) -> Result<()> {
+        let started = Instant::now();
         let stats = self.seq.append(text).await?;
         self.counts.add_prefill(&stats);
+        self.timing
+            .add_prefill(&stats, started.elapsed().as_secs_f64());
         self.len = stats.total;
         Ok(())
     }
@@ -510,6 +566,7 @@ impl BranchRun<'_> {
         };
         let done: Completion = self.seq.generate(params, &mut on_piece).await?;
         self.counts.add_generation(&done);
+        self.timing.add_generation(&done);
         self.len = done.prefill.total + done.tokens.len();
         let mut text = done.text.trim().to_string();
         if done.stop == StopReason::MaxTokens {
@@ -642,7 +699,10 @@ impl BranchRun<'_> {
             .retriever
             .as_ref()
             .expect("retrieval needs a retriever");
-        let (passages, error) = match retriever.retrieve(&query, self.ex.config.passages).await {
+        let retrieval_started = Instant::now();
+        let retrieved = retriever.retrieve(&query, self.ex.config.passages).await;
+        self.timing.retrieval_seconds += retrieval_started.elapsed().as_secs_f64();
+        let (passages, error) = match retrieved {
             Ok(p) => (p, None),
             Err(e) => {
                 self.emit(Event::Error {
@@ -788,12 +848,12 @@ impl BranchRun<'_> {
                 prompts::action_line(Action::FinalAnswer)
             ))
             .await?;
-            self.actions.push(ActionRecord {
-                action: Action::FinalAnswer,
-                note: Some(reason.clone()),
-            });
+            self.record(Action::FinalAnswer, Some(reason.clone()));
         }
+        let final_started = Instant::now();
         let (summary, scores) = self.final_answer().await?;
+        let mut final_timing = std::mem::take(&mut self.timing);
+        final_timing.seconds = final_started.elapsed().as_secs_f64();
         let final_answer = FinalAnswer {
             summary,
             answer: scores[0] - scores[1] + self.ex.config.answer_offset > 0.0,
@@ -810,6 +870,7 @@ impl BranchRun<'_> {
             steps: self.steps,
             actions: self.actions,
             final_answer,
+            final_timing,
         };
         Ok((branch, self.counts, self.len))
     }
@@ -825,7 +886,7 @@ impl BranchRun<'_> {
             .filter_map(|s| Some((s.sub_question.clone(), s.answer.clone()?)))
             .collect();
         let (id, events) = (self.id, self.events.clone());
-        let (reasoning, scores, counts) =
+        let (reasoning, scores, counts, timing) =
             final_answer(&*self.ex.model, &self.question, &facts, &mut |p| {
                 emit(
                     &events,
@@ -839,24 +900,29 @@ impl BranchRun<'_> {
         self.counts.decoded += counts.decoded;
         self.counts.without_reuse += counts.without_reuse;
         self.counts.unique += counts.decoded;
+        self.timing.add(&timing);
         Ok((reasoning, scores))
     }
 }
 
 /// The final answer of `question` from `facts`: the reasoning line, the scores of yes and no,
-/// and the tokens it took.
+/// and the tokens and time it took.
 async fn final_answer(
     model: &dyn AgentModel,
     question: &str,
     facts: &[(String, String)],
     on_piece: &mut (dyn FnMut(&str) + Send),
-) -> Result<(String, Vec<f32>, TokenCounts)> {
+) -> Result<(String, Vec<f32>, TokenCounts, ActionTiming)> {
     let mut counts = TokenCounts::default();
+    let mut timing = ActionTiming::default();
     let prompt = model
         .chat_prompt(prompts::FINAL_SYSTEM, &prompts::final_user(question, facts))
         .await?;
     let seq = model.sequence()?;
-    counts.add_prefill(&seq.append_parts(&prompt).await?);
+    let started = Instant::now();
+    let stats = seq.append_parts(&prompt).await?;
+    counts.add_prefill(&stats);
+    timing.add_prefill(&stats, started.elapsed().as_secs_f64());
     counts.add_prefill(&seq.append(prompts::REASONING_PREFIX).await?);
     let params = GenerateParams {
         max_tokens: 64,
@@ -867,6 +933,7 @@ async fn final_answer(
     };
     let done = seq.generate(params, on_piece).await?;
     counts.add_generation(&done);
+    timing.add_generation(&done);
     let close = if done.stop == StopReason::MaxTokens {
         "\n"
     } else {
@@ -876,8 +943,17 @@ async fn final_answer(
         &seq.append(&format!("{close}{}", prompts::ANSWER_PREFIX))
             .await?,
     );
+    let started = Instant::now();
     let scores = seq.score(&[prompts::YES, prompts::NO]).await?;
-    Ok((done.text.trim().to_string(), scores, counts))
+    timing.prefill_seconds += started.elapsed().as_secs_f64();
+    Ok((done.text.trim().to_string(), scores, counts, timing))
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across builds (for cache file names).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Splits `fact [P1, P3]` into the fact and the cited passage ids.

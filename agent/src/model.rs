@@ -6,6 +6,8 @@ use geek_backend::{
 };
 use geek_retriever::BoxFuture;
 
+use std::path::Path;
+
 use crate::Result;
 
 /// A model the excavation can run on.
@@ -26,6 +28,12 @@ pub trait AgentModel: Send + Sync {
 
     /// Tokens one sequence may hold.
     fn context_size(&self) -> usize;
+
+    /// What a saved sequence state depends on (model file and cache layout), when sequences
+    /// can be saved and loaded; `None` otherwise.
+    fn state_key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A KV-cached token sequence of an [`AgentModel`].
@@ -51,6 +59,27 @@ pub trait AgentSequence: Send + Sync {
 
     /// Keeps the first `len` tokens.
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>>;
+
+    /// Saves the sequence's state to `path` (models whose [`AgentModel::state_key`] is set).
+    fn save_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            Err(crate::Error::Config(format!(
+                "this model cannot save states ({})",
+                path.display()
+            )))
+        })
+    }
+
+    /// Loads a state saved by [`save_state`](Self::save_state) into this empty sequence;
+    /// returns its number of tokens.
+    fn load_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            Err(crate::Error::Config(format!(
+                "this model cannot load states ({})",
+                path.display()
+            )))
+        })
+    }
 }
 
 impl AgentModel for Engine {
@@ -95,6 +124,16 @@ impl AgentModel for Engine {
     fn context_size(&self) -> usize {
         self.info().n_ctx as usize
     }
+
+    fn state_key(&self) -> Option<String> {
+        let info = self.info();
+        let sha = geek_backend::catalog::sha256_cached(&info.path).ok()?;
+        Some(format!(
+            "{sha}:{:?}:{}",
+            info.kv_type,
+            info.lora_adapters.len()
+        ))
+    }
 }
 
 impl AgentSequence for Sequence {
@@ -137,5 +176,16 @@ impl AgentSequence for Sequence {
 
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { Ok(Sequence::truncate(self, len).await?) })
+    }
+
+    fn save_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            Sequence::save_state(self, path).await?;
+            Ok(())
+        })
+    }
+
+    fn load_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move { Ok(Sequence::load_state(self, path).await?) })
     }
 }

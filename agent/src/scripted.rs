@@ -167,6 +167,9 @@ impl AgentSequence for ScriptedSequence {
                 },
                 prefill_seconds: 0.0,
                 generation_seconds: 0.0,
+                sampling_seconds: 0.0,
+                drafted: 0,
+                accepted: 0,
             })
         })
     }

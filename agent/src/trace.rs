@@ -114,6 +114,64 @@ pub struct ActionRecord {
     pub action: Action,
     /// Why it was rejected or forced, when it was.
     pub note: Option<String>,
+    /// Where its time went.
+    #[serde(default)]
+    pub timing: ActionTiming,
+}
+
+/// Where one action's time went (seconds) and the tokens it decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ActionTiming {
+    /// Wall time of the action.
+    pub seconds: f64,
+    /// Prompt tokens decoded (appended text and the prompts of generations).
+    pub prefilled: usize,
+    /// Seconds spent on them.
+    pub prefill_seconds: f64,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Seconds spent generating (sampling included).
+    pub generation_seconds: f64,
+    /// Of which choosing tokens (grammar included).
+    pub sampling_seconds: f64,
+    /// Tokens drafted by prompt lookup, and kept.
+    pub drafted: usize,
+    /// Drafted tokens kept.
+    pub accepted: usize,
+    /// Seconds waiting for the retriever.
+    pub retrieval_seconds: f64,
+}
+
+impl ActionTiming {
+    /// Counts an append that took `seconds`.
+    pub fn add_prefill(&mut self, stats: &geek_backend::PrefillStats, seconds: f64) {
+        self.prefilled += stats.decoded;
+        self.prefill_seconds += seconds;
+    }
+
+    /// Counts a generation.
+    pub fn add_generation(&mut self, done: &geek_backend::Completion) {
+        self.prefilled += done.prefill.decoded;
+        self.prefill_seconds += done.prefill_seconds;
+        self.generated += done.tokens.len();
+        self.generation_seconds += done.generation_seconds;
+        self.sampling_seconds += done.sampling_seconds;
+        self.drafted += done.drafted;
+        self.accepted += done.accepted;
+    }
+
+    /// Adds another action's figures.
+    pub fn add(&mut self, other: &ActionTiming) {
+        self.seconds += other.seconds;
+        self.prefilled += other.prefilled;
+        self.prefill_seconds += other.prefill_seconds;
+        self.generated += other.generated;
+        self.generation_seconds += other.generation_seconds;
+        self.sampling_seconds += other.sampling_seconds;
+        self.drafted += other.drafted;
+        self.accepted += other.accepted;
+        self.retrieval_seconds += other.retrieval_seconds;
+    }
 }
 
 /// The end of a branch.
@@ -142,6 +200,9 @@ pub struct Branch {
     pub actions: Vec<ActionRecord>,
     /// How it ended.
     pub final_answer: FinalAnswer,
+    /// Where the final answer's time went.
+    #[serde(default)]
+    pub final_timing: ActionTiming,
 }
 
 /// Token accounting of one question, to prove KV-cache reuse.

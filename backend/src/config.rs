@@ -40,7 +40,15 @@ pub struct EngineConfig {
     /// GGUF LoRA adapters loaded with the model; switch between them with
     /// [`Engine::set_lora`](crate::Engine::set_lora).
     pub lora_adapters: Vec<PathBuf>,
+    /// Prompt-lookup drafting: greedy generations draft up to this many tokens by matching
+    /// the sequence's last n-gram earlier in it, verified in the same decode (outputs are
+    /// exactly those of plain greedy decoding). 0 turns it off.
+    #[serde(default)]
+    pub lookup_draft: usize,
 }
+
+/// Tokens drafted by prompt lookup unless configured otherwise.
+pub const DEFAULT_LOOKUP_DRAFT: usize = 4;
 
 impl EngineConfig {
     /// Defaults: 4096-token context, 512-token batches, one thread per available core.
@@ -58,6 +66,7 @@ impl EngineConfig {
             flash_attention: FlashAttention::Auto,
             kv_type: KvType::F16,
             lora_adapters: Vec::new(),
+            lookup_draft: DEFAULT_LOOKUP_DRAFT,
         }
     }
 

@@ -341,6 +341,29 @@ impl Sequence {
         })
     }
 
+    /// Saves the sequence (its tokens and KV cache cells) to `path`, so that a later engine on
+    /// the same model and settings can [`load_state`](Self::load_state) it instead of decoding
+    /// it again. Returns the bytes written.
+    pub fn save_state(&self, path: impl Into<std::path::PathBuf>) -> Reply<usize> {
+        let path = path.into();
+        self.request(|reply| Command::SaveState {
+            seq: self.id,
+            path,
+            reply,
+        })
+    }
+
+    /// Loads a state saved by [`save_state`](Self::save_state) into this empty sequence;
+    /// returns its number of tokens.
+    pub fn load_state(&self, path: impl Into<std::path::PathBuf>) -> Reply<usize> {
+        let path = path.into();
+        self.request(|reply| Command::LoadState {
+            seq: self.id,
+            path,
+            reply,
+        })
+    }
+
     /// Keeps only the first `len` tokens, dropping the rest from the KV cache.
     pub fn truncate(&self, len: usize) -> Reply<()> {
         self.request(|reply| Command::Truncate {

@@ -60,7 +60,7 @@ mod types;
 mod worker;
 
 pub use arch::SUPPORTED_ARCHITECTURES;
-pub use config::{default_threads, EngineConfig, FlashAttention, KvType};
+pub use config::{default_threads, EngineConfig, FlashAttention, KvType, DEFAULT_LOOKUP_DRAFT};
 pub use engine::{Engine, Fork, Generation, Reply, Sequence};
 pub use error::{Error, Result};
 pub use sampling::{GenerateParams, Sampling};

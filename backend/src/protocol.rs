@@ -76,6 +76,16 @@ pub(crate) enum Command {
     Release {
         seq: i32,
     },
+    SaveState {
+        seq: i32,
+        path: std::path::PathBuf,
+        reply: ReplyTx<usize>,
+    },
+    LoadState {
+        seq: i32,
+        path: std::path::PathBuf,
+        reply: ReplyTx<usize>,
+    },
     SetLora {
         index: Option<usize>,
         scale: f32,

@@ -56,6 +56,12 @@ impl Sampling {
         }
     }
 
+    /// Greedy decoding with nothing that depends on earlier choices but the grammar: what
+    /// prompt-lookup drafting can verify exactly.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.repeat_penalty == 1.0
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::InvalidParameter(what.to_string()));
         if !self.temperature.is_finite() || self.temperature < 0.0 {

@@ -32,7 +32,10 @@ pub struct ModelInfo {
     pub n_embd: i32,
     /// The chat template from the GGUF metadata.
     pub chat_template: Option<String>,
-    /// Loaded LoRA adapters, in [`Engine::set_lora`] index order.
+    /// Element type of the KV cache.
+    #[serde(default)]
+    pub kv_type: crate::KvType,
+    /// Loaded LoRA adapters, in [`crate::Engine::set_lora`] index order.
     pub lora_adapters: Vec<PathBuf>,
 }
 
@@ -127,6 +130,15 @@ pub struct Completion {
     pub prefill_seconds: f64,
     /// Seconds spent generating.
     pub generation_seconds: f64,
+    /// Seconds spent choosing tokens (sampling and grammar) within `generation_seconds`.
+    #[serde(default)]
+    pub sampling_seconds: f64,
+    /// Tokens drafted by prompt lookup for this generation.
+    #[serde(default)]
+    pub drafted: usize,
+    /// Drafted tokens kept.
+    #[serde(default)]
+    pub accepted: usize,
 }
 
 /// One event of a streamed generation.
@@ -153,6 +165,12 @@ pub struct EngineStats {
     pub decode_calls: u64,
     /// Tokens passed to `llama_decode` over all calls.
     pub batch_tokens: u64,
+    /// Tokens drafted by prompt lookup.
+    #[serde(default)]
+    pub drafted_tokens: u64,
+    /// Drafted tokens that greedy decoding agreed with (kept).
+    #[serde(default)]
+    pub accepted_draft_tokens: u64,
     /// Sequences alive now.
     pub live_sequences: usize,
 }

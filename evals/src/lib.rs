@@ -13,6 +13,7 @@
 //! - [`report`]: `geek eval report`, a Markdown table and PNG plots comparing runs.
 #![warn(missing_docs)]
 
+pub mod agent_bench;
 pub mod calibration;
 mod error;
 pub mod methods;

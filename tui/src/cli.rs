@@ -48,6 +48,10 @@ pub struct GlobalArgs {
     /// Layers to offload to a GPU (needs a `cuda` build).
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,
+    /// Tokens drafted by prompt lookup per greedy step (0 turns drafting off; outputs are the
+    /// same either way).
+    #[arg(long, global = true, default_value_t = geek_backend::DEFAULT_LOOKUP_DRAFT)]
+    pub lookup_draft: usize,
 }
 
 /// Subcommands.
@@ -603,6 +607,29 @@ pub struct GenerateArgs {
 pub enum BenchCommand {
     /// llama-bench style throughput of the llama.cpp backend.
     Backend(BenchBackendArgs),
+    /// Where an excavation's time goes, against the engine's raw pp/tg rates.
+    Agent(BenchAgentArgs),
+}
+
+/// `geek bench agent`
+#[derive(Debug, Args)]
+pub struct BenchAgentArgs {
+    /// Questions: a StrategyQA JSON file or a text file with one question per line
+    /// (default: --split).
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// StrategyQA split the questions come from when --questions is not given.
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    /// Only the first N questions.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Questions excavated at once.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `geek bench backend`

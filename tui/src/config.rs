@@ -35,6 +35,8 @@ pub struct Resolved {
     pub index_dir: PathBuf,
     /// Calibration offsets (`calibration.json`).
     pub calibration_store: PathBuf,
+    /// Prompt-lookup draft length (0: off).
+    pub lookup_draft: usize,
 }
 
 /// Tokens one question may use when several share the engine.
@@ -60,6 +62,7 @@ impl Resolved {
                 .clone()
                 .unwrap_or_else(geek_retriever::default_index_dir),
             calibration_store: calibration::default_store_path(),
+            lookup_draft: args.lookup_draft,
         }
     }
 
@@ -98,6 +101,7 @@ impl Resolved {
         config.n_gpu_layers = self.n_gpu_layers;
         config.flash_attention = self.flash_attention;
         config.kv_type = self.kv_type;
+        config.lookup_draft = self.lookup_draft;
         Ok(config)
     }
 }
@@ -158,6 +162,7 @@ impl Resolved {
                 seed: options.seed,
                 context_limit: options.context_limit,
                 demonstrations: options.demonstrations,
+                prefix_cache: Some(catalog::models_dir(None).with_file_name("kv")),
                 ..ExcavatorConfig::default()
             });
         if let (true, Some(r)) = (options.retrieval, retriever) {

@@ -28,6 +28,7 @@ use crate::text::{StopBuffer, Utf8Stream};
 use crate::types::{EngineStats, GenEvent, ModelInfo, PrefillStats};
 use crate::{EngineConfig, Error, Result};
 
+mod lookup;
 mod requests;
 mod schedule;
 mod scoring;
@@ -119,6 +120,7 @@ pub(crate) fn run(
         n_layer: model.n_layer(),
         n_embd: model.n_embd(),
         chat_template: gguf.chat_template().map(str::to_string),
+        kv_type: config.kv_type,
         lora_adapters: config.lora_adapters.clone(),
     };
     tracing::info!(model = %config.model.display(), n_ctx = info.n_ctx, threads = config.threads, "engine ready");
@@ -133,6 +135,7 @@ pub(crate) fn run(
         adapters,
         n_ctx,
         n_batch: config.n_batch as usize,
+        lookup_draft: config.lookup_draft,
         ids,
         seqs: HashMap::new(),
         jobs: Vec::new(),
@@ -178,6 +181,13 @@ pub(super) struct GenJob {
     pub(super) tokens: Vec<i32>,
     pub(super) logits_at: Option<LogitsAt>,
     pub(super) first_token_at: Option<Instant>,
+    /// Drafted tokens decoded after the last sampled one, waiting to be checked.
+    draft: Vec<LlamaToken>,
+    /// Seconds spent in the sampler.
+    sampling_seconds: f64,
+    /// Tokens drafted, and accepted, over the generation.
+    drafted: usize,
+    accepted: usize,
 }
 
 pub(super) enum JobKind {
@@ -212,6 +222,8 @@ pub(super) struct Worker<'m> {
     pub(super) adapters: Vec<LlamaLoraAdapter>,
     pub(super) n_ctx: usize,
     pub(super) n_batch: usize,
+    /// Most tokens drafted per step by prompt lookup (0: off).
+    lookup_draft: usize,
     pub(super) ids: Arc<SeqIds>,
     pub(super) seqs: HashMap<i32, SeqState>,
     pub(super) jobs: Vec<Job>,
@@ -329,6 +341,12 @@ impl Worker<'_> {
                 let _ = reply.send(self.truncate(seq, len));
             }
             Command::Release { seq } => self.release(seq),
+            Command::SaveState { seq, path, reply } => {
+                let _ = reply.send(self.save_state(seq, &path));
+            }
+            Command::LoadState { seq, path, reply } => {
+                let _ = reply.send(self.load_state(seq, &path));
+            }
             Command::SetLora {
                 index,
                 scale,

@@ -235,6 +235,10 @@ impl Worker<'_> {
                 tokens: Vec::new(),
                 logits_at,
                 first_token_at: None,
+                draft: Vec::new(),
+                sampling_seconds: 0.0,
+                drafted: 0,
+                accepted: 0,
             })),
         );
         Ok(())
@@ -327,5 +331,46 @@ impl Worker<'_> {
             state.last_logits = None;
         }
         Ok(())
+    }
+
+    /// Writes the sequence's cache cells and tokens to `path` (atomically); returns the bytes
+    /// written. The whole sequence must be decoded.
+    pub(super) fn save_state(&mut self, seq: i32, path: &std::path::Path) -> Result<usize> {
+        let state = self.idle_seq(seq)?;
+        if state.tokens.is_empty() || state.n_decoded != state.tokens.len() {
+            return Err(Error::InvalidParameter(
+                "only a non-empty, fully decoded sequence can be saved".into(),
+            ));
+        }
+        let tokens = state.tokens.clone();
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let bytes = self
+            .ctx
+            .state_seq_save_file(&tmp, seq, &tokens)
+            .map_err(|e| Error::io(&tmp, std::io::Error::other(e.to_string())))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        Ok(bytes)
+    }
+
+    /// Fills the empty sequence with the cache cells and tokens saved at `path`; returns the
+    /// number of tokens.
+    pub(super) fn load_state(&mut self, seq: i32, path: &std::path::Path) -> Result<usize> {
+        let n_ctx = self.n_ctx;
+        let state = self.idle_seq(seq)?;
+        if !state.tokens.is_empty() {
+            return Err(Error::InvalidParameter(
+                "state can only be loaded into an empty sequence".into(),
+            ));
+        }
+        let (tokens, _) = self
+            .ctx
+            .state_seq_load_file(path, seq, n_ctx)
+            .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))?;
+        let n = tokens.len();
+        let state = self.seqs.entry(seq).or_default();
+        state.n_decoded = n;
+        state.tokens = tokens;
+        state.last_logits = None;
+        Ok(n)
     }
 }

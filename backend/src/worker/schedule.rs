@@ -3,11 +3,13 @@
 
 use std::time::Instant;
 
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
-use super::{BatchEntry, Job, JobKind, LogitsAt, SeqState, Worker};
+use super::{lookup, BatchEntry, GenJob, Job, JobKind, LogitsAt, SeqState, Worker};
 use crate::text::StopCheck;
-use crate::types::{Completion, GenEvent, PrefillStats, StopReason};
+use crate::types::{Completion, EngineStats, GenEvent, PrefillStats, StopReason};
 use crate::Error;
 
 impl Worker<'_> {
@@ -32,68 +34,102 @@ impl Worker<'_> {
     }
 
     /// Samples the next token of every generating job whose logits are known and puts it into
-    /// the batch.
+    /// the batch. Tokens drafted at the last step are checked first: each one greedy decoding
+    /// agrees with is kept (it is decoded already), the first it disagrees with ends the draft.
     pub(super) fn sample_generating(&mut self, entries: &mut Vec<BatchEntry>) {
-        let model = self.model;
-        let vocab = model.vocab();
-        for (ji, job) in self.jobs.iter_mut().enumerate() {
+        for ji in 0..self.jobs.len() {
+            let later = self.jobs_left_to_sample(ji);
+            let job = &mut self.jobs[ji];
             let JobKind::Generate(gen) = &mut job.kind else {
                 continue;
             };
             let Some(at) = gen.logits_at.take() else {
                 continue;
             };
-            let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
             if gen.first_token_at.is_none() {
                 gen.first_token_at = Some(Instant::now());
             }
-            if state.tokens.len() >= self.n_ctx {
-                finish_generation(job, StopReason::ContextFull, state);
-                continue;
-            }
-            let token = match at {
+            let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
+            let draft = std::mem::take(&mut gen.draft);
+            let sampling_started = Instant::now();
+            let mut token = match at {
                 LogitsAt::Stored => {
                     let logits = state.last_logits.take().unwrap_or_default();
                     gen.sampler.sample(&logits)
                 }
                 LogitsAt::Batch(i) => gen.sampler.sample(self.ctx.get_logits_ith(i)),
             };
-            state.tokens.push(token);
-            gen.tokens.push(token.0);
-            self.stats.generated_tokens += 1;
-
             let mut stop = None;
-            if vocab.is_eog(token) && !gen.params.ignore_eos {
-                stop = Some(StopReason::Eos);
-            } else {
-                let piece = gen.utf8.push(&vocab.token_to_piece(token, false, None));
-                let (emit, matched) = match gen.stops.push(&piece) {
-                    StopCheck::Emit(s) => (s, None),
-                    StopCheck::Stopped { emit, stop } => (emit, Some(stop)),
+            let mut kept = 0;
+            for (j, &drafted) in draft.iter().enumerate() {
+                if token != drafted {
+                    break;
+                }
+                // Kept: it is in the cache at the next position already.
+                kept += 1;
+                gen.accepted += 1;
+                self.stats.accepted_draft_tokens += 1;
+                stop = accept(gen, state, token, self.model, &mut self.stats);
+                state.n_decoded += 1;
+                if stop.is_some() {
+                    break;
+                }
+                let LogitsAt::Batch(i) = at else {
+                    unreachable!("drafts are decoded in a batch")
                 };
-                if !emit.is_empty() {
-                    gen.text.push_str(&emit);
-                    if gen.events.send(GenEvent::Piece(emit)).is_err() {
-                        stop = Some(StopReason::Cancelled);
-                    }
-                }
-                if let Some(s) = matched {
-                    stop = Some(StopReason::Stop(s));
-                } else if gen.tokens.len() >= gen.params.max_tokens {
-                    stop = Some(StopReason::MaxTokens);
-                }
+                token = gen
+                    .sampler
+                    .sample(self.ctx.get_logits_ith(i + 1 + j as i32));
             }
+            // Drop the rejected drafts from the cache.
+            if kept < draft.len() {
+                let _ = self.ctx.clear_kv_cache_seq(
+                    Some(job.seq as u32),
+                    Some(state.n_decoded as u32),
+                    None,
+                );
+            }
+            gen.sampling_seconds += sampling_started.elapsed().as_secs_f64();
             if let Some(reason) = stop {
                 finish_generation(job, reason, state);
                 continue;
             }
-            let pos = state.n_decoded;
-            let logits_index = self.batch.n_tokens();
-            if self.batch.add(token, pos as i32, &[job.seq], true).is_err() {
-                // Unreachable: one token per job and n_seq_max <= n_batch is checked at load.
+            if state.tokens.len() >= self.n_ctx {
                 finish_generation(job, StopReason::ContextFull, state);
                 continue;
             }
+            if let Some(reason) = accept(gen, state, token, self.model, &mut self.stats) {
+                finish_generation(job, reason, state);
+                continue;
+            }
+            // Decode the token, with a draft of what follows when greedy decoding allows one.
+            let room = (self.n_batch - self.batch.n_tokens() as usize)
+                .saturating_sub(later)
+                .min(self.n_ctx.saturating_sub(state.tokens.len()));
+            let max_draft = if gen.params.sampling.is_plain_greedy() {
+                self.lookup_draft.min(room.saturating_sub(1))
+            } else {
+                0
+            };
+            let next_draft = lookup::draft(&state.tokens, max_draft);
+            let pos = state.n_decoded;
+            let logits_index = self.batch.n_tokens();
+            let added = std::iter::once(token)
+                .chain(next_draft.iter().copied())
+                .enumerate()
+                .all(|(k, t)| {
+                    self.batch
+                        .add(t, (pos + k) as i32, &[job.seq], true)
+                        .is_ok()
+                });
+            if !added {
+                // Unreachable: the room was checked above.
+                finish_generation(job, StopReason::ContextFull, state);
+                continue;
+            }
+            gen.drafted += next_draft.len();
+            self.stats.drafted_tokens += next_draft.len() as u64;
+            gen.draft = next_draft;
             state.n_decoded += 1;
             entries.push(BatchEntry {
                 job: ji,
@@ -102,6 +138,14 @@ impl Worker<'_> {
                 generated: true,
             });
         }
+    }
+
+    /// Generating jobs after `ji` that will add a token to this batch (room is kept for them).
+    fn jobs_left_to_sample(&self, ji: usize) -> usize {
+        self.jobs[ji + 1..]
+            .iter()
+            .filter(|j| matches!(&j.kind, JobKind::Generate(g) if g.logits_at.is_some()))
+            .count()
     }
 
     /// Fills the rest of the batch with prompt tokens of jobs that are not decoded up to date.
@@ -222,6 +266,42 @@ impl Worker<'_> {
     }
 }
 
+/// Records a sampled token in the generation and its sequence; `Some` when it ends the
+/// generation (end of generation, a stop string, the token budget, a dropped receiver).
+fn accept(
+    gen: &mut GenJob,
+    state: &mut SeqState,
+    token: LlamaToken,
+    model: &LlamaModel,
+    stats: &mut EngineStats,
+) -> Option<StopReason> {
+    let vocab = model.vocab();
+    state.tokens.push(token);
+    gen.tokens.push(token.0);
+    stats.generated_tokens += 1;
+    if vocab.is_eog(token) && !gen.params.ignore_eos {
+        return Some(StopReason::Eos);
+    }
+    let piece = gen.utf8.push(&vocab.token_to_piece(token, false, None));
+    let (emit, matched) = match gen.stops.push(&piece) {
+        StopCheck::Emit(s) => (s, None),
+        StopCheck::Stopped { emit, stop } => (emit, Some(stop)),
+    };
+    let mut stop = None;
+    if !emit.is_empty() {
+        gen.text.push_str(&emit);
+        if gen.events.send(GenEvent::Piece(emit)).is_err() {
+            stop = Some(StopReason::Cancelled);
+        }
+    }
+    if let Some(s) = matched {
+        stop = Some(StopReason::Stop(s));
+    } else if stop.is_none() && gen.tokens.len() >= gen.params.max_tokens {
+        stop = Some(StopReason::MaxTokens);
+    }
+    stop
+}
+
 /// Sends the final event of a generation and frees its sequence.
 fn finish_generation(job: &mut Job, stop: StopReason, state: &mut SeqState) {
     job.done = true;
@@ -244,6 +324,9 @@ fn finish_generation(job: &mut Job, stop: StopReason, state: &mut SeqState) {
         prefill: job.prefill,
         prefill_seconds: (first - job.started).as_secs_f64(),
         generation_seconds: first.elapsed().as_secs_f64(),
+        sampling_seconds: gen.sampling_seconds,
+        drafted: gen.drafted,
+        accepted: gen.accepted,
     };
     let _ = gen.events.send(GenEvent::Done(completion));
 }

@@ -1,11 +1,13 @@
-//! `geek bench backend`.
+//! `geek bench backend` and `geek bench agent`.
 
 use anyhow::Result;
 use geek_backend::{bench, Engine};
 use serde::Serialize;
 
-use crate::cli::BenchBackendArgs;
-use crate::config::Resolved;
+use std::sync::Arc;
+
+use crate::cli::{BenchAgentArgs, BenchBackendArgs};
+use crate::config::{AgentOptions, Resolved};
 
 #[derive(Serialize)]
 struct Report {
@@ -65,4 +67,80 @@ pub fn backend(args: BenchBackendArgs, config: &Resolved) -> Result<()> {
         );
     }
     Ok(())
+}
+
+pub fn agent(args: BenchAgentArgs, config: &Resolved) -> Result<()> {
+    anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
+    let questions = bench_questions(&args, config)?;
+    let engine = config.load_engine(args.parallel, 1)?;
+    // The raw rates, on this engine, before the agent runs.
+    let raw = bench::run_suite(&engine, &[512], &[64], &[], 0, 1)?;
+    let rate = |prefix: &str| {
+        raw.iter()
+            .find(|r| r.test.starts_with(prefix))
+            .map_or(1.0, |r| r.tokens_per_second)
+    };
+    let rates = geek_evals::agent_bench::Rates {
+        prompt_tokens_per_second: rate("pp"),
+        generation_tokens_per_second: rate("tg"),
+    };
+    let index: Arc<dyn geek_retriever::Retriever> = Arc::new(config.open_index()?);
+    let options = AgentOptions {
+        max_steps: 8,
+        explore: 1,
+        pre_answer: false,
+        retrieval: true,
+        passages: 3,
+        seed: 0,
+        context_limit: (args.parallel > 1)
+            .then_some(crate::config::CONTEXT_PER_QUESTION as usize),
+        demonstrations: 0,
+    };
+    let agent = config.excavator(engine, Some(index), &options)?;
+    let runtime = config.runtime()?;
+    let report = runtime.block_on(geek_evals::agent_bench::run(
+        &agent,
+        &questions,
+        args.parallel,
+        rates,
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", geek_evals::agent_bench::markdown(&report));
+    }
+    Ok(())
+}
+
+/// The questions of `geek bench agent`: a file of them, or the first of a split.
+fn bench_questions(args: &BenchAgentArgs, config: &Resolved) -> Result<Vec<String>> {
+    let mut questions: Vec<String> = match &args.questions {
+        Some(path) if path.extension().is_some_and(|e| e == "json") => {
+            geek_evals::strategyqa::load(path)?
+                .into_iter()
+                .map(|q| q.question)
+                .collect()
+        }
+        Some(path) => std::fs::read_to_string(path)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => {
+            let split: geek_evals::strategyqa::Split =
+                args.split.parse().map_err(anyhow::Error::msg)?;
+            let path = match split {
+                geek_evals::strategyqa::Split::Path(p) => p,
+                named => named.path(config.require_data_dir()?),
+            };
+            geek_evals::strategyqa::load(&path)?
+                .into_iter()
+                .map(|q| q.question)
+                .collect()
+        }
+    };
+    questions.truncate(args.limit);
+    anyhow::ensure!(!questions.is_empty(), "no questions to run");
+    Ok(questions)
 }

@@ -23,6 +23,7 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Ask(args) => ask::run(args, config),
         Command::Generate(args) => generate::run(args, config),
         Command::Bench(BenchCommand::Backend(args)) => bench::backend(args, config),
+        Command::Bench(BenchCommand::Agent(args)) => bench::agent(args, config),
         Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
         Command::Search(args) => index::search(args, config),
         Command::Eval(cmd) => eval::run(cmd, config),
