@@ -9,7 +9,7 @@
 
 use geek_agent::{Event, Excavator};
 use geek_backend::{catalog, Engine, EngineConfig};
-use geek_retriever::{corpus, Bm25Index, CorpusSource};
+use geek_retriever::{Bm25Index, CorpusSource};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,7 +18,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "Could a llama give birth twice during the Vietnam War?".into());
 
     // 1. The model: the catalogue's default, fetched by `geek model pull`.
-    let model = catalog::resolve(catalog::default_model().name, &catalog::models_dir(None))?;
+    let model = catalog::resolve(catalog::default_model().name, &geek_backend::paths::models_dir(None))?;
     let engine = Engine::load(EngineConfig::new(model).with_threads(2))?;
 
     // 2. The knowledge: a BM25 index of StrategyQA paragraphs and vital articles (~1 s to build).
@@ -26,7 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let index = match Bm25Index::open(&index_dir) {
         Ok(index) => index,
         Err(_) => {
-            let data = corpus::data_dir(None);
+            let data = geek_backend::paths::data_dir(None);
             Bm25Index::build(&index_dir, &CorpusSource::defaults(&data))?
         }
     };

@@ -4,7 +4,7 @@
 use geek_backend::{
     ChatMessage, Completion, Engine, GenEvent, GenerateParams, PrefillStats, PromptPart, Sequence,
 };
-use geek_retriever::BoxFuture;
+use futures::future::BoxFuture;
 
 use std::path::Path;
 

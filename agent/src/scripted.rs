@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use geek_backend::{Completion, GenerateParams, PrefillStats, PromptPart, StopReason};
-use geek_retriever::BoxFuture;
+use futures::future::BoxFuture;
 
 use crate::model::{AgentModel, AgentSequence};
 use crate::Result;

@@ -240,19 +240,6 @@ pub fn find(name: &str) -> Result<&'static CatalogEntry> {
         })
 }
 
-/// The models directory: `explicit`, else `$GEEK_MODELS_DIR`, else `<user cache>/geek/models`.
-pub fn models_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    if let Some(p) = std::env::var_os("GEEK_MODELS_DIR").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    directories::ProjectDirs::from("", "", "geek")
-        .map(|d| d.cache_dir().join("models"))
-        .unwrap_or_else(|| PathBuf::from(".geek-models"))
-}
-
 /// Turns what a user typed into a model file: an existing path (or anything ending in
 /// `.gguf`) is taken as it is; otherwise a catalogue name, which must have been pulled.
 pub fn resolve(spec: &str, dir: &Path) -> Result<PathBuf> {
@@ -299,10 +286,7 @@ pub fn sha256_cached(path: &Path) -> Result<String> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     let key = format!("{}|{}|{mtime}", canonical.display(), meta.len());
-    let cache_path = models_dir(None).parent().map_or_else(
-        || PathBuf::from(".geek-sha256.json"),
-        |d| d.join("sha256.json"),
-    );
+    let cache_path = crate::paths::sha256_cache_file();
     let mut cache: std::collections::BTreeMap<String, String> = std::fs::read(&cache_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())

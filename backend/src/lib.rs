@@ -51,6 +51,7 @@ mod config;
 mod engine;
 mod error;
 pub mod gguf;
+pub mod paths;
 mod llama_log;
 pub mod perplexity;
 mod protocol;

@@ -7,11 +7,11 @@
 //! - **contextual** ([`contextual_offset`], Zhao et al. 2021): the margin the model gives a
 //!   content-free input ("N/A"), which needs no labelled data at all.
 //!
-//! Offsets live in a [`CalibrationStore`] (`calibration.json` in the user data directory);
+//! Offsets live in a [`CalibrationStore`] (`geek_backend::paths::calibration_store`);
 //! [`BUILTIN`] holds the ones fitted for the catalogue's default model, shipped with geek.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -148,16 +148,6 @@ pub fn contextual_offset(margins: &[f32]) -> f32 {
 pub struct CalibrationStore {
     /// By key id.
     pub entries: BTreeMap<String, Calibration>,
-}
-
-/// `calibration.json` in the user data directory (`$GEEK_CALIBRATION` overrides).
-pub fn default_store_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("GEEK_CALIBRATION").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    directories::ProjectDirs::from("", "", "geek")
-        .map(|d| d.data_dir().join("calibration.json"))
-        .unwrap_or_else(|| PathBuf::from(".geek-calibration.json"))
 }
 
 impl CalibrationStore {

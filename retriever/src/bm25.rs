@@ -123,13 +123,6 @@ fn schema() -> (Schema, Fields) {
     (b.build(), fields)
 }
 
-/// The default index directory: `<user data dir>/geek/index`.
-pub fn default_index_dir() -> PathBuf {
-    directories::ProjectDirs::from("", "", "geek")
-        .map(|d| d.data_dir().join("index"))
-        .unwrap_or_else(|| PathBuf::from(".geek-index"))
-}
-
 /// Refuses to build into an existing directory that holds something other than a geek index.
 fn check_build_target(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {

@@ -158,16 +158,6 @@ pub fn load_all(sources: &[CorpusSource]) -> Result<Vec<Document>> {
     Ok(docs)
 }
 
-/// The shared data directory: `explicit`, else `$GEEK_DATA_DIR`, else `../shared/data`.
-pub fn data_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    match std::env::var_os("GEEK_DATA_DIR").filter(|v| !v.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from("../shared/data"),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use bm25::{default_index_dir, Bm25Index, IndexMeta, SCHEMA_VERSION, TITLE_BOOST};
+pub use bm25::{Bm25Index, IndexMeta, SCHEMA_VERSION, TITLE_BOOST};
 pub use corpus::{CorpusSource, Document};
 pub use error::{Error, Result};
 pub use html::html_to_text;

@@ -383,6 +383,10 @@ pub enum IndexCommand {
         /// JSONL `{id, title, section?, text}` (default: the first two from the data directory).
         #[arg(long = "corpus")]
         corpora: Vec<PathBuf>,
+        /// Of the default corpus, only the vital-article summaries: no StrategyQA evidence
+        /// paragraphs (the setting of a user without oracle passages).
+        #[arg(long, conflicts_with = "corpora")]
+        vital_only: bool,
         /// Where to write the index (default: --index).
         #[arg(long)]
         out: Option<PathBuf>,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use geek_agent::{DemoBank, Excavator, ExcavatorConfig};
-use geek_backend::{catalog, default_threads, Engine, EngineConfig};
+use geek_backend::{catalog, default_threads, paths, Engine, EngineConfig};
 use geek_evals::calibration::{self, CalibrationKey};
 use geek_evals::methods::{Answerer, Method};
 use geek_retriever::{Bm25Index, Retriever};
@@ -46,7 +46,7 @@ impl Resolved {
     /// Applies defaults to the global flags.
     pub fn from_args(args: &GlobalArgs) -> Self {
         Resolved {
-            models_dir: catalog::models_dir(args.models_dir.as_deref()),
+            models_dir: paths::models_dir(args.models_dir.as_deref()),
             model_spec: args
                 .model
                 .clone()
@@ -56,12 +56,12 @@ impl Resolved {
             n_gpu_layers: args.n_gpu_layers,
             flash_attention: args.flash_attn,
             kv_type: args.kv_type,
-            data_dir: geek_retriever::corpus::data_dir(args.data_dir.as_deref()),
+            data_dir: paths::data_dir(args.data_dir.as_deref()),
             index_dir: args
                 .index
                 .clone()
-                .unwrap_or_else(geek_retriever::default_index_dir),
-            calibration_store: calibration::default_store_path(),
+                .unwrap_or_else(paths::index_dir),
+            calibration_store: paths::calibration_store(),
             lookup_draft: args.lookup_draft,
         }
     }
@@ -162,7 +162,7 @@ impl Resolved {
                 seed: options.seed,
                 context_limit: options.context_limit,
                 demonstrations: options.demonstrations,
-                prefix_cache: Some(catalog::models_dir(None).with_file_name("kv")),
+                prefix_cache: Some(paths::prompt_cache_dir()),
                 ..ExcavatorConfig::default()
             });
         if let (true, Some(r)) = (options.retrieval, retriever) {

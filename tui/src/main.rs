@@ -8,19 +8,6 @@ mod progress;
 
 use clap::Parser;
 
-/// `$GEEK_LOG`, else `<user cache>/geek/tui.log`.
-fn log_file() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("GEEK_LOG") {
-        return p.into();
-    }
-    let dir = geek_backend::catalog::models_dir(None)
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(std::env::temp_dir);
-    let _ = std::fs::create_dir_all(&dir);
-    dir.join("tui.log")
-}
-
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     let command = cli.command.unwrap_or(cli::Command::Tui);
@@ -31,7 +18,10 @@ fn main() -> std::process::ExitCode {
     };
     if matches!(command, cli::Command::Tui) {
         // The terminal belongs to the UI: logs go to a file.
-        let log = log_file();
+        let log = geek_backend::paths::log_file();
+        if let Some(dir) = log.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -197,15 +197,36 @@ fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
     Ok(())
 }
 
+/// Calibration is fitted on StrategyQA train questions only: the train split, or a file whose
+/// every question is in it (never dev or test).
+fn check_train_only(split: &strategyqa::Split, config: &Resolved) -> Result<()> {
+    match split {
+        strategyqa::Split::Train => Ok(()),
+        strategyqa::Split::Path(path) => {
+            let train = strategyqa::load(&strategyqa::Split::Train.path(config.require_data_dir()?))?;
+            let known: std::collections::HashSet<&str> =
+                train.iter().map(|q| q.qid.as_str()).collect();
+            let asked = strategyqa::load(path)?;
+            let outside = asked.iter().filter(|q| !known.contains(q.qid.as_str())).count();
+            anyhow::ensure!(
+                outside == 0,
+                "{outside} question(s) of {} are not StrategyQA train questions; calibration is fitted on train only",
+                path.display()
+            );
+            Ok(())
+        }
+        _ => anyhow::bail!(
+            "calibration is fitted on --split train only (dev and test are for measuring)"
+        ),
+    }
+}
+
 /// `geek eval calibrate`: the method on train questions, then the offset that maximises their
 /// accuracy, stored for `ask`, the TUI and `eval`.
 fn calibrate(args: EvalQaArgs, config: &Resolved) -> Result<()> {
     let split_name = args.split.clone().unwrap_or_else(|| "train".into());
     let split: strategyqa::Split = split_name.parse().map_err(anyhow::Error::msg)?;
-    anyhow::ensure!(
-        split == strategyqa::Split::Train,
-        "calibration is fitted on --split train only (dev and test are for measuring)"
-    );
+    check_train_only(&split, config)?;
     let outcome = answer_questions(&args, &split_name, config, false)?;
     let key = CalibrationKey {
         model_sha256: outcome.results.config.model_sha256.clone(),

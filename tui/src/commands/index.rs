@@ -12,9 +12,18 @@ use geek_retriever::{
 use crate::cli::{SearchArgs, SearchSource, WebProviderArg};
 use crate::config::Resolved;
 
-pub fn build(corpora: Vec<PathBuf>, out: Option<PathBuf>, config: &Resolved) -> Result<()> {
+pub fn build(
+    corpora: Vec<PathBuf>,
+    vital_only: bool,
+    out: Option<PathBuf>,
+    config: &Resolved,
+) -> Result<()> {
     let sources = if corpora.is_empty() {
-        CorpusSource::defaults(config.require_data_dir()?)
+        let mut defaults = CorpusSource::defaults(config.require_data_dir()?);
+        if vital_only {
+            defaults.retain(|s| matches!(s, CorpusSource::WikiVital(_)));
+        }
+        defaults
     } else {
         corpora.into_iter().map(CorpusSource::from_path).collect()
     };

@@ -24,7 +24,11 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Generate(args) => generate::run(args, config),
         Command::Bench(BenchCommand::Backend(args)) => bench::backend(args, config),
         Command::Bench(BenchCommand::Agent(args)) => bench::agent(args, config),
-        Command::Index(IndexCommand::Build { corpora, out }) => index::build(corpora, out, config),
+        Command::Index(IndexCommand::Build {
+            corpora,
+            vital_only,
+            out,
+        }) => index::build(corpora, vital_only, out, config),
         Command::Search(args) => index::search(args, config),
         Command::Eval(cmd) => eval::run(cmd, config),
         Command::Ppl(args) => ppl::run(args, config),

@@ -8,7 +8,7 @@ pub fn model_path() -> PathBuf {
     let path = std::env::var_os("GEEK_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            geek_backend::catalog::models_dir(None)
+            geek_backend::paths::models_dir(None)
                 .join(geek_backend::catalog::test_model().file_name)
         });
     assert!(
