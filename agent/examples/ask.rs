@@ -18,7 +18,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "Could a llama give birth twice during the Vietnam War?".into());
 
     // 1. The model: the catalogue's default, fetched by `geek model pull`.
-    let model = catalog::resolve(catalog::default_model().name, &geek_backend::paths::models_dir(None))?;
+    let model = catalog::resolve(
+        catalog::default_model().name,
+        &geek_backend::paths::models_dir(None),
+    )?;
     let engine = Engine::load(EngineConfig::new(model).with_threads(2))?;
 
     // 2. The knowledge: a BM25 index of StrategyQA paragraphs and vital articles (~1 s to build).

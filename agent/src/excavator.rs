@@ -11,8 +11,8 @@ use crate::demos::DemoBank;
 use crate::model::{AgentModel, AgentSequence};
 use crate::prompts;
 use crate::trace::{
-    Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
-    Trace, TraceConfig,
+    Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step,
+    TokenCounts, Trace, TraceConfig,
 };
 use crate::{Error, Result};
 
@@ -297,7 +297,9 @@ impl Excavator {
             let seq = self.model.sequence()?;
             match seq.load_state(file).await {
                 Ok(len) => return Ok((seq, len)),
-                Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot load the saved system prompt; decoding it"),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot load the saved system prompt; decoding it")
+                }
             }
         }
         let seq = self.model.sequence()?;

@@ -51,7 +51,7 @@ pub use error::{Error, Result};
 pub use excavator::{Excavator, ExcavatorBuilder, ExcavatorConfig};
 pub use model::{AgentModel, AgentSequence};
 pub use trace::{
-    Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step, TokenCounts,
-    Trace, TraceConfig,
+    Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step,
+    TokenCounts, Trace, TraceConfig,
 };
 pub use trajectory::{GoldAnswer, GoldStep, TrainingExample, Trajectory};

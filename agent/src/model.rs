@@ -1,10 +1,10 @@
 //! What the loop needs from a language model, as two small traits, and their implementation on
 //! the llama.cpp [`Engine`]. Tests implement them with a scripted model.
 
+use futures::future::BoxFuture;
 use geek_backend::{
     ChatMessage, Completion, Engine, GenEvent, GenerateParams, PrefillStats, PromptPart, Sequence,
 };
-use futures::future::BoxFuture;
 
 use std::path::Path;
 

@@ -11,8 +11,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use geek_backend::{Completion, GenerateParams, PrefillStats, PromptPart, StopReason};
 use futures::future::BoxFuture;
+use geek_backend::{Completion, GenerateParams, PrefillStats, PromptPart, StopReason};
 
 use crate::model::{AgentModel, AgentSequence};
 use crate::Result;

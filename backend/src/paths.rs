@@ -25,12 +25,18 @@ fn env_path(name: &str) -> Option<PathBuf> {
 
 /// `<user cache>/geek`.
 pub fn cache_dir() -> PathBuf {
-    project().map_or_else(|| PathBuf::from(".geek-cache"), |d| d.cache_dir().to_path_buf())
+    project().map_or_else(
+        || PathBuf::from(".geek-cache"),
+        |d| d.cache_dir().to_path_buf(),
+    )
 }
 
 /// `<user data>/geek`.
 pub fn data_home() -> PathBuf {
-    project().map_or_else(|| PathBuf::from(".geek-data"), |d| d.data_dir().to_path_buf())
+    project().map_or_else(
+        || PathBuf::from(".geek-data"),
+        |d| d.data_dir().to_path_buf(),
+    )
 }
 
 /// The models directory: `explicit`, else `$GEEK_MODELS_DIR`, else `<user cache>/geek/models`.

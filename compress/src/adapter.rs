@@ -477,6 +477,33 @@ impl TtBottleneck {
     }
 }
 
+impl std::str::FromStr for AdapterKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        AdapterKind::from_name(s)
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Target::from_name(s)
+    }
+}
+
+impl std::str::FromStr for MixerInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kaiming" => Ok(MixerInit::Kaiming),
+            "orthogonal" => Ok(MixerInit::Orthogonal),
+            other => Err(Error::Config(format!(
+                "unknown mixer init `{other}` (kaiming or orthogonal)"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

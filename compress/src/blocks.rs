@@ -518,6 +518,26 @@ impl CustomOp3 for FakeQuant {
     }
 }
 
+impl std::str::FromStr for Granularity {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Granularity::from_name(s)
+    }
+}
+
+impl std::str::FromStr for ScaleInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "rtn" => Ok(ScaleInit::Rtn),
+            "mse" => Ok(ScaleInit::Mse),
+            other => Err(Error::Config(format!(
+                "unknown scale init `{other}` (mse or rtn)"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

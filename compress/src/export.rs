@@ -280,6 +280,19 @@ pub fn write_peft(model: &AdaptedModel, base: &BaseWeights, dir: &Path) -> Resul
     std::fs::write(&path, serde_json::to_vec_pretty(&json).expect("json")).map_err(Error::io(&path))
 }
 
+impl std::str::FromStr for FloatType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(FloatType::F16),
+            "f32" => Ok(FloatType::F32),
+            other => Err(Error::Config(format!(
+                "unknown type `{other}` (f16 or f32)"
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -271,6 +271,13 @@ pub(crate) fn write_quantized(
     Ok(report)
 }
 
+impl std::str::FromStr for QuantType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        QuantType::from_name(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

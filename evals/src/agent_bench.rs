@@ -60,11 +60,9 @@ impl Breakdown {
 
     fn finish(&mut self, wall: f64, rates: Rates) {
         self.wall_seconds = wall;
-        self.other_seconds = (wall
-            - self.prefill_seconds
-            - self.generation_seconds
-            - self.retrieval_seconds)
-            .max(0.0);
+        self.other_seconds =
+            (wall - self.prefill_seconds - self.generation_seconds - self.retrieval_seconds)
+                .max(0.0);
         self.ideal_seconds = self.prefilled as f64 / rates.prompt_tokens_per_second
             + self.generated as f64 / rates.generation_tokens_per_second;
         self.overhead = wall / self.ideal_seconds.max(1e-9);
@@ -208,7 +206,9 @@ pub fn markdown(bench: &AgentBench) -> String {
         s.push_str(&row(&name, &q.breakdown));
     }
     s.push_str(&row("**total**", &bench.total));
-    s.push_str("\n| action | count | prefilled | generated | seconds |\n|---|---:|---:|---:|---:|\n");
+    s.push_str(
+        "\n| action | count | prefilled | generated | seconds |\n|---|---:|---:|---:|---:|\n",
+    );
     for (kind, a) in &bench.by_action {
         s.push_str(&format!(
             "| {kind} | {} | {} | {} | {:.2} |\n",

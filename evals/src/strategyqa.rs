@@ -101,6 +101,18 @@ impl std::str::FromStr for Split {
     }
 }
 
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Split::Train => f.write_str("train"),
+            Split::Dev => f.write_str("dev"),
+            Split::Full => f.write_str("full"),
+            Split::Test => f.write_str("test"),
+            Split::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 impl Split {
     /// The file of this split under the shared data directory.
     pub fn path(&self, data_dir: &Path) -> PathBuf {

@@ -158,7 +158,6 @@ pub fn load_all(sources: &[CorpusSource]) -> Result<Vec<Document>> {
     Ok(docs)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,10 +27,24 @@ pub enum WebProvider {
 }
 
 impl WebProvider {
-    fn name(self) -> &'static str {
+    /// `searxng` or `mediawiki`.
+    pub fn name(self) -> &'static str {
         match self {
             WebProvider::SearxNg => "searxng",
             WebProvider::MediaWiki => "mediawiki",
+        }
+    }
+}
+
+impl std::str::FromStr for WebProvider {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "searxng" => Ok(WebProvider::SearxNg),
+            "mediawiki" => Ok(WebProvider::MediaWiki),
+            other => Err(format!(
+                "web provider must be searxng or mediawiki, not {other:?}"
+            )),
         }
     }
 }

@@ -57,10 +57,7 @@ impl Resolved {
             flash_attention: args.flash_attn,
             kv_type: args.kv_type,
             data_dir: paths::data_dir(args.data_dir.as_deref()),
-            index_dir: args
-                .index
-                .clone()
-                .unwrap_or_else(paths::index_dir),
+            index_dir: args.index.clone().unwrap_or_else(paths::index_dir),
             calibration_store: paths::calibration_store(),
             lookup_draft: args.lookup_draft,
         }

@@ -68,3 +68,14 @@ pub fn show_pull(bar: &ProgressBar, name: &str, p: PullProgress) {
         bar.set_message(format!("fetching {name} (part {}/{})", p.part, p.parts));
     }
 }
+
+/// A bar over optimizer steps (hidden when stderr is not a terminal).
+pub fn steps_bar(len: u64) -> ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    ProgressBar::new(len).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}

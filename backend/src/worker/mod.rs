@@ -183,6 +183,9 @@ pub(super) struct GenJob {
     pub(super) first_token_at: Option<Instant>,
     /// Drafted tokens decoded after the last sampled one, waiting to be checked.
     draft: Vec<LlamaToken>,
+    /// How many tokens the next draft may have: grows while drafts are kept whole, shrinks
+    /// to what was kept when one is cut (a rejected token costs a decode slot).
+    draft_len: usize,
     /// Seconds spent in the sampler.
     sampling_seconds: f64,
     /// Tokens drafted, and accepted, over the generation.

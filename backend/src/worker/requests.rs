@@ -236,6 +236,7 @@ impl Worker<'_> {
                 logits_at,
                 first_token_at: None,
                 draft: Vec::new(),
+                draft_len: self.lookup_draft,
                 sampling_seconds: 0.0,
                 drafted: 0,
                 accepted: 0,

@@ -81,6 +81,13 @@ impl Worker<'_> {
                     .sampler
                     .sample(self.ctx.get_logits_ith(i + 1 + j as i32));
             }
+            if !draft.is_empty() {
+                gen.draft_len = if kept == draft.len() {
+                    (gen.draft_len + 1).min(self.lookup_draft)
+                } else {
+                    kept.max(1)
+                };
+            }
             // Drop the rejected drafts from the cache.
             if kept < draft.len() {
                 let _ = self.ctx.clear_kv_cache_seq(
@@ -107,7 +114,7 @@ impl Worker<'_> {
                 .saturating_sub(later)
                 .min(self.n_ctx.saturating_sub(state.tokens.len()));
             let max_draft = if gen.params.sampling.is_plain_greedy() {
-                self.lookup_draft.min(room.saturating_sub(1))
+                gen.draft_len.min(room.saturating_sub(1))
             } else {
                 0
             };

@@ -9,7 +9,9 @@ use geek_backend::catalog;
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("GEEK_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| geek_backend::paths::models_dir(None).join(catalog::test_model().file_name));
+        .unwrap_or_else(|| {
+            geek_backend::paths::models_dir(None).join(catalog::test_model().file_name)
+        });
     assert!(
         path.is_file(),
         "test model {} missing: run `geek model pull`",

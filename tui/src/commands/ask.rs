@@ -1,5 +1,7 @@
 //! `geek ask`: one question, excavated with the default model and index.
 
+use clap::Args;
+
 use std::io::Write;
 
 use std::sync::Arc;
@@ -8,7 +10,6 @@ use anyhow::{Context, Result};
 use geek_agent::{AnswerSource, Event};
 use geek_retriever::Retriever;
 
-use crate::cli::AskArgs;
 use crate::config::{AgentOptions, Resolved};
 
 pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
@@ -140,4 +141,35 @@ fn print_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
         Event::Error { branch, message } => writeln!(out, "{}   ! {message}", tag(branch)),
         _ => Ok(()),
     }
+}
+
+/// `geek ask`
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The yes/no question.
+    pub question: String,
+    /// Actions per branch before the final answer is forced.
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: usize,
+    /// Branches to explore; their answers are voted.
+    #[arg(long, default_value_t = 1)]
+    pub explore: usize,
+    /// Answer sub-questions from the model alone.
+    #[arg(long)]
+    pub no_retrieval: bool,
+    /// Draft remaining sub-questions with guessed answers to guide retrieval.
+    #[arg(long)]
+    pub pre_answer: bool,
+    /// Passages shown per retrieval.
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
+    /// Print the trace as JSON instead of the excavation as it happens.
+    #[arg(long)]
+    pub json: bool,
+    /// Answer by the raw yes/no log-probabilities, without the calibration offset.
+    #[arg(long)]
+    pub no_calibration: bool,
+    /// Solved StrategyQA train questions shown before the question (the most similar ones).
+    #[arg(long, default_value_t = 0)]
+    pub demos: usize,
 }

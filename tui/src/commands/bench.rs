@@ -1,12 +1,15 @@
 //! `geek bench backend` and `geek bench agent`.
 
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
 use anyhow::Result;
 use geek_backend::{bench, Engine};
 use serde::Serialize;
 
 use std::sync::Arc;
 
-use crate::cli::{BenchAgentArgs, BenchBackendArgs};
 use crate::config::{AgentOptions, Resolved};
 
 #[derive(Serialize)]
@@ -92,8 +95,7 @@ pub fn agent(args: BenchAgentArgs, config: &Resolved) -> Result<()> {
         retrieval: true,
         passages: 3,
         seed: 0,
-        context_limit: (args.parallel > 1)
-            .then_some(crate::config::CONTEXT_PER_QUESTION as usize),
+        context_limit: (args.parallel > 1).then_some(crate::config::CONTEXT_PER_QUESTION as usize),
         demonstrations: 0,
     };
     let agent = config.excavator(engine, Some(index), &options)?;
@@ -128,10 +130,8 @@ fn bench_questions(args: &BenchAgentArgs, config: &Resolved) -> Result<Vec<Strin
             .map(str::to_string)
             .collect(),
         None => {
-            let split: geek_evals::strategyqa::Split =
-                args.split.parse().map_err(anyhow::Error::msg)?;
-            let path = match split {
-                geek_evals::strategyqa::Split::Path(p) => p,
+            let path = match &args.split {
+                geek_evals::strategyqa::Split::Path(p) => p.clone(),
                 named => named.path(config.require_data_dir()?),
             };
             geek_evals::strategyqa::load(&path)?
@@ -143,4 +143,57 @@ fn bench_questions(args: &BenchAgentArgs, config: &Resolved) -> Result<Vec<Strin
     questions.truncate(args.limit);
     anyhow::ensure!(!questions.is_empty(), "no questions to run");
     Ok(questions)
+}
+
+/// `geek bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// llama-bench style throughput of the llama.cpp backend.
+    Backend(BenchBackendArgs),
+    /// Where an excavation's time goes, against the engine's raw pp/tg rates.
+    Agent(BenchAgentArgs),
+}
+
+/// `geek bench agent`
+#[derive(Debug, Args)]
+pub struct BenchAgentArgs {
+    /// Questions: a StrategyQA JSON file or a text file with one question per line
+    /// (default: --split).
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// StrategyQA split the questions come from when --questions is not given.
+    #[arg(long, default_value = "dev")]
+    pub split: geek_evals::strategyqa::Split,
+    /// Only the first N questions.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Questions excavated at once.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `geek bench backend`
+#[derive(Debug, Args)]
+pub struct BenchBackendArgs {
+    /// Prompt lengths to measure (pp).
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub pp: Vec<usize>,
+    /// Generation lengths to measure (tg).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub tg: Vec<usize>,
+    /// Parallel sequences for batched generation.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub parallel: Vec<usize>,
+    /// Tokens each parallel sequence generates.
+    #[arg(long, default_value_t = 64)]
+    pub batched_tokens: usize,
+    /// Measured repetitions per test (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub repetitions: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }

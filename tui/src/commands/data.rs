@@ -1,6 +1,9 @@
 //! `geek data trajectories`.
 
 use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
 
 use anyhow::{bail, Context, Result};
 use geek_agent::{prompts, AgentModel};
@@ -9,12 +12,11 @@ use geek_evals::strategyqa::{self, Split};
 use geek_evals::trajectories::{gold_trajectory, Skipped};
 use geek_retriever::Bm25Index;
 
-use crate::cli::TrajectoriesArgs;
 use crate::config::Resolved;
 
 pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
-    let split: Split = args.split.parse().map_err(anyhow::Error::msg)?;
-    let path = match &split {
+    let split = &args.split;
+    let path = match split {
         Split::Train => split.path(config.require_data_dir()?),
         Split::Path(p) => p.clone(),
         Split::Dev | Split::Full => {
@@ -68,4 +70,29 @@ pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// `geek data …`
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Render StrategyQA train questions as gold excavations in the agent's prompt format:
+    /// JSONL `{qid, prompt, completion}` for `geek compress finetune`.
+    Trajectories(TrajectoriesArgs),
+}
+
+/// `geek data trajectories`
+#[derive(Debug, Args)]
+pub struct TrajectoriesArgs {
+    /// `train` or a file path; dev is refused (never train on what is evaluated).
+    #[arg(long, default_value = "train")]
+    pub split: Split,
+    /// Output JSONL file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Passages shown per retrieval (the agent's default is 3).
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
 }

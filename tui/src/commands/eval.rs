@@ -1,5 +1,9 @@
 //! `geek eval …`.
 
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
 use std::io::IsTerminal;
 use std::sync::Arc;
 
@@ -10,7 +14,6 @@ use geek_evals::run::{self, RunSpec};
 use geek_evals::{retrieval, strategyqa};
 use geek_retriever::{Bm25Index, Retriever};
 
-use crate::cli::{EvalCommand, EvalQaArgs};
 use crate::config::{AgentOptions, Resolved, CONTEXT_PER_QUESTION};
 
 pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
@@ -33,7 +36,6 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
             k,
             json,
         } => {
-            let split: strategyqa::Split = split.parse().map_err(anyhow::Error::msg)?;
             let questions = strategyqa::load(&dataset_path(&split, config)?)?;
             let index = Bm25Index::open(&config.index_dir)?;
             let report = retrieval::evaluate(&index, &questions, mode, k)?;
@@ -62,13 +64,12 @@ fn dataset_path(split: &strategyqa::Split, config: &Resolved) -> Result<std::pat
 /// offsets known for it when `calibrate` is set.
 fn answer_questions(
     args: &EvalQaArgs,
-    split_name: &str,
+    split: &strategyqa::Split,
     config: &Resolved,
     calibrate: bool,
 ) -> Result<run::RunOutcome> {
     anyhow::ensure!(args.parallel >= 1, "--parallel must be at least 1");
-    let split: strategyqa::Split = split_name.parse().map_err(anyhow::Error::msg)?;
-    let dataset = dataset_path(&split, config)?;
+    let dataset = dataset_path(split, config)?;
     // Every question is checked before any work starts.
     let questions = strategyqa::load(&dataset)?;
     let index = if args.method.retrieves() {
@@ -79,7 +80,7 @@ fn answer_questions(
     let engine = config.load_engine(args.parallel, args.explore)?;
     let spec = RunSpec {
         method: args.method,
-        split: split_name.to_string(),
+        split: split.to_string(),
         dataset,
         limit: args.limit,
         parallel: args.parallel,
@@ -154,7 +155,7 @@ fn answer_questions(
 }
 
 fn strategyqa_run(args: EvalQaArgs, config: &Resolved) -> Result<()> {
-    let split = args.split.clone().unwrap_or_else(|| "dev".into());
+    let split = args.split.clone().unwrap_or(strategyqa::Split::Dev);
     let outcome = answer_questions(&args, &split, config, true)?;
     let m = &outcome.results.results["strategyqa"];
     match (m.acc, m.acc_stderr) {
@@ -203,11 +204,15 @@ fn check_train_only(split: &strategyqa::Split, config: &Resolved) -> Result<()> 
     match split {
         strategyqa::Split::Train => Ok(()),
         strategyqa::Split::Path(path) => {
-            let train = strategyqa::load(&strategyqa::Split::Train.path(config.require_data_dir()?))?;
+            let train =
+                strategyqa::load(&strategyqa::Split::Train.path(config.require_data_dir()?))?;
             let known: std::collections::HashSet<&str> =
                 train.iter().map(|q| q.qid.as_str()).collect();
             let asked = strategyqa::load(path)?;
-            let outside = asked.iter().filter(|q| !known.contains(q.qid.as_str())).count();
+            let outside = asked
+                .iter()
+                .filter(|q| !known.contains(q.qid.as_str()))
+                .count();
             anyhow::ensure!(
                 outside == 0,
                 "{outside} question(s) of {} are not StrategyQA train questions; calibration is fitted on train only",
@@ -224,10 +229,9 @@ fn check_train_only(split: &strategyqa::Split, config: &Resolved) -> Result<()> 
 /// `geek eval calibrate`: the method on train questions, then the offset that maximises their
 /// accuracy, stored for `ask`, the TUI and `eval`.
 fn calibrate(args: EvalQaArgs, config: &Resolved) -> Result<()> {
-    let split_name = args.split.clone().unwrap_or_else(|| "train".into());
-    let split: strategyqa::Split = split_name.parse().map_err(anyhow::Error::msg)?;
+    let split = args.split.clone().unwrap_or(strategyqa::Split::Train);
     check_train_only(&split, config)?;
-    let outcome = answer_questions(&args, &split_name, config, false)?;
+    let outcome = answer_questions(&args, &split, config, false)?;
     let key = CalibrationKey {
         model_sha256: outcome.results.config.model_sha256.clone(),
         method: args.method.name().to_string(),
@@ -249,4 +253,76 @@ fn calibrate(args: EvalQaArgs, config: &Resolved) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `geek eval strategyqa`
+#[derive(Debug, Args)]
+pub struct EvalQaArgs {
+    /// dev, train, full, test or a file path (default: dev; for calibrate: train).
+    #[arg(long)]
+    pub split: Option<strategyqa::Split>,
+    /// direct, cot, rag, self-ask, ircot or geek.
+    #[arg(long, default_value = "geek")]
+    pub method: geek_evals::methods::Method,
+    /// Pre-answer drafting (geek).
+    #[arg(long)]
+    pub pre_answer: bool,
+    /// Passages shown per retrieval (geek).
+    #[arg(long, default_value_t = 3)]
+    pub passages: usize,
+    /// Solved StrategyQA train questions shown before each question (geek).
+    #[arg(long, default_value_t = 0)]
+    pub demos: usize,
+    /// Only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Questions answered at once, as parallel sequences of one llama.cpp context.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Branches explored per question (geek).
+    #[arg(long, default_value_t = 1)]
+    pub explore: usize,
+    /// Step budget (geek).
+    #[arg(long, default_value_t = 8)]
+    pub max_steps: usize,
+    /// Seed of sampled branches.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Output directory.
+    #[arg(long, default_value = "runs")]
+    pub out: PathBuf,
+}
+
+/// `geek eval …`
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Answer StrategyQA questions with a method and measure accuracy (resumable).
+    Strategyqa(EvalQaArgs),
+    /// Fit the yes/no decision offset of a method on StrategyQA train questions (resumable);
+    /// `ask`, the TUI and `eval` apply it.
+    Calibrate(EvalQaArgs),
+    /// Compare runs: a Markdown table and PNG plots.
+    Report {
+        /// Directories holding results_*.json files.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Where to write report.md and the plots (default: the first directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Recall@10 of gold evidence paragraphs (official StrategyQA definition).
+    Retrieval {
+        /// dev, train, full, test or a file path.
+        #[arg(long, default_value = "dev")]
+        split: strategyqa::Split,
+        /// question (IR-Q) or decomposition (IR-ORA-D).
+        #[arg(long, default_value = "question")]
+        mode: geek_evals::retrieval::QueryMode,
+        /// Cut-off.
+        #[arg(short, long, default_value_t = 10)]
+        k: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

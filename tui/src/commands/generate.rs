@@ -1,11 +1,14 @@
 //! `geek generate`: one prompt, streamed to stdout.
 
+use std::path::PathBuf;
+
+use clap::Args;
+
 use std::io::Write;
 
 use anyhow::{Context, Result};
 use geek_backend::{ChatMessage, Engine, GenEvent, GenerateParams, Sampling};
 
-use crate::cli::GenerateArgs;
 use crate::config::Resolved;
 
 pub fn run(args: GenerateArgs, config: &Resolved) -> Result<()> {
@@ -66,4 +69,44 @@ pub fn run(args: GenerateArgs, config: &Resolved) -> Result<()> {
         }
     }
     anyhow::bail!("the engine stopped before the generation ended")
+}
+
+/// `geek generate`
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt.
+    pub prompt: String,
+    /// Send the prompt as is instead of wrapping it in the model's chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message (chat mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: i32,
+    /// Top-p.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Repeat penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u32,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// A GBNF grammar file the output must follow.
+    #[arg(long)]
+    pub grammar: Option<PathBuf>,
+    /// Print the completion as JSON instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,15 +1,16 @@
 //! `geek index build` and `geek search`.
 
+use clap::{Args, Subcommand};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use geek_retriever::{
-    Bm25Index, CorpusSource, HybridRetriever, Retriever, WebConfig, WebProvider, WebRetriever,
+    Bm25Index, CorpusSource, HybridRetriever, Retriever, WebConfig, WebRetriever,
 };
 
-use crate::cli::{SearchArgs, SearchSource, WebProviderArg};
 use crate::config::Resolved;
 
 pub fn build(
@@ -40,10 +41,7 @@ pub fn build(
 }
 
 fn web(args: &SearchArgs) -> Result<WebRetriever> {
-    let provider = match args.web_provider {
-        WebProviderArg::Searxng => WebProvider::SearxNg,
-        WebProviderArg::Mediawiki => WebProvider::MediaWiki,
-    };
+    let provider = args.web_provider;
     let mut cfg = WebConfig::new(&args.web_url);
     cfg.cache_dir =
         directories::ProjectDirs::from("", "", "geek").map(|d| d.cache_dir().join("web"));
@@ -85,4 +83,60 @@ pub fn search(args: SearchArgs, config: &Resolved) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `geek index …`
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Build (or rebuild) the index from passage corpora.
+    Build {
+        /// Corpus files: the StrategyQA paragraphs JSON, the vital-article summaries JSON, or
+        /// JSONL `{id, title, section?, text}` (default: the first two from the data directory).
+        #[arg(long = "corpus")]
+        corpora: Vec<PathBuf>,
+        /// Of the default corpus, only the vital-article summaries: no StrategyQA evidence
+        /// paragraphs (the setting of a user without oracle passages).
+        #[arg(long, conflicts_with = "corpora")]
+        vital_only: bool,
+        /// Where to write the index (default: --index).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `geek search`
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Any text.
+    pub query: String,
+    /// How many passages.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: usize,
+    /// Where to search: the local index, a web provider, or both fused.
+    #[arg(long, value_enum, default_value = "local")]
+    pub source: SearchSource,
+    /// Web provider for `--source web|hybrid`.
+    #[arg(long, default_value = "mediawiki")]
+    pub web_provider: geek_retriever::WebProvider,
+    /// Base URL of the web provider: a SearxNG instance, or a MediaWiki api.php.
+    #[arg(
+        long,
+        env = "GEEK_WEB_URL",
+        default_value = "https://en.wikipedia.org/w/api.php"
+    )]
+    pub web_url: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--source`
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SearchSource {
+    /// The BM25 index.
+    Local,
+    /// The web provider.
+    Web,
+    /// Both, fused by reciprocal rank fusion.
+    Hybrid,
 }

@@ -1,19 +1,24 @@
 //! One module per subcommand.
 
-mod ask;
-mod bench;
-mod compress;
-mod data;
-mod eval;
-mod generate;
-mod index;
-mod model;
-mod ppl;
+pub mod ask;
+pub mod bench;
+pub mod compress;
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod index;
+pub mod model;
+pub mod ppl;
 
 use anyhow::Result;
 
-use crate::cli::{BenchCommand, Command, CompressCommand, DataCommand, IndexCommand};
+pub use compress::CompressCommand;
+
+use crate::cli::Command;
 use crate::config::Resolved;
+use bench::BenchCommand;
+use data::DataCommand;
+use index::IndexCommand;
 
 /// Runs a parsed command.
 pub fn run(command: Command, config: &Resolved) -> Result<()> {
@@ -33,14 +38,6 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Eval(cmd) => eval::run(cmd, config),
         Command::Ppl(args) => ppl::run(args, config),
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
-        Command::Compress(cmd) => match *cmd {
-            CompressCommand::Finetune(args) => compress::finetune(args, config),
-            CompressCommand::Export(args) => compress::export(args, config),
-            CompressCommand::Quantize(args) => compress::quantize(args, config),
-            CompressCommand::Pipeline(args) => compress::pipeline(args, config),
-            CompressCommand::Dequantize { out, r#type } => {
-                compress::dequantize(&out, &r#type, config)
-            }
-        },
+        Command::Compress(cmd) => compress::run(*cmd, config),
     }
 }

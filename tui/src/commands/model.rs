@@ -1,5 +1,7 @@
 //! `geek model pull|list|info`.
 
+use clap::Subcommand;
+
 use std::io::IsTerminal;
 
 use anyhow::Result;
@@ -7,7 +9,6 @@ use geek_backend::catalog;
 use geek_backend::gguf::{GgufFile, Value};
 use serde::Serialize;
 
-use crate::cli::ModelCommand;
 use crate::config::Resolved;
 
 pub fn run(cmd: ModelCommand, config: &Resolved) -> Result<()> {
@@ -137,4 +138,28 @@ impl ModelFacts {
             None => println!("chat template:  none"),
         }
     }
+}
+
+/// `geek model …`
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Fetch a catalogue model (default: the default model) into the models directory.
+    Pull {
+        /// Catalogue name.
+        name: Option<String>,
+    },
+    /// List catalogue models and whether they are present.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print architecture, size, quantization, context length and chat template of a GGUF.
+    Info {
+        /// A .gguf path or catalogue name (default: --model or the default model).
+        model: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }

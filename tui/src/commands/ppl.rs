@@ -1,5 +1,9 @@
 //! `geek ppl`.
 
+use std::path::PathBuf;
+
+use clap::Args;
+
 use std::io::IsTerminal;
 
 use anyhow::{Context, Result};
@@ -7,7 +11,6 @@ use geek_backend::perplexity::perplexity;
 use geek_backend::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::PplArgs;
 use crate::config::Resolved;
 
 pub fn run(args: PplArgs, config: &Resolved) -> Result<()> {
@@ -54,4 +57,22 @@ pub fn run(args: PplArgs, config: &Resolved) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `geek ppl`
+#[derive(Debug, Args)]
+pub struct PplArgs {
+    /// Text file (default: WikiText-2 test, `wikitext2/wiki.test.raw` in the data directory;
+    /// CRLF is read as LF).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens per chunk; the second half of each chunk is scored.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// At most this many chunks (default: all).
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -1,0 +1,264 @@
+//! The commands' work, as functions: finetune an adapter on a JSONL file, quantize a model
+//! (round-to-nearest or learned scales on calibration text), and finetune → merge → quantize
+//! in one go. Progress comes out as [`PipelineEvent`]s; the caller draws it.
+//!
+//! Text is tokenized by the llama.cpp backend (a [`geek_backend::Engine`] on the same model),
+//! so training sees the tokens serving will.
+
+use std::path::{Path, PathBuf};
+
+use geek_backend::Engine;
+use geek_retriever::CorpusSource;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{read_jsonl, shuffled, tokenize};
+use crate::distill::{calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig};
+use crate::export::merge;
+use crate::quantize::{quantize_rtn, Mix, QuantReport, QuantType};
+use crate::train::{finetune as train, TrainConfig, TrainEvent, TrainSummary};
+use crate::{AdaptedModel, AdapterConfig, AdapterKind, BaseWeights, Error, Result};
+
+/// How weights are quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMethod {
+    /// ggml's round-to-nearest (what llama-quantize does).
+    Rtn,
+    /// Scales learned by distillation from the unquantized model (QuantGPT).
+    Learned,
+}
+
+impl std::str::FromStr for QuantMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "rtn" => Ok(QuantMethod::Rtn),
+            "learned" => Ok(QuantMethod::Learned),
+            other => Err(Error::Config(format!(
+                "unknown method `{other}` (rtn or learned)"
+            ))),
+        }
+    }
+}
+
+/// Where calibration text comes from and how much of it is used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationText {
+    /// Passage corpora (StrategyQA paragraphs, vital articles, JSONL) or `.txt` files, whose
+    /// paragraphs (blank-line separated) are the documents.
+    pub files: Vec<PathBuf>,
+    /// Rows to cut (the learned method holds some out).
+    pub rows: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Shuffling seed of the documents.
+    pub seed: u64,
+}
+
+impl CalibrationText {
+    /// The default corpus of a data directory: StrategyQA paragraphs and vital articles
+    /// (never the perplexity test text).
+    pub fn default_files(data_dir: &Path) -> Vec<PathBuf> {
+        CorpusSource::defaults(data_dir)
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .collect()
+    }
+
+    /// The documents' text.
+    fn documents(&self) -> Result<Vec<String>> {
+        let mut texts = Vec::new();
+        let mut sources = Vec::new();
+        for path in &self.files {
+            if path.extension().is_some_and(|e| e == "txt") {
+                let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+                texts.extend(text.split("\n\n").map(|p| format!("{p}\n\n")));
+            } else {
+                sources.push(CorpusSource::from_path(path));
+            }
+        }
+        let docs = geek_retriever::corpus::load_all(&sources)
+            .map_err(|e| Error::Config(format!("calibration corpus: {e}")))?;
+        texts.extend(
+            docs.into_iter()
+                .map(|d| format!("{}\n{}\n\n", d.title, d.text)),
+        );
+        Ok(texts)
+    }
+
+    /// Rows of `seq_len` tokens from the shuffled documents, tokenized by `tokenizer`.
+    pub fn rows(&self, tokenizer: &Engine) -> Result<Vec<Vec<u32>>> {
+        let texts = self.documents()?;
+        let wanted = self.rows * self.seq_len;
+        let (mut documents, mut tokens) = (Vec::new(), 0usize);
+        for i in shuffled(texts.len(), self.seed) {
+            if tokens >= wanted {
+                break;
+            }
+            let doc: Vec<u32> = tokenizer
+                .tokenize(texts[i].clone(), false)
+                .wait()?
+                .into_iter()
+                .map(|t| t as u32)
+                .collect();
+            tokens += doc.len();
+            documents.push(doc);
+        }
+        let rows = calibration_rows(&documents, self.seq_len, self.rows);
+        if rows.len() < self.rows {
+            return Err(Error::Config(format!(
+                "calibration text holds {} rows of {} tokens, {} asked",
+                rows.len(),
+                self.seq_len,
+                self.rows
+            )));
+        }
+        Ok(rows)
+    }
+}
+
+/// What quantization makes.
+#[derive(Debug, Clone)]
+pub struct QuantizeJob {
+    /// The type of the linear weights.
+    pub ty: QuantType,
+    /// rtn or learned.
+    pub method: QuantMethod,
+    /// The learned method's settings (its `ty` is overridden by [`QuantizeJob::ty`]; its
+    /// `embedding` applies to both methods).
+    pub learned: LearnedConfig,
+    /// Calibration text of the learned method.
+    pub calibration: CalibrationText,
+    /// The GGUF written.
+    pub out: PathBuf,
+}
+
+/// Progress of the work, for the caller to show.
+#[derive(Debug)]
+pub enum PipelineEvent<'a> {
+    /// A stage starts (`tokenizing calibration text`, `merging the adapter`, …).
+    Stage(&'static str),
+    /// The finetune's progress.
+    Finetune(&'a TrainEvent),
+    /// The learned quantization's progress.
+    Quantize(&'a LearnEvent),
+}
+
+/// Quantizes `base` as `job` says; returns what was written and, for the learned method,
+/// the distillation's summary. A learned run checkpoints beside its output (`OUT.ckpt`) and
+/// a rerun of the same job resumes from there.
+pub fn quantize(
+    base: &BaseWeights,
+    job: &QuantizeJob,
+    tokenizer: &Engine,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<(QuantReport, Option<LearnSummary>)> {
+    if job.method == QuantMethod::Rtn {
+        let mix = Mix {
+            ty: job.ty,
+            embedding: job.learned.embedding,
+        };
+        return Ok((quantize_rtn(base, mix, &job.out)?, None));
+    }
+    events(PipelineEvent::Stage("tokenizing calibration text"));
+    let rows = job.calibration.rows(tokenizer)?;
+    let config = LearnedConfig {
+        ty: job.ty,
+        ..job.learned.clone()
+    };
+    let checkpoint = job.out.with_extension("ckpt");
+    let (model, summary) = learn(base, &rows, &config, Some(&checkpoint), &mut |e| {
+        events(PipelineEvent::Quantize(e))
+    })?;
+    let report = model.write_gguf(base, &job.out)?;
+    let _ = std::fs::remove_dir_all(&checkpoint);
+    Ok((report, Some(summary)))
+}
+
+/// An adapter finetune.
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    /// The adapter.
+    pub adapter: AdapterConfig,
+    /// The optimisation.
+    pub train: TrainConfig,
+    /// `{prompt, completion}` JSONL.
+    pub data: PathBuf,
+    /// Only the file's first N examples.
+    pub limit: Option<usize>,
+    /// Checkpoint (resumed when present), adapter, loss curve and summary go here.
+    pub out: PathBuf,
+}
+
+/// Trains the adapter of `job` on `base` (read from `base_path`); `tokenizer` tokenizes the
+/// examples.
+pub fn finetune(
+    base_path: &Path,
+    job: &FinetuneJob,
+    tokenizer: &Engine,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<(BaseWeights, AdaptedModel, TrainSummary)> {
+    job.adapter.validate()?;
+    let mut examples = read_jsonl(&job.data)?;
+    if let Some(n) = job.limit {
+        examples.truncate(n);
+    }
+    events(PipelineEvent::Stage("tokenizing the training data"));
+    let data = tokenize(tokenizer, &examples)?;
+    let base = BaseWeights::load(base_path)?;
+    let (model, summary) = train(&base, &job.adapter, &data, &job.train, &job.out, &mut |e| {
+        events(PipelineEvent::Finetune(e))
+    })?;
+    Ok((base, model, summary))
+}
+
+/// finetune → merge → quantize.
+#[derive(Debug, Clone)]
+pub struct PipelineJob {
+    /// The finetune (its `out` is the work directory).
+    pub finetune: FinetuneJob,
+    /// The quantization of the merged model.
+    pub quantize: QuantizeJob,
+}
+
+/// What the pipeline made.
+#[derive(Debug)]
+pub struct PipelineOutcome {
+    /// The finetune's summary.
+    pub train: TrainSummary,
+    /// The merged weights that were quantized.
+    pub merged: BaseWeights,
+    /// The quantized file.
+    pub report: QuantReport,
+    /// The learned quantization's summary.
+    pub learn: Option<LearnSummary>,
+}
+
+/// Finetunes, merges the adapter and quantizes the result into one GGUF. `finetuned` sees the
+/// trained adapter (to save it) before it is merged and freed.
+pub fn pipeline(
+    base_path: &Path,
+    job: &PipelineJob,
+    tokenizer: &Engine,
+    finetuned: &mut dyn FnMut(&BaseWeights, &AdaptedModel, &TrainSummary) -> Result<()>,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<PipelineOutcome> {
+    if job.finetune.adapter.kind == AdapterKind::LorettaAdp {
+        return Err(Error::NotExportable(
+            "loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep"
+                .into(),
+        ));
+    }
+    let (base, model, train) = finetune(base_path, &job.finetune, tokenizer, events)?;
+    finetuned(&base, &model, &train)?;
+    events(PipelineEvent::Stage("merging the adapter"));
+    let merged = merge(&model, &base)?;
+    drop((model, base));
+    let (report, learn) = quantize(&merged, &job.quantize, tokenizer, events)?;
+    Ok(PipelineOutcome {
+        train,
+        merged,
+        report,
+        learn,
+    })
+}
