@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
 use crate::checkpoint::{self, read_json, swap_in, write_json};
 use crate::fused::{cross_entropy, soft_cross_entropy};
+use crate::optim::{self, fingerprint, grads_of, AdamW, Cadence, NamedVars, Schedule, Trainer};
 use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
-use crate::train::{AdamW, TrainConfig};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
 
 /// How a learned quantization runs.
@@ -154,7 +154,6 @@ pub struct LearnSummary {
 }
 
 /// Variables by name.
-type NamedVars = Vec<(String, Var)>;
 
 /// One fake-quantized linear weight.
 struct QuantLinear {
@@ -248,6 +247,15 @@ impl LearnedModel {
             weights.push((l.name.clone(), l.weight.clone()));
         }
         (scales, weights)
+    }
+
+    /// The variables training changes: the scales, and the weights with QAT.
+    fn trained_vars(&self) -> NamedVars {
+        let (mut scales, weights) = self.vars();
+        if self.config.train_weights {
+            scales.extend(weights);
+        }
+        scales
     }
 
     /// Learnable numbers under the configuration.
@@ -431,175 +439,48 @@ pub fn learn(
             rows.len()
         )));
     }
-    let (train, heldout) = rows.split_at(rows.len() - config.holdout);
     let teacher = AdaptedModel::new(base, None)?;
+    let heldout = &rows[rows.len() - config.holdout..];
     let rtn_kl = if config.init == ScaleInit::Rtn {
         None
     } else {
-        let rtn = LearnedModel::new(
-            base,
-            &LearnedConfig {
-                init: ScaleInit::Rtn,
-                ..config.clone()
-            },
-        )?;
+        let rtn_config = LearnedConfig {
+            init: ScaleInit::Rtn,
+            ..config.clone()
+        };
+        let rtn = LearnedModel::new(base, &rtn_config)?;
         Some(heldout_kl(&rtn, &teacher, heldout, config.batch)?)
     };
     let model = LearnedModel::new(base, config)?;
     let initial_kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
-    let (scales, weights) = model.vars();
-    let (mut scale_opt, mut weight_opt) = (AdamW::new(), AdamW::new());
-    let mut bank: VecDeque<Tensor> = VecDeque::new();
-    let mut banked = 0usize;
-    let fresh = CheckpointState {
-        step: 0,
-        best_step: 0,
-        best_kl: initial_kl,
-        config: config.clone(),
-        base: base.path.display().to_string(),
-        data: rows_fingerprint(rows),
-    };
-    let trained: NamedVars = scales
-        .iter()
-        .chain(if config.train_weights {
-            &weights[..]
-        } else {
-            &[]
-        })
-        .cloned()
-        .collect();
-    let mut best = Best {
-        step: 0,
-        kl: initial_kl,
-        tensors: snapshot(&trained)?,
-    };
-    let mut start = 0;
-    let resumable = match checkpoint {
-        Some(d) if checkpoint::exists(d)? => Some(d),
-        _ => None,
-    };
-    if let Some(dir) = resumable {
-        let mut saved = resume(dir, &fresh, &scales, &weights)?;
-        best = Best {
-            step: saved.state.best_step,
-            kl: saved.state.best_kl,
-            tensors: take_prefixed(&mut saved.moments, "best/"),
-        };
-        scale_opt.restore("scales/", &saved.moments, saved.state.step);
-        weight_opt.restore("weights/", &saved.moments, saved.state.step);
-        if let Some(b) = saved.bank {
-            banked = b.dim(0)?;
-            bank.push_back(b);
-        }
-        start = saved.state.step;
-    }
-    on_event(&LearnEvent::Started {
-        learnable: model.learnable(),
-        rows: train.len(),
-        heldout_kl: initial_kl,
-        start_step: start,
-    });
-    let schedule = |lr: f64| TrainConfig {
-        steps: config.steps,
-        warmup: config.warmup,
-        lr,
-        ..TrainConfig::default()
-    };
-    let (scale_schedule, weight_schedule) = (schedule(config.lr), schedule(config.weight_lr));
-    for step in start..config.steps {
-        let t0 = Instant::now();
-        let picked: Vec<Vec<u32>> = (0..config.batch)
-            .map(|i| train[(step * config.batch + i) % train.len()].clone())
-            .collect();
-        let batch = batch_of(&picked)?;
-        let view = teacher_view(&teacher, &batch)?;
-        let bank_tensor = if bank.is_empty() {
-            None
-        } else {
-            Some(Tensor::cat(&bank.iter().collect::<Vec<_>>(), 0)?)
-        };
-        let student = model.student(&teacher)?;
-        let (kd, contrastive) = student_losses(
-            &student,
-            &batch,
-            &view,
-            bank_tensor.as_ref(),
-            config.temperature,
+    let best = {
+        let mut run = LearnRun::start(
+            (&model, &teacher),
+            base,
+            rows,
+            config,
+            initial_kl,
+            checkpoint,
+            on_event,
         )?;
-        let loss = if config.contrastive_weight > 0.0 {
-            (&kd + (&contrastive * config.contrastive_weight)?)?
-        } else {
-            kd.clone()
-        };
-        let grads = loss.backward()?;
-        let collect = |vars: &[(String, Var)]| {
-            vars.iter()
-                .filter_map(|(n, v)| grads.get(v).map(|g| (n.clone(), g.clone())))
-                .collect::<HashMap<_, _>>()
-        };
-        scale_opt.step(&scales, &collect(&scales), scale_schedule.lr_at(step), 0.0)?;
-        if config.train_weights {
-            weight_opt.step(
-                &weights,
-                &collect(&weights),
-                weight_schedule.lr_at(step),
-                0.0,
-            )?;
-        }
-        if config.memory_bank > 0 {
-            banked += view.reps.dim(0)?;
-            bank.push_back(view.reps.clone());
-            while banked > config.memory_bank {
-                match bank.pop_front() {
-                    Some(old) => banked -= old.dim(0)?,
-                    None => break,
-                }
-            }
-        }
-        let tokens: usize = picked.iter().map(Vec::len).sum();
-        on_event(&LearnEvent::Step {
-            step: step + 1,
-            kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
-            contrastive: contrastive.to_scalar::<f32>()? as f64,
-            tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
-        });
-        let last = step + 1 == config.steps;
-        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            let kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
-            on_event(&LearnEvent::Heldout { step: step + 1, kl });
-            if kl < best.kl {
-                best = Best {
-                    step: step + 1,
-                    kl,
-                    tensors: snapshot(&trained)?,
-                };
-            }
-        }
-        if let Some(dir) = checkpoint {
-            if last || (config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0) {
-                let state = CheckpointState {
-                    step: step + 1,
-                    best_step: best.step,
-                    best_kl: best.kl,
-                    ..fresh.clone()
-                };
-                let mut moments = HashMap::new();
-                scale_opt.moments("scales/", &mut moments);
-                weight_opt.moments("weights/", &mut moments);
-                for (n, t) in &best.tensors {
-                    moments.insert(format!("best/{n}"), t.clone());
-                }
-                let bank = if bank.is_empty() {
-                    None
+        let start = run.start_step;
+        optim::run(
+            &mut run,
+            start,
+            Cadence {
+                steps: config.steps,
+                eval_every: config.eval_every,
+                checkpoint_every: if checkpoint.is_some() {
+                    config.checkpoint_every
                 } else {
-                    Some(Tensor::cat(&bank.iter().collect::<Vec<_>>(), 0)?)
-                };
-                save(dir, &state, &scales, &weights, &moments, bank.as_ref())?;
-            }
-        }
-    }
+                    usize::MAX
+                },
+            },
+        )?;
+        run.best
+    };
     if best.step != config.steps {
-        for (name, var) in &trained {
+        for (name, var) in &model.trained_vars() {
             if let Some(t) = best.tensors.get(name) {
                 var.set(t)?;
             }
@@ -614,6 +495,217 @@ pub fn learn(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((model, summary))
+}
+
+/// A scale-learning run in progress.
+struct LearnRun<'a> {
+    model: &'a LearnedModel,
+    teacher: &'a AdaptedModel,
+    config: &'a LearnedConfig,
+    train: &'a [Vec<u32>],
+    heldout: &'a [Vec<u32>],
+    scales: NamedVars,
+    weights: NamedVars,
+    trained: NamedVars,
+    scale_opt: AdamW,
+    weight_opt: AdamW,
+    schedules: (Schedule, Schedule),
+    /// Teacher representations of recent batches: the contrastive loss's extra negatives.
+    bank: VecDeque<Tensor>,
+    banked: usize,
+    best: Best,
+    fresh: CheckpointState,
+    checkpoint: Option<&'a Path>,
+    start_step: usize,
+    on_event: &'a mut dyn FnMut(&LearnEvent),
+}
+
+impl<'a> LearnRun<'a> {
+    /// Sets the run up (resuming from `checkpoint` when it holds this run) and reports it.
+    fn start(
+        (model, teacher): (&'a LearnedModel, &'a AdaptedModel),
+        base: &BaseWeights,
+        rows: &'a [Vec<u32>],
+        config: &'a LearnedConfig,
+        initial_kl: f64,
+        checkpoint: Option<&'a Path>,
+        on_event: &'a mut dyn FnMut(&LearnEvent),
+    ) -> Result<Self> {
+        let (train, heldout) = rows.split_at(rows.len() - config.holdout);
+        let (scales, weights) = model.vars();
+        let trained = model.trained_vars();
+        let schedule = |lr: f64| Schedule {
+            lr,
+            warmup: config.warmup,
+            steps: config.steps,
+            min_ratio: crate::train::TrainConfig::default().min_lr_ratio,
+        };
+        let mut run = LearnRun {
+            model,
+            teacher,
+            config,
+            train,
+            heldout,
+            best: Best {
+                step: 0,
+                kl: initial_kl,
+                tensors: snapshot(&trained)?,
+            },
+            scales,
+            weights,
+            trained,
+            scale_opt: AdamW::new(),
+            weight_opt: AdamW::new(),
+            schedules: (schedule(config.lr), schedule(config.weight_lr)),
+            bank: VecDeque::new(),
+            banked: 0,
+            fresh: CheckpointState {
+                step: 0,
+                best_step: 0,
+                best_kl: initial_kl,
+                config: config.clone(),
+                base: base.path.display().to_string(),
+                data: rows_fingerprint(rows),
+            },
+            checkpoint,
+            start_step: 0,
+            on_event,
+        };
+        if let Some(dir) = checkpoint {
+            if checkpoint::exists(dir)? {
+                run.restore(dir)?;
+            }
+        }
+        (run.on_event)(&LearnEvent::Started {
+            learnable: model.learnable(),
+            rows: train.len(),
+            heldout_kl: initial_kl,
+            start_step: run.start_step,
+        });
+        Ok(run)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let mut saved = resume(dir, &self.fresh, &self.scales, &self.weights)?;
+        self.best = Best {
+            step: saved.state.best_step,
+            kl: saved.state.best_kl,
+            tensors: take_prefixed(&mut saved.moments, "best/"),
+        };
+        self.scale_opt
+            .restore("scales/", &saved.moments, saved.state.step);
+        self.weight_opt
+            .restore("weights/", &saved.moments, saved.state.step);
+        if let Some(b) = saved.bank {
+            self.banked = b.dim(0)?;
+            self.bank.push_back(b);
+        }
+        self.start_step = saved.state.step;
+        Ok(())
+    }
+
+    /// The memory bank as one tensor, when it holds anything.
+    fn bank_tensor(&self) -> Result<Option<Tensor>> {
+        if self.bank.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&self.bank.iter().collect::<Vec<_>>(), 0)?))
+    }
+
+    /// Keeps the newest teacher representations, up to the bank's size.
+    fn remember(&mut self, reps: &Tensor) -> Result<()> {
+        if self.config.memory_bank == 0 {
+            return Ok(());
+        }
+        self.banked += reps.dim(0)?;
+        self.bank.push_back(reps.clone());
+        while self.banked > self.config.memory_bank {
+            match self.bank.pop_front() {
+                Some(old) => self.banked -= old.dim(0)?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Trainer for LearnRun<'_> {
+    fn step(&mut self, step: usize) -> Result<()> {
+        let (config, train) = (self.config, self.train);
+        let t0 = Instant::now();
+        let picked: Vec<Vec<u32>> = (0..config.batch)
+            .map(|i| train[(step * config.batch + i) % train.len()].clone())
+            .collect();
+        let batch = batch_of(&picked)?;
+        let view = teacher_view(self.teacher, &batch)?;
+        let bank = self.bank_tensor()?;
+        let student = self.model.student(self.teacher)?;
+        let (kd, contrastive) =
+            student_losses(&student, &batch, &view, bank.as_ref(), config.temperature)?;
+        let loss = if config.contrastive_weight > 0.0 {
+            (&kd + (&contrastive * config.contrastive_weight)?)?
+        } else {
+            kd.clone()
+        };
+        let grads = loss.backward()?;
+        let lr = self.schedules.0.lr_at(step);
+        self.scale_opt
+            .step(&self.scales, &grads_of(&grads, &self.scales), lr, 0.0)?;
+        if config.train_weights {
+            let lr = self.schedules.1.lr_at(step);
+            self.weight_opt
+                .step(&self.weights, &grads_of(&grads, &self.weights), lr, 0.0)?;
+        }
+        self.remember(&view.reps)?;
+        let tokens: usize = picked.iter().map(Vec::len).sum();
+        (self.on_event)(&LearnEvent::Step {
+            step: step + 1,
+            kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
+            contrastive: contrastive.to_scalar::<f32>()? as f64,
+            tokens_per_sec: tokens as f64 / t0.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn evaluate(&mut self, done: usize) -> Result<()> {
+        let kl = heldout_kl(self.model, self.teacher, self.heldout, self.config.batch)?;
+        (self.on_event)(&LearnEvent::Heldout { step: done, kl });
+        if kl < self.best.kl {
+            self.best = Best {
+                step: done,
+                kl,
+                tensors: snapshot(&self.trained)?,
+            };
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, done: usize) -> Result<()> {
+        let Some(dir) = self.checkpoint else {
+            return Ok(());
+        };
+        let state = CheckpointState {
+            step: done,
+            best_step: self.best.step,
+            best_kl: self.best.kl,
+            ..self.fresh.clone()
+        };
+        let mut moments = HashMap::new();
+        self.scale_opt.moments("scales/", &mut moments);
+        self.weight_opt.moments("weights/", &mut moments);
+        for (n, t) in &self.best.tensors {
+            moments.insert(format!("best/{n}"), t.clone());
+        }
+        let bank = self.bank_tensor()?;
+        save(
+            dir,
+            &state,
+            &self.scales,
+            &self.weights,
+            &moments,
+            bank.as_ref(),
+        )
+    }
 }
 
 /// What a checkpoint records besides tensors.
@@ -664,13 +756,7 @@ struct Saved {
 }
 
 fn rows_fingerprint(rows: &[Vec<u32>]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for row in rows {
-        for &t in row.iter().chain([&u32::MAX]) {
-            h = (h ^ t as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    format!("{}x{h:016x}", rows.len())
+    fingerprint(rows.iter().map(Vec::as_slice), Some(u32::MAX))
 }
 
 fn save(

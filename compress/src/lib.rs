@@ -56,6 +56,7 @@ pub mod export;
 pub mod fused;
 pub mod init;
 pub mod model;
+pub mod optim;
 pub mod pipeline;
 pub mod quantize;
 pub mod train;

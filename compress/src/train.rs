@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, read_json, swap_in, write_json};
 use crate::data::{pack, shuffled, Row, Tokenized};
 use crate::model::{AdaptedModel, Batch};
+use crate::optim::{
+    self, accumulate, clip_global_norm, fingerprint, AdamW, Cadence, NamedVars, Schedule, Trainer,
+};
 use crate::{AdapterConfig, BaseWeights, Error, Result};
 
 /// Optimisation settings.
@@ -65,15 +68,19 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            lr: self.lr,
+            warmup: self.warmup,
+            steps: self.steps,
+            min_ratio: self.min_lr_ratio,
+        }
+    }
+
     /// The learning rate at optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup {
-            return self.lr * (step + 1) as f64 / self.warmup as f64;
-        }
-        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / span).min(1.0);
-        let min = self.lr * self.min_lr_ratio;
-        min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.schedule().lr_at(step)
     }
 }
 
@@ -159,81 +166,6 @@ struct State {
     initial_heldout_loss: Option<f64>,
 }
 
-/// AdamW whose moments can be saved and restored.
-pub(crate) struct AdamW {
-    m: HashMap<String, Tensor>,
-    v: HashMap<String, Tensor>,
-    t: usize,
-}
-
-impl AdamW {
-    const B1: f64 = 0.9;
-    const B2: f64 = 0.999;
-    const EPS: f64 = 1e-8;
-
-    pub(crate) fn new() -> AdamW {
-        AdamW {
-            m: HashMap::new(),
-            v: HashMap::new(),
-            t: 0,
-        }
-    }
-
-    /// The moments as `{prefix}{name}.m` / `.v` tensors.
-    pub(crate) fn moments(&self, prefix: &str, out: &mut HashMap<String, Tensor>) {
-        for (n, m) in &self.m {
-            out.insert(format!("{prefix}{n}.m"), m.clone());
-        }
-        for (n, v) in &self.v {
-            out.insert(format!("{prefix}{n}.v"), v.clone());
-        }
-    }
-
-    /// Restores the moments saved under `prefix` and the step count.
-    pub(crate) fn restore(&mut self, prefix: &str, saved: &HashMap<String, Tensor>, t: usize) {
-        for (name, tensor) in saved {
-            let Some(rest) = name.strip_prefix(prefix) else {
-                continue;
-            };
-            if let Some(n) = rest.strip_suffix(".m") {
-                self.m.insert(n.to_string(), tensor.clone());
-            } else if let Some(n) = rest.strip_suffix(".v") {
-                self.v.insert(n.to_string(), tensor.clone());
-            }
-        }
-        self.t = t;
-    }
-
-    pub(crate) fn step(
-        &mut self,
-        vars: &[(String, Var)],
-        grads: &HashMap<String, Tensor>,
-        lr: f64,
-        wd: f64,
-    ) -> Result<()> {
-        self.t += 1;
-        let c1 = 1.0 - Self::B1.powi(self.t as i32);
-        let c2 = 1.0 - Self::B2.powi(self.t as i32);
-        for (name, var) in vars {
-            let Some(g) = grads.get(name) else { continue };
-            let m = match self.m.get(name) {
-                Some(m) => ((m * Self::B1)? + (g * (1.0 - Self::B1))?)?,
-                None => (g * (1.0 - Self::B1))?,
-            };
-            let v = match self.v.get(name) {
-                Some(v) => ((v * Self::B2)? + (g.sqr()? * (1.0 - Self::B2))?)?,
-                None => (g.sqr()? * (1.0 - Self::B2))?,
-            };
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + Self::EPS)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * wd))?;
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
-        }
-        Ok(())
-    }
-}
-
 /// Where a run keeps its resumable state.
 pub fn checkpoint_dir(out: &Path) -> PathBuf {
     out.join("checkpoint")
@@ -241,13 +173,15 @@ pub fn checkpoint_dir(out: &Path) -> PathBuf {
 
 /// A fingerprint of tokenized data (order-sensitive), so a resume on other data is refused.
 pub fn data_fingerprint(data: &[Tokenized]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for ex in data {
-        for &t in ex.tokens.iter().chain([&(ex.prompt_len as u32)]) {
-            h = (h ^ t as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    format!("{}x{h:016x}", data.len())
+    let rows: Vec<Vec<u32>> = data
+        .iter()
+        .map(|ex| {
+            let mut r = ex.tokens.clone();
+            r.push(ex.prompt_len as u32);
+            r
+        })
+        .collect();
+    fingerprint(rows.iter().map(Vec::as_slice), None)
 }
 
 /// Trains `adapter` on `data` into `out` (resuming from `out/checkpoint` when it holds this
@@ -273,157 +207,203 @@ pub fn finetune(
             config.holdout
         )));
     }
-    let (train, heldout) = data.split_at(data.len() - config.holdout);
     let model = AdaptedModel::new(base, Some(adapter))?;
-    let vars = model.named_vars();
-    let mut opt = AdamW {
-        m: HashMap::new(),
-        v: HashMap::new(),
-        t: 0,
+    let summary = {
+        let mut run = FinetuneRun::start(&model, base, adapter, data, config, out, on_event)?;
+        let cadence = Cadence {
+            steps: config.steps,
+            eval_every: config.eval_every,
+            checkpoint_every: config.checkpoint_every,
+        };
+        let start = run.state.step;
+        optim::run(&mut run, start, cadence)?;
+        run.summary()?
     };
-    let mut state = State {
-        step: 0,
-        adapter: adapter.clone(),
-        train: config.clone(),
-        base: base.path.display().to_string(),
-        data: data_fingerprint(data),
-        history: Vec::new(),
-        initial_heldout_loss: None,
-    };
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
-    let ckpt = checkpoint_dir(out);
-    if checkpoint::exists(&ckpt)? {
-        state = resume(&ckpt, &state, &vars, &mut opt)?;
-    }
-    // One epoch of rows per seed; later epochs reshuffle.
-    let epoch_rows = |epoch: u64| -> (Vec<Row>, usize) {
-        pack(
+    Ok((model, summary))
+}
+
+/// A finetune in progress: what its steps, evaluations and checkpoints share.
+struct FinetuneRun<'a> {
+    model: &'a AdaptedModel,
+    vars: NamedVars,
+    opt: AdamW,
+    state: State,
+    config: &'a TrainConfig,
+    train: &'a [Tokenized],
+    /// Packed rows by epoch (each epoch reshuffled); only the current one is kept.
+    epochs: HashMap<u64, Vec<Row>>,
+    rows_per_epoch: usize,
+    heldout_rows: Vec<Row>,
+    checkpoint: PathBuf,
+    tokens_done: usize,
+    started: Instant,
+    on_event: &'a mut dyn FnMut(&TrainEvent),
+}
+
+impl<'a> FinetuneRun<'a> {
+    /// Sets the run up (resuming from its checkpoint) and reports it started.
+    fn start(
+        model: &'a AdaptedModel,
+        base: &BaseWeights,
+        adapter: &AdapterConfig,
+        data: &'a [Tokenized],
+        config: &'a TrainConfig,
+        out: &Path,
+        on_event: &'a mut dyn FnMut(&TrainEvent),
+    ) -> Result<Self> {
+        let (train, heldout) = data.split_at(data.len() - config.holdout);
+        let vars = model.named_vars();
+        let mut opt = AdamW::new();
+        let mut state = State {
+            step: 0,
+            adapter: adapter.clone(),
+            train: config.clone(),
+            base: base.path.display().to_string(),
+            data: data_fingerprint(data),
+            history: Vec::new(),
+            initial_heldout_loss: None,
+        };
+        std::fs::create_dir_all(out).map_err(Error::io(out))?;
+        let ckpt = checkpoint_dir(out);
+        if checkpoint::exists(&ckpt)? {
+            state = resume(&ckpt, &state, &vars, &mut opt)?;
+        }
+        let (first, cut) = epoch_rows(train, config, 0);
+        on_event(&TrainEvent::Started {
+            trainable: model.trainable_parameters(),
+            rows: first.len(),
+            cut,
+            start_step: state.step,
+        });
+        let all: Vec<usize> = (0..heldout.len()).collect();
+        let heldout_rows = pack(heldout, &all, config.seq_len).0;
+        if state.initial_heldout_loss.is_none() {
+            state.initial_heldout_loss = Some(mean_loss(model, &heldout_rows, config.batch)?);
+        }
+        let rows_per_epoch = first.len().max(1);
+        Ok(FinetuneRun {
+            model,
+            vars,
+            opt,
+            state,
+            config,
             train,
-            &shuffled(train.len(), config.seed.wrapping_add(epoch)),
-            config.seq_len,
-        )
-    };
-    let (first, cut) = epoch_rows(0);
-    let per_step = config.batch * config.accumulation;
-    on_event(&TrainEvent::Started {
-        trainable: model.trainable_parameters(),
-        rows: first.len(),
-        cut,
-        start_step: state.step,
-    });
-    let heldout_rows = pack(
-        heldout,
-        &(0..heldout.len()).collect::<Vec<_>>(),
-        config.seq_len,
-    )
-    .0;
-    if state.initial_heldout_loss.is_none() {
-        state.initial_heldout_loss = Some(mean_loss(&model, &heldout_rows, config.batch)?);
+            epochs: HashMap::from([(0, first)]),
+            rows_per_epoch,
+            heldout_rows,
+            checkpoint: ckpt,
+            tokens_done: 0,
+            started: Instant::now(),
+            on_event,
+        })
     }
-    let mut epochs: HashMap<u64, Vec<Row>> = HashMap::from([(0, first)]);
-    let rows_per_epoch = epochs[&0].len().max(1);
-    let (mut tokens_done, started) = (0usize, Instant::now());
-    for step in state.step..config.steps {
-        let t0 = Instant::now();
-        let lr = config.lr_at(step);
-        let picked: Vec<Row> = (0..per_step)
+
+    /// The rows of optimizer step `step`.
+    fn rows_of_step(&mut self, step: usize) -> Vec<Row> {
+        let per_step = self.config.batch * self.config.accumulation;
+        (0..per_step)
             .map(|i| {
                 let global = step * per_step + i;
-                let epoch = (global / rows_per_epoch) as u64;
+                let epoch = (global / self.rows_per_epoch) as u64;
                 // Steps only move forward: earlier epochs are never read again.
-                epochs.retain(|&e, _| e >= epoch);
-                let rows = epochs.entry(epoch).or_insert_with(|| epoch_rows(epoch).0);
-                rows[(global % rows_per_epoch).min(rows.len() - 1)].clone()
+                self.epochs.retain(|&e, _| e >= epoch);
+                let (train, config) = (self.train, self.config);
+                let rows = self
+                    .epochs
+                    .entry(epoch)
+                    .or_insert_with(|| epoch_rows(train, config, epoch).0);
+                rows[(global % self.rows_per_epoch).min(rows.len() - 1)].clone()
             })
-            .collect();
+            .collect()
+    }
+
+    fn summary(&self) -> Result<TrainSummary> {
+        let heldout_loss = match self.state.history.last().and_then(|p| p.heldout) {
+            Some(h) => h,
+            None => mean_loss(self.model, &self.heldout_rows, self.config.batch)?,
+        };
+        let elapsed = self.started.elapsed().as_secs_f64();
+        Ok(TrainSummary {
+            steps: self.state.step,
+            trainable: self.model.trainable_parameters(),
+            history: self.state.history.clone(),
+            heldout_loss,
+            initial_heldout_loss: self.state.initial_heldout_loss,
+            tokens_per_sec: if elapsed > 0.0 {
+                self.tokens_done as f64 / elapsed
+            } else {
+                0.0
+            },
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+}
+
+impl Trainer for FinetuneRun<'_> {
+    fn step(&mut self, step: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let lr = self.config.lr_at(step);
+        let picked = self.rows_of_step(step);
         let total: usize = picked.iter().map(|r| r.targets.len()).sum();
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0.0;
-        for micro in picked.chunks(config.batch) {
-            let (loss, n) = batch_loss(&model, micro)?;
+        for micro in picked.chunks(self.config.batch) {
+            let (loss, n) = batch_loss(self.model, micro)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let scaled = (loss * (n as f64 / total.max(1) as f64))?;
-            let store = scaled.backward()?;
-            for (name, var) in &vars {
-                if let Some(g) = store.get(var) {
-                    let sum = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.clone(), sum);
-                }
-            }
-            tokens_done += micro
-                .iter()
-                .map(|r| r.segments.iter().sum::<usize>())
-                .sum::<usize>();
+            accumulate(&mut grads, &scaled.backward()?, &self.vars)?;
         }
-        if config.clip > 0.0 {
-            let mut sq = 0.0f64;
-            for g in grads.values() {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-            let norm = sq.sqrt();
-            if norm > config.clip {
-                let k = config.clip / norm;
-                for g in grads.values_mut() {
-                    *g = (&*g * k)?;
-                }
-            }
-        }
-        opt.step(&vars, &grads, lr, config.weight_decay)?;
+        clip_global_norm(&mut grads, self.config.clip)?;
+        self.opt
+            .step(&self.vars, &grads, lr, self.config.weight_decay)?;
         let loss = loss_sum / total.max(1) as f64;
         let step_tokens: usize = picked
             .iter()
             .map(|r| r.segments.iter().sum::<usize>())
             .sum();
-        on_event(&TrainEvent::Step {
+        self.tokens_done += step_tokens;
+        (self.on_event)(&TrainEvent::Step {
             step: step + 1,
             loss,
             lr,
             tokens_per_sec: step_tokens as f64 / t0.elapsed().as_secs_f64(),
         });
-        let mut point = LossPoint {
+        self.state.history.push(LossPoint {
             step: step + 1,
             loss,
             heldout: None,
             lr,
-        };
-        let last = step + 1 == config.steps;
-        if last || (config.eval_every > 0 && (step + 1) % config.eval_every == 0) {
-            let h = mean_loss(&model, &heldout_rows, config.batch)?;
-            on_event(&TrainEvent::Heldout {
-                step: step + 1,
-                loss: h,
-            });
+        });
+        self.state.step = step + 1;
+        Ok(())
+    }
+
+    fn evaluate(&mut self, done: usize) -> Result<()> {
+        let h = mean_loss(self.model, &self.heldout_rows, self.config.batch)?;
+        (self.on_event)(&TrainEvent::Heldout {
+            step: done,
+            loss: h,
+        });
+        if let Some(point) = self.state.history.last_mut() {
             point.heldout = Some(h);
         }
-        state.history.push(point);
-        state.step = step + 1;
-        if last || (config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0) {
-            save_checkpoint(&ckpt, &state, &vars, &opt)?;
-            on_event(&TrainEvent::Checkpoint { step: step + 1 });
-        }
+        Ok(())
     }
-    let heldout_loss = match state.history.last().and_then(|p| p.heldout) {
-        Some(h) => h,
-        None => mean_loss(&model, &heldout_rows, config.batch)?,
-    };
-    let elapsed = started.elapsed().as_secs_f64();
-    let summary = TrainSummary {
-        steps: state.step,
-        trainable: model.trainable_parameters(),
-        history: state.history,
-        heldout_loss,
-        initial_heldout_loss: state.initial_heldout_loss,
-        tokens_per_sec: if elapsed > 0.0 {
-            tokens_done as f64 / elapsed
-        } else {
-            0.0
-        },
-        peak_rss_bytes: peak_rss_bytes(),
-    };
-    Ok((model, summary))
+
+    fn checkpoint(&mut self, done: usize) -> Result<()> {
+        save_checkpoint(&self.checkpoint, &self.state, &self.vars, &self.opt)?;
+        (self.on_event)(&TrainEvent::Checkpoint { step: done });
+        Ok(())
+    }
+}
+
+/// One epoch of packed training rows (shuffled by seed + epoch) and the examples cut to fit.
+fn epoch_rows(train: &[Tokenized], config: &TrainConfig, epoch: u64) -> (Vec<Row>, usize) {
+    pack(
+        train,
+        &shuffled(train.len(), config.seed.wrapping_add(epoch)),
+        config.seq_len,
+    )
 }
 
 /// Mean token cross-entropy of `rows` and the number of target tokens.
@@ -542,23 +522,4 @@ pub fn peak_rss_bytes() -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_schedule_warms_up_then_decays_to_its_floor() {
-        let c = TrainConfig {
-            steps: 100,
-            warmup: 10,
-            lr: 1e-3,
-            ..TrainConfig::default()
-        };
-        assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
-        assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
-        assert!(c.lr_at(50) < 1e-3 && c.lr_at(50) > 1e-4);
-        assert!((c.lr_at(100) - 1e-4).abs() < 1e-9);
-    }
 }

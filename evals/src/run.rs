@@ -452,19 +452,6 @@ fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Convenience for callers that hold the agent pieces.
-pub fn answerer(
-    model: Arc<dyn geek_agent::AgentModel>,
-    retriever: Option<Arc<dyn geek_retriever::Retriever>>,
-    agent: Option<geek_agent::Excavator>,
-) -> Answerer {
-    Answerer {
-        model,
-        retriever,
-        agent: agent.map(Arc::new),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,5 +462,107 @@ mod tests {
         assert_eq!(ts.len(), 15);
         assert!(ts.starts_with("20"));
         assert_eq!(&ts[8..9], "T");
+    }
+
+    /// Six labelled questions, answered by a scripted model ("yes" for even ones).
+    fn scripted() -> (Vec<Question>, Answerer) {
+        let questions: Vec<Question> = (0..6)
+            .map(|i| {
+                serde_json::from_value(serde_json::json!({
+                    "qid": format!("q{i}"),
+                    "question": format!("Is {i} even?"),
+                    "answer": i % 2 == 0,
+                }))
+                .unwrap()
+            })
+            .collect();
+        let model =
+            geek_agent::scripted::ScriptedModel::new(|_, _| " ok\n".into()).with_scores(|t, _| {
+                let even = ["0", "2", "4"]
+                    .iter()
+                    .any(|d| t.contains(&format!("Is {d} even")));
+                if even {
+                    vec![-0.1, -2.0]
+                } else {
+                    vec![-2.0, -0.1]
+                }
+            });
+        let answerer = Answerer {
+            model: Arc::new(model),
+            retriever: None,
+            agent: None,
+        };
+        (questions, answerer)
+    }
+
+    fn spec(out: &Path) -> RunSpec {
+        RunSpec {
+            method: Method::Direct,
+            split: "test".into(),
+            dataset: PathBuf::from("scripted.json"),
+            limit: None,
+            parallel: 2,
+            explore: 1,
+            max_steps: 8,
+            seed: 0,
+            pre_answer: false,
+            passages: 3,
+            demonstrations: 0,
+            model: PathBuf::from("scripted"),
+            model_sha256: "0".into(),
+            index: None,
+            prompts_version: "v".into(),
+            out_dir: out.to_path_buf(),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// Any sequence of kills (after some answers, possibly in the middle of writing the
+        /// next line) followed by a complete run leaves every question exactly once.
+        #[test]
+        fn any_kill_points_leave_every_question_exactly_once(
+            kills in proptest::collection::vec((0usize..6, 0usize..400), 0..5)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (questions, answerer) = scripted();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            for (after, torn) in kills {
+                let mut answered = 0;
+                let mut kill = |p: RunProgress| {
+                    if let RunProgress::Answered { .. } = p {
+                        answered += 1;
+                        if answered > after {
+                            panic!("killed");
+                        }
+                    }
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(run(spec(dir.path()), &questions, answerer.clone(), &[], &mut kill))
+                }));
+                let _ = result;
+                // A kill in the middle of the next write leaves part of a line.
+                if let Some(samples) = std::fs::read_dir(dir.path()).unwrap().flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.to_string_lossy().contains("samples_"))
+                {
+                    let line = r#"{"index":5,"qid":"q5","question":"Is 5 even?","gold":false,"prediction":false"#;
+                    let cut = &line[..torn.min(line.len())];
+                    let mut f = std::fs::OpenOptions::new().append(true).open(&samples).unwrap();
+                    std::io::Write::write_all(&mut f, cut.as_bytes()).unwrap();
+                }
+            }
+            let done = runtime
+                .block_on(run(spec(dir.path()), &questions, answerer, &[], &mut |_| {}))
+                .unwrap();
+            let read = crate::samples::read_samples(&done.files.samples).unwrap();
+            let mut indices: Vec<usize> = read.samples.iter().map(|s| s.index).collect();
+            indices.sort_unstable();
+            proptest::prop_assert_eq!(indices, (0..6).collect::<Vec<_>>());
+            proptest::prop_assert!(read.damaged.is_empty());
+            proptest::prop_assert_eq!(read.torn_tail, 0);
+            proptest::prop_assert_eq!(done.results.results["strategyqa"].correct, Some(6));
+        }
     }
 }
