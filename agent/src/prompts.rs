@@ -8,7 +8,7 @@
 use crate::trace::Action;
 
 /// Changes whenever a template or grammar below changes.
-pub const PROMPT_VERSION: &str = "geek-prompts-v3";
+pub const PROMPT_VERSION: &str = "geek-prompts-v4";
 
 /// The system message: the four actions and two worked examples (one answered yes from
 /// passages, one answered no after passages that did not help).
@@ -61,9 +61,13 @@ Answer: no";
 
 /// The system message of the final answer, a short prompt of its own: the question and the
 /// excavated facts, without the passages and the rest of the transcript.
-pub const FINAL_SYSTEM: &str = "Answer the yes/no question. Facts found for it are given; \
-they may be incomplete, and a few may be wrong, so also use what you know. Reason in one or \
-two sentences, then answer yes or no.";
+pub const FINAL_SYSTEM: &str = "Answer the yes/no question with yes or no. Facts found for it \
+are given; they may be incomplete, and a few may be wrong, so also use what you know.";
+
+/// [`FINAL_SYSTEM`] when the final answer reasons first.
+pub const FINAL_REASONING_SYSTEM: &str = "Answer the yes/no question. Facts found for it are \
+given; they may be incomplete, and a few may be wrong, so also use what you know. Reason in \
+one or two sentences, then answer yes or no.";
 
 /// Opens the reasoning line of the final answer.
 pub const REASONING_PREFIX: &str = "Reasoning:";

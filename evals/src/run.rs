@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
@@ -53,6 +52,9 @@ pub struct RunSpec {
     /// Demonstrations shown before each question (geek).
     #[serde(default)]
     pub demonstrations: usize,
+    /// The final answer reasons first (geek).
+    #[serde(default)]
+    pub final_reasoning: bool,
     /// Model file.
     pub model: PathBuf,
     /// Its sha256.
@@ -72,7 +74,7 @@ impl RunSpec {
             "method": self.method, "dataset": self.dataset, "limit": self.limit,
             "explore": self.explore, "max_steps": self.max_steps, "seed": self.seed,
             "pre_answer": self.pre_answer, "passages": self.passages,
-            "demonstrations": self.demonstrations,
+            "demonstrations": self.demonstrations, "final_reasoning": self.final_reasoning,
             "model_sha256": self.model_sha256, "index": self.index, "prompts": self.prompts_version,
         });
         let digest = Sha256::digest(identity.to_string().as_bytes());
@@ -454,6 +456,8 @@ fn git_commit() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -508,6 +512,7 @@ mod tests {
             pre_answer: false,
             passages: 3,
             demonstrations: 0,
+            final_reasoning: false,
             model: PathBuf::from("scripted"),
             model_sha256: "0".into(),
             index: None,

@@ -122,6 +122,8 @@ pub struct AgentOptions {
     pub context_limit: Option<usize>,
     /// Solved train questions shown before each question.
     pub demonstrations: usize,
+    /// The final answer reasons in a sentence first.
+    pub final_reasoning: bool,
 }
 
 impl Resolved {
@@ -159,6 +161,7 @@ impl Resolved {
                 seed: options.seed,
                 context_limit: options.context_limit,
                 demonstrations: options.demonstrations,
+                final_reasoning: options.final_reasoning,
                 prefix_cache: Some(paths::prompt_cache_dir()),
                 ..ExcavatorConfig::default()
             });

@@ -15,6 +15,9 @@ use crate::trace::{
 };
 use crate::{Error, Result};
 
+/// Where a self-answered fact ends.
+const SENTENCE_END: &str = ". ";
+
 /// One branch of an excavation, from the question to its final answer.
 pub(super) struct BranchRun<'a> {
     ex: &'a Excavator,
@@ -190,6 +193,42 @@ impl BranchRun<'_> {
             let close = closing.trim_end_matches('\n');
             text.push_str(close);
             self.append(&format!("{close}\n")).await?;
+        }
+        Ok(text)
+    }
+
+    /// One sentence of a free line: generation stops at its first sentence end (or the
+    /// newline, or `max_tokens`) and the line is closed there.
+    async fn sentence(&mut self, max_tokens: usize) -> Result<String> {
+        let params = GenerateParams {
+            max_tokens,
+            sampling: Sampling::greedy(),
+            stop: vec!["\n".into(), SENTENCE_END.into()],
+            grammar: Some(prompts::LINE_GRAMMAR.to_string()),
+            ignore_eos: false,
+        };
+        let (id, events) = (self.id, self.events.clone());
+        let mut on_piece = move |p: &str| {
+            emit(
+                &events,
+                Event::TokenStream {
+                    branch: id,
+                    text: p.to_string(),
+                },
+            )
+        };
+        let done: Completion = self.seq.generate(params, &mut on_piece).await?;
+        self.counts.add_generation(&done);
+        self.timing.add_generation(&done);
+        self.len = done.prefill.total + done.tokens.len();
+        let mut text = done.text.trim().to_string();
+        match &done.stop {
+            StopReason::Stop(s) if s == SENTENCE_END => {
+                text.push('.');
+                self.append("\n").await?;
+            }
+            StopReason::MaxTokens => self.append("\n").await?,
+            _ => {}
         }
         Ok(text)
     }
@@ -433,9 +472,7 @@ impl BranchRun<'_> {
     /// Answers the open sub-question `k` with the model's own knowledge (the fact line).
     async fn answer_self(&mut self, k: usize) -> Result<()> {
         self.append(&prompts::fact_prefix(k)).await?;
-        let fact = self
-            .line(prompts::LINE_GRAMMAR, 40, Sampling::greedy(), "")
-            .await?;
+        let fact = self.sentence(40).await?;
         self.emit(Event::FactExtracted {
             branch: self.id,
             fact: fact.clone(),
@@ -503,8 +540,12 @@ impl BranchRun<'_> {
             .filter_map(|s| Some((s.sub_question.clone(), s.answer.clone()?)))
             .collect();
         let (id, events) = (self.id, self.events.clone());
-        let (reasoning, scores, counts, timing) =
-            final_answer(&*self.ex.model, &self.question, &facts, &mut |p| {
+        let (reasoning, scores, counts, timing) = final_answer(
+            &*self.ex.model,
+            &self.question,
+            &facts,
+            self.ex.config.final_reasoning,
+            &mut |p| {
                 emit(
                     &events,
                     Event::TokenStream {
@@ -512,8 +553,9 @@ impl BranchRun<'_> {
                         text: p.to_string(),
                     },
                 )
-            })
-            .await?;
+            },
+        )
+        .await?;
         self.counts.decoded += counts.decoded;
         self.counts.without_reuse += counts.without_reuse;
         self.counts.unique += counts.decoded;

@@ -87,6 +87,7 @@ fn build_agent(
         seed: 0,
         context_limit: None,
         demonstrations: 0,
+        final_reasoning: false,
     };
     let retriever = loaded
         .index

@@ -31,6 +31,7 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
         seed: 0,
         context_limit: None,
         demonstrations: args.demos,
+        final_reasoning: false,
     };
     let agent = config.excavator(engine.clone(), retriever, &options)?;
     let runtime = config.runtime()?;

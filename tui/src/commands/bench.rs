@@ -97,6 +97,7 @@ pub fn agent(args: BenchAgentArgs, config: &Resolved) -> Result<()> {
         seed: 0,
         context_limit: (args.parallel > 1).then_some(crate::config::CONTEXT_PER_QUESTION as usize),
         demonstrations: 0,
+        final_reasoning: false,
     };
     let agent = config.excavator(engine, Some(index), &options)?;
     let runtime = config.runtime()?;

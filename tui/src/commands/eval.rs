@@ -90,6 +90,7 @@ fn answer_questions(
         pre_answer: args.pre_answer,
         passages: args.passages,
         demonstrations: args.demos,
+        final_reasoning: args.final_reasoning,
         model: engine.info().path.clone(),
         model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
         index: index.is_some().then(|| config.index_dir.clone()),
@@ -107,6 +108,7 @@ fn answer_questions(
             seed: args.seed,
             context_limit: Some(CONTEXT_PER_QUESTION as usize),
             demonstrations: args.demos,
+            final_reasoning: args.final_reasoning,
         };
         Some(Arc::new(config.excavator(
             engine.clone(),
@@ -273,6 +275,9 @@ pub struct EvalQaArgs {
     /// Solved StrategyQA train questions shown before each question (geek).
     #[arg(long, default_value_t = 0)]
     pub demos: usize,
+    /// The final answer reasons in a sentence before answering (geek).
+    #[arg(long)]
+    pub final_reasoning: bool,
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
