@@ -12,6 +12,8 @@ cargo build --release -p geek-tui
 geek="${CARGO_TARGET_DIR:-target}/release/geek"
 
 "$geek" model pull >/dev/null
+# The test suite's small model, so that the README's second command runs as it is.
+"$geek" model pull smollm2-135m-instruct-q4_1 >/dev/null
 index="${GEEK_INDEX:-$HOME/.local/share/geek/index}"
 if [ ! -f "$index/geek-index.json" ]; then
   "$geek" index build --index "$index"

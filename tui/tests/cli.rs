@@ -11,6 +11,7 @@ fn geek(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_geek"))
         .args(args)
         .env("GEEK_THREADS", "2")
+        .env("GEEK_CALIBRATION", common::calibration_store())
         .output()
         .expect("geek runs")
 }
@@ -364,4 +365,127 @@ fn ppl_of_the_model_its_dequantized_and_its_requantized_copies() {
         "/nonexistent/text.raw",
     ]);
     assert!(!bad.status.success());
+}
+
+/// The catalogue's default model (Qwen2.5-Coder-1.5B, pulled by CI) answers end to end:
+/// retrieval, excavation, calibrated final answer; a second start loads the saved system prompt.
+#[test]
+fn the_default_model_answers_a_question() {
+    let _model = common::one_model_at_a_time();
+    let default = geek_backend::paths::models_dir(None)
+        .join(geek_backend::catalog::default_model().file_name);
+    assert!(default.is_file(), "run `geek model pull` first");
+    let info: serde_json::Value = serde_json::from_str(&stdout_of(&geek(&[
+        "model",
+        "info",
+        default.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(info["architecture"], "qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let data = data_dir();
+    let base = [
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    let mut build = vec!["index", "build"];
+    build.extend(base);
+    stdout_of(&geek(&build));
+    let q = "Is the Atlantic Ocean larger than Lake Geneva?";
+    let mut ask = vec!["ask", q, "--max-steps", "3", "--json"];
+    ask.extend(base);
+    let trace: serde_json::Value = serde_json::from_str(&stdout_of(&geek(&ask))).unwrap();
+    assert!(trace["answer"].is_boolean());
+    assert!(
+        trace["model"].as_str().unwrap().contains("qwen2"),
+        "{trace}"
+    );
+    assert!(trace["calibration"].is_string(), "{trace}");
+    let again: serde_json::Value = serde_json::from_str(&stdout_of(&geek(&ask))).unwrap();
+    assert_eq!(again["answer"], trace["answer"], "greedy and deterministic");
+}
+
+#[test]
+fn bench_agent_breaks_the_time_down() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let data = data_dir();
+    let model = model_path();
+    let base = [
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ];
+    let mut build = vec!["index", "build"];
+    build.extend(base);
+    stdout_of(&geek(&build));
+    let mut bench = vec!["bench", "agent", "--limit", "2", "--json"];
+    bench.extend(base);
+    let report: serde_json::Value = serde_json::from_str(&stdout_of(&geek(&bench))).unwrap();
+    assert_eq!(report["questions"].as_array().unwrap().len(), 2);
+    let total = &report["total"];
+    assert!(total["prefilled"].as_u64().unwrap() > 100);
+    assert!(total["generated"].as_u64().unwrap() > 10);
+    assert!(total["overhead"].as_f64().unwrap() > 0.5);
+    let parts = [
+        "prefill_seconds",
+        "generation_seconds",
+        "retrieval_seconds",
+        "other_seconds",
+    ]
+    .map(|k| total[k].as_f64().unwrap());
+    let wall = total["wall_seconds"].as_f64().unwrap();
+    assert!(
+        (parts.iter().sum::<f64>() - wall).abs() < 0.05 * wall + 0.05,
+        "{total}"
+    );
+    assert!(report["by_action"]["final"]["count"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn calibration_is_fitted_on_train_questions_only() {
+    let data = data_dir();
+    let refused = geek(&[
+        "eval",
+        "calibrate",
+        "--split",
+        "dev",
+        "--method",
+        "direct",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("train only"), "{err}");
+    // A file of dev questions is refused too, before any model is loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let dev: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("strategyqa/dev.json")).unwrap()).unwrap();
+    let file = dir.path().join("mine.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&dev.as_array().unwrap()[..3]).unwrap(),
+    )
+    .unwrap();
+    let refused = geek(&[
+        "eval",
+        "calibrate",
+        "--split",
+        file.to_str().unwrap(),
+        "--method",
+        "direct",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not StrategyQA train questions"));
 }

@@ -19,7 +19,8 @@ fn geek(index: &Path, args: &[&str]) -> Command {
         .arg(data_dir())
         .arg("--index")
         .arg(index)
-        .env("GEEK_THREADS", "2");
+        .env("GEEK_THREADS", "2")
+        .env("GEEK_CALIBRATION", common::calibration_store());
     cmd
 }
 

@@ -62,7 +62,8 @@ fn ask_in_the_terminal_ui_and_quit() {
     let status = dir.path().join("status");
     let log = dir.path().join("tui.log");
     let script = format!(
-        "GEEK_THREADS=2 GEEK_LOG={} {geek} --model {} --index {}; echo $? > {}",
+        "GEEK_THREADS=2 GEEK_CALIBRATION={} GEEK_LOG={} {geek} --model {} --index {}; echo $? > {}",
+        dir.path().join("calibration.json").display(),
         log.display(),
         model_path().display(),
         index.display(),

@@ -33,3 +33,8 @@ pub fn one_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// A calibration store of the test run's own (the user's is never touched).
+pub fn calibration_store() -> PathBuf {
+    std::env::temp_dir().join(format!("geek-test-calibration-{}.json", std::process::id()))
+}
