@@ -62,7 +62,7 @@ impl DemoBank {
             .into_iter()
             .filter_map(|it| {
                 let answer = it.answer?;
-                (!it.decomposition.is_empty()).then(|| Demonstration {
+                (!it.decomposition.is_empty()).then_some(Demonstration {
                     question: it.question,
                     sub_questions: it.decomposition,
                     facts: it.facts,

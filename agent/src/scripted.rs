@@ -170,6 +170,7 @@ impl AgentSequence for ScriptedSequence {
                 sampling_seconds: 0.0,
                 drafted: 0,
                 accepted: 0,
+                logprobs: Vec::new(),
             })
         })
     }

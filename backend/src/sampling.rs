@@ -94,6 +94,9 @@ pub struct GenerateParams {
     pub grammar: Option<String>,
     /// Keep going past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// Report the log-probability of each generated token and of the `logprobs` most likely
+    /// tokens at its position (0: none).
+    pub logprobs: usize,
 }
 
 impl Default for GenerateParams {
@@ -104,6 +107,7 @@ impl Default for GenerateParams {
             stop: Vec::new(),
             grammar: None,
             ignore_eos: false,
+            logprobs: 0,
         }
     }
 }
@@ -257,6 +261,25 @@ pub(crate) fn argmax(values: &[f32]) -> usize {
 }
 
 /// `log_softmax(logits)[token]` for several tokens, computing the normaliser once.
+/// The `k` most likely tokens of a row of logits with their log-probabilities, best first.
+pub(crate) fn top_log_probs(logits: &[f32], k: usize) -> Vec<(i32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let k = k.min(order.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    order.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+    order.truncate(k);
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order
+        .into_iter()
+        .map(|i| (i as i32, (logits[i] as f64 - log_z) as f32))
+        .collect()
+}
+
 pub(crate) fn log_probs(logits: &[f32], tokens: &[i32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
@@ -279,6 +302,11 @@ mod tests {
         let total: f32 = lp.iter().map(|l| l.exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
         assert!((lp[1] - lp[3]).abs() < 1e-7 && lp[1] > lp[2] && lp[2] > lp[0]);
+        let top = top_log_probs(&logits, 3);
+        assert_eq!(top.len(), 3);
+        assert!(top[0].1 >= top[1].1 && top[1].1 >= top[2].1);
+        assert_eq!(top[2].0, 2);
+        assert!((top[0].1 - lp[1]).abs() < 1e-6);
     }
 
     #[test]

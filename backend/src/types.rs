@@ -114,6 +114,17 @@ pub enum StopReason {
     Cancelled,
 }
 
+/// A generated token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens there, best first.
+    pub top: Vec<(String, f32)>,
+}
+
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
@@ -139,6 +150,9 @@ pub struct Completion {
     /// Drafted tokens kept.
     #[serde(default)]
     pub accepted: usize,
+    /// Per generated token, when [`crate::GenerateParams::logprobs`] asked for them.
+    #[serde(default)]
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// One event of a streamed generation.

@@ -153,8 +153,6 @@ pub struct LearnSummary {
     pub seconds: f64,
 }
 
-/// Variables by name.
-
 /// One fake-quantized linear weight.
 struct QuantLinear {
     name: String,

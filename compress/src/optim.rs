@@ -179,7 +179,9 @@ pub(crate) struct Cadence {
 /// Steps `trainer` from `start` to `cadence.steps`, evaluating and checkpointing as due
 /// (both always after the last step).
 pub(crate) fn run(trainer: &mut impl Trainer, start: usize, cadence: Cadence) -> Result<()> {
-    let due = |done: usize, every: usize| done == cadence.steps || (every > 0 && done % every == 0);
+    let due = |done: usize, every: usize| {
+        done == cadence.steps || (every > 0 && done.is_multiple_of(every))
+    };
     for step in start..cadence.steps {
         trainer.step(step)?;
         let done = step + 1;

@@ -209,6 +209,7 @@ impl Transcript {
             stop: vec!["\n".into()],
             grammar: Some(grammar.to_string()),
             ignore_eos: false,
+            logprobs: 0,
         };
         let done = self.seq.generate(params, &mut |_| {}).await?;
         self.counts.add_generation(&done);

@@ -173,6 +173,7 @@ impl BranchRun<'_> {
             stop: vec!["\n".into()],
             grammar: Some(grammar.to_string()),
             ignore_eos: false,
+            logprobs: 0,
         };
         let (id, events) = (self.id, self.events.clone());
         let mut on_piece = move |p: &str| {
@@ -206,6 +207,7 @@ impl BranchRun<'_> {
             stop: vec!["\n".into(), SENTENCE_END.into()],
             grammar: Some(prompts::LINE_GRAMMAR.to_string()),
             ignore_eos: false,
+            logprobs: 0,
         };
         let (id, events) = (self.id, self.events.clone());
         let mut on_piece = move |p: &str| {
@@ -310,6 +312,7 @@ impl BranchRun<'_> {
             stop: vec!["End\n".into()],
             grammar: Some(prompts::PLAN_GRAMMAR.into()),
             ignore_eos: false,
+            logprobs: 0,
         };
         let done = fork.generate(params, &mut |_| {}).await?;
         let generated = done.tokens.len();

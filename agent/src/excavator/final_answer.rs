@@ -47,6 +47,7 @@ pub(super) async fn final_answer(
         stop: vec!["\n".into()],
         grammar: Some(prompts::LINE_GRAMMAR.into()),
         ignore_eos: false,
+        logprobs: 0,
     };
     let done = seq.generate(params, on_piece).await?;
     counts.add_generation(&done);

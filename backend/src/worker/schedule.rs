@@ -8,6 +8,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
 use super::{lookup, BatchEntry, GenJob, Job, JobKind, LogitsAt, SeqState, Worker};
+use crate::sampling::{log_probs, top_log_probs};
 use crate::text::StopCheck;
 use crate::types::{Completion, EngineStats, GenEvent, PrefillStats, StopReason};
 use crate::Error;
@@ -52,12 +53,13 @@ impl Worker<'_> {
             let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
             let draft = std::mem::take(&mut gen.draft);
             let sampling_started = Instant::now();
+            let model = self.model;
             let mut token = match at {
                 LogitsAt::Stored => {
                     let logits = state.last_logits.take().unwrap_or_default();
-                    gen.sampler.sample(&logits)
+                    choose(gen, &logits, model)
                 }
-                LogitsAt::Batch(i) => gen.sampler.sample(self.ctx.get_logits_ith(i)),
+                LogitsAt::Batch(i) => choose(gen, self.ctx.get_logits_ith(i), model),
             };
             let mut stop = None;
             let mut kept = 0;
@@ -77,9 +79,7 @@ impl Worker<'_> {
                 let LogitsAt::Batch(i) = at else {
                     unreachable!("drafts are decoded in a batch")
                 };
-                token = gen
-                    .sampler
-                    .sample(self.ctx.get_logits_ith(i + 1 + j as i32));
+                token = choose(gen, self.ctx.get_logits_ith(i + 1 + j as i32), model);
             }
             if !draft.is_empty() {
                 gen.draft_len = if kept == draft.len() {
@@ -273,6 +273,28 @@ impl Worker<'_> {
     }
 }
 
+/// Samples the next token from `logits`, recording log-probabilities when they were asked for.
+fn choose(gen: &mut GenJob, logits: &[f32], model: &LlamaModel) -> LlamaToken {
+    let token = gen.sampler.sample(logits);
+    if gen.params.logprobs > 0 {
+        let piece = |t: i32| {
+            String::from_utf8_lossy(
+                &model
+                    .vocab()
+                    .token_to_piece(LlamaToken::new(t), false, None),
+            )
+            .into_owned()
+        };
+        let top = top_log_probs(logits, gen.params.logprobs);
+        gen.logprobs.push(crate::types::TokenLogprob {
+            token: piece(token.0),
+            logprob: log_probs(logits, &[token.0])[0],
+            top: top.into_iter().map(|(t, lp)| (piece(t), lp)).collect(),
+        });
+    }
+    token
+}
+
 /// Records a sampled token in the generation and its sequence; `Some` when it ends the
 /// generation (end of generation, a stop string, the token budget, a dropped receiver).
 fn accept(
@@ -334,6 +356,7 @@ fn finish_generation(job: &mut Job, stop: StopReason, state: &mut SeqState) {
         sampling_seconds: gen.sampling_seconds,
         drafted: gen.drafted,
         accepted: gen.accepted,
+        logprobs: std::mem::take(&mut gen.logprobs),
     };
     let _ = gen.events.send(GenEvent::Done(completion));
 }

@@ -43,6 +43,7 @@ pub fn run(args: GenerateArgs, config: &Resolved) -> Result<()> {
         stop: args.stop.clone(),
         grammar,
         ignore_eos: false,
+        logprobs: 0,
     };
     let seq = engine.sequence()?;
     seq.append(prompt).wait()?;
