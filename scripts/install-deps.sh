@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and running geek needs and is missing (Debian/Ubuntu, as root or
 # with sudo): cmake and clang/libclang for llama.cpp and its bindings, pip for fetching the
-# default model, a font for report plots, tmux for
-# the terminal UI's end-to-end test. Idempotent: installs nothing when everything is there.
+# default model, a font for report plots, tmux for the terminal UI's end-to-end test, and the
+# openai Python client for the server's tests. Idempotent: installs nothing when everything is
+# there.
 set -euo pipefail
 
 missing=()
@@ -20,6 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The official OpenAI client: `geek serve`'s tests talk to the server with it.
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  echo "installing the openai Python package" >&2
+  python3 -m pip install -q --disable-pip-version-check openai
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

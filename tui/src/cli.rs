@@ -92,6 +92,8 @@ pub enum Command {
     Data(DataCommand),
     /// Perplexity of a model on a text, computed as llama.cpp's llama-perplexity does.
     Ppl(PplArgs),
+    /// Serve the model over HTTP: OpenAI-compatible completions and chat, and /v1/ask.
+    Serve(crate::serve::ServeArgs),
     /// Make the agent's model: train adapters, export GGUF.
     #[command(subcommand)]
     Compress(Box<crate::commands::CompressCommand>),

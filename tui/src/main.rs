@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config;
 mod progress;
+mod serve;
 
 use clap::Parser;
 

@@ -177,7 +177,7 @@ impl ExcavatorBuilder {
             retriever: self.retriever,
             demos: self.demos,
             config,
-            prefix: tokio::sync::Mutex::new(None),
+            prefix: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 }
@@ -206,10 +206,31 @@ pub struct Excavator {
     retriever: Option<Arc<dyn Retriever>>,
     demos: Option<Arc<DemoBank>>,
     config: ExcavatorConfig,
-    prefix: tokio::sync::Mutex<Option<CachedPrefix>>,
+    prefix: Arc<tokio::sync::Mutex<Option<CachedPrefix>>>,
 }
 
 impl Excavator {
+    /// The same agent with another step budget and number of branches (a server's per-request
+    /// limits), sharing the model, retriever and decoded system prompt.
+    pub fn with_limits(&self, max_steps: usize, explore: usize) -> Result<Excavator> {
+        if max_steps == 0 || explore == 0 || explore > 16 {
+            return Err(Error::Config(
+                "max_steps must be at least 1 and explore between 1 and 16".into(),
+            ));
+        }
+        Ok(Excavator {
+            model: self.model.clone(),
+            retriever: self.retriever.clone(),
+            demos: self.demos.clone(),
+            config: ExcavatorConfig {
+                max_steps,
+                explore,
+                ..self.config.clone()
+            },
+            prefix: self.prefix.clone(),
+        })
+    }
+
     /// Starts a builder.
     pub fn builder() -> ExcavatorBuilder {
         ExcavatorBuilder::default()

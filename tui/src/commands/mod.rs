@@ -39,5 +39,6 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Ppl(args) => ppl::run(args, config),
         Command::Data(DataCommand::Trajectories(args)) => data::trajectories(args, config),
         Command::Compress(cmd) => compress::run(*cmd, config),
+        Command::Serve(args) => crate::serve::run(args, config),
     }
 }
