@@ -42,6 +42,7 @@ mod error;
 mod excavator;
 pub mod model;
 pub mod prompts;
+pub mod remote;
 pub mod scripted;
 pub mod trace;
 pub mod trajectory;

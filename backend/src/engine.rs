@@ -145,9 +145,21 @@ impl Engine {
     /// Tokenizes `text`; `add_special` adds the BOS token when the model wants one.
     /// Special tokens written in the text (`<|im_start|>`) are parsed as such.
     pub fn tokenize(&self, text: impl Into<String>, add_special: bool) -> Reply<Vec<i32>> {
+        self.tokenize_with(text, add_special, true)
+    }
+
+    /// Tokenizes `text`; `parse_special: false` keeps special-token markers as text (how
+    /// [`Sequence::append_text`] tokenizes).
+    pub fn tokenize_with(
+        &self,
+        text: impl Into<String>,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Reply<Vec<i32>> {
         self.request(|reply| Command::Tokenize {
             text: text.into(),
             add_special,
+            parse_special,
             reply,
         })
     }

@@ -98,9 +98,15 @@ pub enum Error {
         /// Comma-separated catalogue names.
         known: String,
     },
-    /// An OpenAI-compatible HTTP server failed or answered something unexpected.
-    #[error("HTTP backend: {0}")]
-    Http(String),
+    /// A remote model server (llama-server, `geek serve`) failed or answered something
+    /// unexpected.
+    #[error("model server {endpoint}: {reason}")]
+    Remote {
+        /// The server's base URL.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Plain I/O failure.
     #[error("I/O error on {path}")]
     Io {

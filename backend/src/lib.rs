@@ -55,6 +55,7 @@ mod llama_log;
 pub mod paths;
 pub mod perplexity;
 mod protocol;
+pub mod remote;
 mod sampling;
 mod text;
 mod types;

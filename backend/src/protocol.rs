@@ -19,6 +19,7 @@ pub(crate) enum Command {
     Tokenize {
         text: String,
         add_special: bool,
+        parse_special: bool,
         reply: ReplyTx<Vec<i32>>,
     },
     Detokenize {

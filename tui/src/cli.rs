@@ -64,6 +64,32 @@ pub struct GlobalArgs {
     pub lookup_draft: usize,
 }
 
+/// Where the model runs (`ask`, `eval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// llama.cpp in this process.
+    Local,
+    /// An OpenAI-compatible server (llama-server or `geek serve`) at `--endpoint`.
+    Openai,
+}
+
+/// The model server flags of the commands that run the agent.
+#[derive(Debug, Clone, Args)]
+pub struct RemoteArgs {
+    /// Where the model runs (`openai` is implied by `--endpoint`).
+    #[arg(long, value_enum, default_value = "local")]
+    pub backend: BackendKind,
+    /// Base URL of the model server (llama-server or `geek serve`).
+    #[arg(long, env = "GEEK_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Bearer key for the model server.
+    #[arg(long, env = "GEEK_ENDPOINT_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Model name sent to the server (default: the first one it lists).
+    #[arg(long)]
+    pub remote_model: Option<String>,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {

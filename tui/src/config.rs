@@ -4,13 +4,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Result;
-use geek_agent::{DemoBank, Excavator, ExcavatorConfig};
+use geek_agent::remote::Remote;
+use geek_agent::{AgentModel, DemoBank, Excavator, ExcavatorConfig};
 use geek_backend::{catalog, default_threads, paths, Engine, EngineConfig};
 use geek_evals::calibration::{self, CalibrationKey};
 use geek_evals::methods::{Answerer, Method};
 use geek_retriever::{Bm25Index, Retriever};
 
-use crate::cli::GlobalArgs;
+use crate::cli::{BackendKind, GlobalArgs, RemoteArgs};
+use geek_backend::remote::{RemoteConfig, RemoteModel};
 
 /// Settings after defaults and environment are applied.
 #[derive(Debug, Clone)]
@@ -37,6 +39,50 @@ pub struct Resolved {
     pub calibration_store: PathBuf,
     /// Prompt-lookup draft length (0: off).
     pub lookup_draft: usize,
+}
+
+/// The model the commands run on: in process, or on a model server.
+#[derive(Debug, Clone)]
+pub enum LoadedModel {
+    /// llama.cpp in this process.
+    Local(Engine),
+    /// An OpenAI-compatible server with llama-server's extensions.
+    Remote(Remote),
+}
+
+impl From<Engine> for LoadedModel {
+    fn from(engine: Engine) -> Self {
+        LoadedModel::Local(engine)
+    }
+}
+
+impl LoadedModel {
+    /// The model as the agent and the baselines use it.
+    pub fn agent_model(&self) -> Arc<dyn AgentModel> {
+        match self {
+            LoadedModel::Local(engine) => Arc::new(engine.clone()),
+            LoadedModel::Remote(remote) => Arc::new(remote.clone()),
+        }
+    }
+
+    /// What runs and calibrations record as the model: the GGUF file and its SHA-256, or the
+    /// server and the model name it serves.
+    pub fn identity(&self) -> Result<(PathBuf, String)> {
+        Ok(match self {
+            LoadedModel::Local(engine) => {
+                let path = engine.info().path.clone();
+                let sha = catalog::sha256_cached(&path)?;
+                (path, sha)
+            }
+            LoadedModel::Remote(remote) => {
+                let server = remote.server();
+                (
+                    PathBuf::from(format!("{}#{}", server.endpoint(), server.name())),
+                    format!("remote:{}", server.name()),
+                )
+            }
+        })
+    }
 }
 
 /// Tokens one question may use when several share the engine.
@@ -138,6 +184,28 @@ impl Resolved {
         Ok(Engine::load(config)?)
     }
 
+    /// The model of a command: on the server `remote` names, else loaded in process with room
+    /// for `parallel` questions of `explore` branches.
+    pub fn load_model(
+        &self,
+        remote: &RemoteArgs,
+        parallel: usize,
+        explore: usize,
+    ) -> Result<LoadedModel> {
+        let Some(endpoint) = &remote.endpoint else {
+            anyhow::ensure!(
+                remote.backend == BackendKind::Local,
+                "--backend openai needs --endpoint URL"
+            );
+            return Ok(LoadedModel::Local(self.load_engine(parallel, explore)?));
+        };
+        let mut config = RemoteConfig::new(endpoint.clone());
+        config.api_key = remote.api_key.clone();
+        config.model = remote.remote_model.clone();
+        let server = self.runtime()?.block_on(RemoteModel::connect(config))?;
+        Ok(LoadedModel::Remote(Remote::new(server)))
+    }
+
     /// The BM25 index.
     pub fn open_index(&self) -> Result<Bm25Index> {
         Ok(Bm25Index::open(&self.index_dir)?)
@@ -146,25 +214,27 @@ impl Resolved {
     /// The excavation agent on `engine` with the options given.
     pub fn excavator(
         &self,
-        engine: Engine,
+        model: impl Into<LoadedModel>,
         retriever: Option<Arc<dyn Retriever>>,
         options: &AgentOptions,
     ) -> Result<Excavator> {
-        let mut builder = Excavator::builder()
-            .backend(engine)
-            .config(ExcavatorConfig {
-                max_steps: options.max_steps,
-                explore: options.explore,
-                pre_answer: options.pre_answer,
-                retrieval: options.retrieval,
-                passages: options.passages,
-                seed: options.seed,
-                context_limit: options.context_limit,
-                demonstrations: options.demonstrations,
-                final_reasoning: options.final_reasoning,
-                prefix_cache: Some(paths::prompt_cache_dir()),
-                ..ExcavatorConfig::default()
-            });
+        let builder = match model.into() {
+            LoadedModel::Local(engine) => Excavator::builder().backend(engine),
+            LoadedModel::Remote(remote) => Excavator::builder().backend(remote),
+        };
+        let mut builder = builder.config(ExcavatorConfig {
+            max_steps: options.max_steps,
+            explore: options.explore,
+            pre_answer: options.pre_answer,
+            retrieval: options.retrieval,
+            passages: options.passages,
+            seed: options.seed,
+            context_limit: options.context_limit,
+            demonstrations: options.demonstrations,
+            final_reasoning: options.final_reasoning,
+            prefix_cache: Some(paths::prompt_cache_dir()),
+            ..ExcavatorConfig::default()
+        });
         if let (true, Some(r)) = (options.retrieval, retriever) {
             builder = builder.retriever(r);
         }
@@ -192,10 +262,10 @@ impl Resolved {
         }
     }
 
-    /// The calibration key of `method` on the engine's model.
-    pub fn calibration_key(&self, engine: &Engine, method: Method) -> Result<CalibrationKey> {
+    /// The calibration key of `method` on `model`.
+    pub fn calibration_key(&self, model: &LoadedModel, method: Method) -> Result<CalibrationKey> {
         Ok(CalibrationKey {
-            model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
+            model_sha256: model.identity()?.1,
             method: method.name().to_string(),
             prompt_version: method.prompt_version().to_string(),
         })
@@ -203,11 +273,15 @@ impl Resolved {
 
     /// Gives `agent` the calibration `ask` and the TUI use: the offset fitted on train, else
     /// the contextual one (computed and stored the first time).
-    pub async fn calibrate_agent(&self, engine: &Engine, agent: Excavator) -> Result<Excavator> {
-        let key = self.calibration_key(engine, Method::Geek)?;
+    pub async fn calibrate_agent(
+        &self,
+        model: &LoadedModel,
+        agent: Excavator,
+    ) -> Result<Excavator> {
+        let key = self.calibration_key(model, Method::Geek)?;
         let agent = Arc::new(agent);
         let answerer = Answerer {
-            model: Arc::new(engine.clone()),
+            model: model.agent_model(),
             retriever: None,
             agent: Some(agent.clone()),
         };

@@ -261,12 +261,14 @@ fn keys_queue_disconnects_and_shutdown_are_safe() {
         headers.to_ascii_lowercase().contains("retry-after: 1"),
         "{headers}"
     );
-    // The client goes away: its generation is cancelled and its sequence freed.
+    // The client goes away: its generation is cancelled and its sequence freed (what stays
+    // alive is the prompt cache's: the finished first request's).
     let _ = streaming.kill();
     let _ = streaming.wait();
     assert!(
         eventually(10, || server.metric("geek_cancelled_total", &key) == 1.0
-            && server.metric("geek_live_sequences", &key) == 0.0),
+            && server.metric("geek_live_sequences", &key)
+                == server.metric("geek_cached_sequences", &key)),
         "the disconnected stream still holds the engine"
     );
     assert_eq!(server.metric("geek_rejected_total", &key), 1.0);
@@ -305,4 +307,95 @@ fn keys_queue_disconnects_and_shutdown_are_safe() {
     assert_eq!(generated, 200, "the in-flight request was cut short");
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// `geek ask` and `geek eval` with the model behind `geek serve`: the remote backend talks to
+/// it over HTTP and the server's prompt cache keeps the agent's growing prompt decoded.
+#[test]
+fn the_agent_runs_on_a_model_server() {
+    let _model = common::one_model_at_a_time();
+    let server = Server::start(&[]);
+    let question = "Is the Atlantic Ocean larger than Lake Geneva?";
+    let model = model_path();
+    let ask = |remote: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_geek"));
+        if remote {
+            cmd.args(["ask", "--endpoint", &server.base]);
+        } else {
+            cmd.args(["--model", model.to_str().unwrap(), "ask"]);
+        }
+        let out = cmd
+            .args([
+                "--no-retrieval",
+                "--no-calibration",
+                "--json",
+                "--max-steps",
+                "4",
+            ])
+            .arg(question)
+            .env("GEEK_THREADS", "2")
+            .env("GEEK_CALIBRATION", common::calibration_store())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&String::from_utf8_lossy(&out.stdout))
+    };
+    let remote = ask(true);
+    let local = ask(false);
+    assert!(
+        remote["model"].as_str().unwrap().contains(&server.base),
+        "{}",
+        remote["model"]
+    );
+    for trace in [&remote, &local] {
+        let first = trace["branches"][0]["steps"][0]["sub_question"]
+            .as_str()
+            .unwrap();
+        assert!(first.ends_with('?'), "{first}");
+        assert!(trace["answer"].is_boolean());
+    }
+    let actions = remote["branches"][0]["actions"].as_array().unwrap();
+    // After the first request (which decodes the system prompt), each step sends only what
+    // is new: the server's cache holds the rest.
+    for a in &actions[1..] {
+        let prefilled = a["timing"]["prefilled"].as_u64().unwrap();
+        assert!(prefilled < 100, "step re-decoded {prefilled} tokens: {a}");
+    }
+
+    // A batch evaluation over HTTP, resumable like any other.
+    let out_dir = tempfile::tempdir().unwrap();
+    let eval = || {
+        Command::new(env!("CARGO_BIN_EXE_geek"))
+            .args(["eval", "strategyqa", "--method", "direct", "--limit", "3"])
+            .args(["--endpoint", &server.base, "--out"])
+            .arg(out_dir.path())
+            .env("GEEK_CALIBRATION", common::calibration_store())
+            .env("GEEK_DATA_DIR", common::data_dir())
+            .output()
+            .unwrap()
+    };
+    let out = eval();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = eval();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("samples_"))
+        .collect();
+    assert_eq!(samples.len(), 1, "the rerun resumed the same run");
+    let lines = std::fs::read_to_string(samples[0].path()).unwrap();
+    assert_eq!(lines.lines().count(), 3);
 }

@@ -258,9 +258,10 @@ impl Worker<'_> {
             Command::Tokenize {
                 text,
                 add_special,
+                parse_special,
                 reply,
             } => {
-                let toks = self.tokenize(&text, add_special, true);
+                let toks = self.tokenize(&text, add_special, parse_special);
                 let _ = reply.send(Ok(toks.iter().map(|t| t.0).collect()));
             }
             Command::Detokenize { tokens, reply } => {

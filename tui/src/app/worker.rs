@@ -94,7 +94,7 @@ fn build_agent(
         .clone()
         .map(|i| i as Arc<dyn geek_retriever::Retriever>);
     let agent = config.excavator(loaded.engine.clone(), retriever, &options)?;
-    runtime.block_on(config.calibrate_agent(&loaded.engine, agent))
+    runtime.block_on(config.calibrate_agent(&loaded.engine.clone().into(), agent))
 }
 
 fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out: Sender<Report>) {

@@ -13,7 +13,7 @@ use geek_retriever::Retriever;
 use crate::config::{AgentOptions, Resolved};
 
 pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
-    let engine = config.load_engine(1, args.explore)?;
+    let model = config.load_model(&args.remote, 1, args.explore)?;
     let retriever: Option<Arc<dyn Retriever>> = if args.no_retrieval {
         None
     } else {
@@ -33,12 +33,12 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
         demonstrations: args.demos,
         final_reasoning: false,
     };
-    let agent = config.excavator(engine.clone(), retriever, &options)?;
+    let agent = config.excavator(model.clone(), retriever, &options)?;
     let runtime = config.runtime()?;
     let agent = if args.no_calibration {
         agent
     } else {
-        runtime.block_on(config.calibrate_agent(&engine, agent))?
+        runtime.block_on(config.calibrate_agent(&model, agent))?
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let json = args.json;
@@ -149,6 +149,9 @@ fn print_event(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
 pub struct AskArgs {
     /// The yes/no question.
     pub question: String,
+    /// Where the model runs.
+    #[command(flatten)]
+    pub remote: crate::cli::RemoteArgs,
     /// Actions per branch before the final answer is forced.
     #[arg(long, default_value_t = 8)]
     pub max_steps: usize,

@@ -77,7 +77,8 @@ fn answer_questions(
     } else {
         None
     };
-    let engine = config.load_engine(args.parallel, args.explore)?;
+    let model = config.load_model(&args.remote, args.parallel, args.explore)?;
+    let (model_file, model_sha256) = model.identity()?;
     let spec = RunSpec {
         method: args.method,
         split: split.to_string(),
@@ -91,8 +92,8 @@ fn answer_questions(
         passages: args.passages,
         demonstrations: args.demos,
         final_reasoning: args.final_reasoning,
-        model: engine.info().path.clone(),
-        model_sha256: geek_backend::catalog::sha256_cached(&engine.info().path)?,
+        model: model_file,
+        model_sha256,
         index: index.is_some().then(|| config.index_dir.clone()),
         prompts_version: args.method.prompt_version().to_string(),
         out_dir: args.out.clone(),
@@ -111,7 +112,7 @@ fn answer_questions(
             final_reasoning: args.final_reasoning,
         };
         Some(Arc::new(config.excavator(
-            engine.clone(),
+            model.clone(),
             retriever.clone(),
             &options,
         )?))
@@ -119,13 +120,13 @@ fn answer_questions(
         None
     };
     let answerer = Answerer {
-        model: Arc::new(engine.clone()),
+        model: model.agent_model(),
         retriever,
         agent,
     };
     let runtime = config.runtime()?;
     let calibrations = if calibrate {
-        let key = config.calibration_key(&engine, args.method)?;
+        let key = config.calibration_key(&model, args.method)?;
         let found = runtime.block_on(calibration::offsets_for(
             &config.calibration_store,
             &key,
@@ -266,6 +267,9 @@ pub struct EvalQaArgs {
     /// direct, cot, rag, self-ask, ircot or geek.
     #[arg(long, default_value = "geek")]
     pub method: geek_evals::methods::Method,
+    /// Where the model runs.
+    #[command(flatten)]
+    pub remote: crate::cli::RemoteArgs,
     /// Pre-answer drafting (geek).
     #[arg(long)]
     pub pre_answer: bool,

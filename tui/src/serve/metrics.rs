@@ -40,6 +40,8 @@ pub struct Gauges {
     pub waiting: usize,
     /// Engine sequences alive (KV caches held).
     pub live_sequences: usize,
+    /// Of those, idle ones kept by the prompt cache.
+    pub cached_sequences: usize,
 }
 
 impl Metrics {
@@ -128,6 +130,11 @@ impl Metrics {
                 "Engine sequences holding a KV cache.",
                 gauges.live_sequences,
             ),
+            (
+                "geek_cached_sequences",
+                "Idle sequences the prompt cache keeps for later prompts.",
+                gauges.cached_sequences,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -175,6 +182,7 @@ mod tests {
             running: 1,
             waiting: 2,
             live_sequences: 3,
+            cached_sequences: 1,
         });
         assert!(text.contains("geek_requests_total{endpoint=\"completions\",status=\"200\"} 2"));
         assert!(text.contains("geek_request_seconds_bucket{endpoint=\"completions\",le=\"0.5\"} 2"));

@@ -1,7 +1,10 @@
 //! `geek serve`: an HTTP server over the local engine. OpenAI-compatible completions and chat
 //! (streaming or not, log-probabilities, llama-server's `grammar`), `GET /v1/models`, geek's
 //! own `POST /v1/ask` (an excavation as one JSON trace or a stream of its events), `GET /health`
-//! and `GET /metrics`.
+//! and `GET /metrics`; and llama-server's `/tokenize`, `/detokenize`, `/apply-template` and
+//! `/props`, so that geek's remote backend runs on it as on llama-server. Finished requests'
+//! sequences stay cached ([`cache`]): a prompt that extends an earlier one decodes only the
+//! new tokens.
 //!
 //! One engine thread owns the model (see `geek_backend::Engine`); requests reach it through a
 //! bounded queue ([`admission`]): at most `--parallel` at once, `--queue` more waiting, and a
@@ -10,8 +13,10 @@
 
 mod admission;
 mod ask;
+mod cache;
 mod metrics;
 mod openai;
+mod tokens;
 mod types;
 
 use std::net::SocketAddr;
@@ -82,6 +87,9 @@ pub struct ServerState {
     model_id: String,
     agent: Excavator,
     admission: Arc<Admission>,
+    cache: cache::PromptCache,
+    parallel: usize,
+    context_per_request: usize,
     metrics: Metrics,
     api_key: Option<String>,
     timeout: Duration,
@@ -243,7 +251,7 @@ fn server_state(args: &ServeArgs, config: &Resolved) -> Result<ServerState> {
     } else {
         config
             .runtime()?
-            .block_on(config.calibrate_agent(&engine, agent))?
+            .block_on(config.calibrate_agent(&engine.clone().into(), agent))?
     };
     let info = engine.info();
     let model_id = info
@@ -255,6 +263,9 @@ fn server_state(args: &ServeArgs, config: &Resolved) -> Result<ServerState> {
         model_id,
         agent,
         admission: Admission::new(args.parallel, args.queue),
+        cache: cache::PromptCache::new(args.parallel),
+        parallel: args.parallel,
+        context_per_request: crate::config::CONTEXT_PER_QUESTION as usize,
         metrics: Metrics::default(),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         timeout: Duration::from_secs(args.timeout.max(1)),
@@ -271,6 +282,10 @@ pub fn router(state: Arc<ServerState>, max_body: usize) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/ask", post(ask::ask))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .route("/apply-template", post(tokens::apply_template))
+        .route("/props", get(tokens::props))
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
@@ -340,6 +355,7 @@ async fn metrics_text(State(state): State<Arc<ServerState>>) -> Response {
         running: state.admission.running(),
         waiting: state.admission.waiting(),
         live_sequences,
+        cached_sequences: state.cache.len(),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

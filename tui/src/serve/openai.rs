@@ -14,13 +14,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::Stream;
 use geek_backend::{
-    ChatMessage, Completion, GenEvent, GenerateParams, Generation, PrefillStats, Sequence,
+    ChatMessage, Completion, GenEvent, GenerateParams, Generation, Sequence, StopReason,
 };
 use serde_json::{json, Value};
 
 use super::admission::Ticket;
 use super::types::{
-    finish_reason, ChatLogprobs, ChatRequest, CompletionLogprobs, CompletionRequest, Usage,
+    finish_reason, ChatLogprobs, ChatRequest, CompletionLogprobs, CompletionRequest, PromptField,
+    PromptTokensDetails, Usage,
 };
 use super::{ApiError, ServerState};
 
@@ -28,6 +29,8 @@ use super::{ApiError, ServerState};
 enum Prompt {
     /// Raw text (special-token markers parsed, as llama-server does).
     Text(String),
+    /// Token ids.
+    Tokens(Vec<i32>),
     /// Messages for the GGUF's chat template.
     Chat(Vec<ChatMessage>),
 }
@@ -54,6 +57,7 @@ struct Job {
     params: GenerateParams,
     stream: bool,
     shape: Shape,
+    return_tokens: bool,
 }
 
 /// `POST /v1/completions`.
@@ -72,17 +76,18 @@ pub async fn completions(
     match req.sampling.params(asked, state.max_tokens) {
         Ok(params) => {
             let stream = req.sampling.stream;
-            let prompt = Prompt::Text(req.prompt);
-            run(
-                state,
-                Job {
-                    prompt,
-                    params,
-                    stream,
-                    shape,
-                },
-            )
-            .await
+            let prompt = match req.prompt {
+                PromptField::Text(text) => Prompt::Text(text),
+                PromptField::Tokens(ids) => Prompt::Tokens(ids),
+            };
+            let job = Job {
+                prompt,
+                params,
+                stream,
+                shape,
+                return_tokens: req.return_tokens,
+            };
+            run(state, job).await
         }
         Err(message) => invalid(&state, shape.endpoint(), message),
     }
@@ -113,16 +118,14 @@ pub async fn chat_completions(
         Ok(params) => {
             let stream = req.sampling.stream;
             let prompt = Prompt::Chat(req.messages);
-            run(
-                state,
-                Job {
-                    prompt,
-                    params,
-                    stream,
-                    shape,
-                },
-            )
-            .await
+            let job = Job {
+                prompt,
+                params,
+                stream,
+                shape,
+                return_tokens: false,
+            };
+            run(state, job).await
         }
         Err(message) => invalid(&state, shape.endpoint(), message),
     }
@@ -187,7 +190,7 @@ async fn run(state: Arc<ServerState>, job: Job) -> Response {
         prefill(&state, &job.prompt).await
     })
     .await;
-    let (seq, prompt) = match prepared {
+    let (seq, prompt, cached) = match prepared {
         Ok(Ok(ready)) => ready,
         Ok(Err(e)) => {
             flight.finish(e.status().as_u16());
@@ -199,11 +202,11 @@ async fn run(state: Arc<ServerState>, job: Job) -> Response {
         }
     };
     let generation = seq.generate(job.params.clone());
-    let ctx = ResponseContext::new(&state, job.shape, prompt);
+    let ctx = ResponseContext::new(&state, &job, prompt, cached);
     if job.stream {
         let stream = StreamRun {
             generation,
-            _seq: seq,
+            seq: Some(seq),
             _ticket: ticket,
             flight,
             ctx,
@@ -216,11 +219,13 @@ async fn run(state: Arc<ServerState>, job: Job) -> Response {
     } else {
         let mut generation = generation;
         let done = tokio::time::timeout_at(deadline, finish(&mut generation)).await;
-        drop(ticket);
+        drop(generation);
         match done {
             Ok(Ok(completion)) => {
+                state.cache.put(seq).await;
+                drop(ticket);
                 flight.finish(200);
-                state.metrics.tokens(prompt.total, completion.tokens.len());
+                state.metrics.tokens(prompt, completion.tokens.len());
                 Json(ctx.whole(&completion)).into_response()
             }
             Ok(Err(e)) => {
@@ -233,23 +238,51 @@ async fn run(state: Arc<ServerState>, job: Job) -> Response {
     }
 }
 
-/// A new sequence holding the prompt.
+/// A sequence holding the prompt, continued from a cached one where they share a prefix:
+/// the sequence, the prompt's length and how many of its tokens were cached.
 async fn prefill(
     state: &ServerState,
     prompt: &Prompt,
-) -> Result<(Sequence, PrefillStats), ApiError> {
-    let seq = state.engine.sequence()?;
-    let stats = match prompt {
-        Prompt::Text(text) if text.is_empty() => {
-            return Err(ApiError::invalid("prompt must not be empty"))
+) -> Result<(Sequence, usize, usize), ApiError> {
+    let tokens = prompt_tokens(state, prompt).await?;
+    if tokens.is_empty() {
+        return Err(ApiError::invalid("prompt must not be empty"));
+    }
+    let reused = state.cache.sequence_for(&state.engine, &tokens).await?;
+    let new = tokens[reused.cached..].to_vec();
+    match reused.seq.append_tokens(new.clone()).await {
+        Ok(_) => Ok((reused.seq, tokens.len(), reused.cached)),
+        Err(geek_backend::Error::KvCacheFull { .. }) => {
+            // Idle cached sequences hold the cells: let them go and decode it all.
+            drop(reused);
+            state.cache.clear();
+            let seq = state.engine.sequence()?;
+            seq.append_tokens(tokens.clone()).await?;
+            Ok((seq, tokens.len(), 0))
         }
-        Prompt::Text(text) => seq.append(text.clone()).await?,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The prompt's token ids, tokenized as the in-process engine would append it.
+async fn prompt_tokens(state: &ServerState, prompt: &Prompt) -> Result<Vec<i32>, ApiError> {
+    Ok(match prompt {
+        Prompt::Text(text) => state.engine.tokenize_with(text.clone(), true, true).await?,
+        Prompt::Tokens(ids) => ids.clone(),
         Prompt::Chat(messages) => {
             let parts = state.engine.chat_parts(messages, true).await?;
-            seq.append_parts(parts).await?
+            let mut ids = Vec::new();
+            for (i, part) in parts.into_iter().enumerate() {
+                let add_special = i == 0;
+                let part_ids = state
+                    .engine
+                    .tokenize_with(part.text, add_special, part.special)
+                    .await?;
+                ids.extend(part_ids);
+            }
+            ids
         }
-    };
-    Ok((seq, stats))
+    })
 }
 
 async fn finish(generation: &mut Generation) -> Result<Completion, ApiError> {
@@ -270,10 +303,13 @@ struct ResponseContext {
     model: String,
     shape: Shape,
     prompt_tokens: usize,
+    cached_tokens: usize,
+    return_tokens: bool,
 }
 
 impl ResponseContext {
-    fn new(state: &ServerState, shape: Shape, prompt: PrefillStats) -> Self {
+    fn new(state: &ServerState, job: &Job, prompt_tokens: usize, cached_tokens: usize) -> Self {
+        let shape = job.shape;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let prefix = match shape {
@@ -287,7 +323,9 @@ impl ResponseContext {
                 .map_or(0, |d| d.as_secs()),
             model: state.model_id.clone(),
             shape,
-            prompt_tokens: prompt.total,
+            prompt_tokens,
+            cached_tokens,
+            return_tokens: job.return_tokens,
         }
     }
 
@@ -297,6 +335,20 @@ impl ResponseContext {
             prompt_tokens: self.prompt_tokens,
             completion_tokens,
             total_tokens: self.prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: self.cached_tokens,
+            },
+        }
+    }
+
+    /// llama-server's extensions: the generated ids and the stop string that ended the text.
+    fn add_tokens(&self, choice: &mut Value, completion: &Completion) {
+        if self.return_tokens {
+            choice["tokens"] = json!(completion.tokens);
+            choice["stopping_word"] = json!(match &completion.stop {
+                StopReason::Stop(word) => word.as_str(),
+                _ => "",
+            });
         }
     }
 
@@ -317,7 +369,7 @@ impl ResponseContext {
     /// The whole (non-streamed) response.
     fn whole(&self, completion: &Completion) -> Value {
         let reason = finish_reason(&completion.stop);
-        let choice = match self.shape {
+        let mut choice = match self.shape {
             Shape::Text { .. } => json!({
                 "index": 0, "text": completion.text,
                 "logprobs": self.logprobs(completion), "finish_reason": reason,
@@ -328,6 +380,7 @@ impl ResponseContext {
                 "logprobs": self.logprobs(completion), "finish_reason": reason,
             }),
         };
+        self.add_tokens(&mut choice, completion);
         let object = match self.shape {
             Shape::Text { .. } => "text_completion",
             Shape::Chat { .. } => "chat.completion",
@@ -366,6 +419,7 @@ impl ResponseContext {
         });
         if let Some(c) = end {
             chunk["usage"] = json!(self.usage(c));
+            self.add_tokens(&mut chunk["choices"][0], c);
         }
         chunk
     }
@@ -401,7 +455,7 @@ enum Phase {
 /// sequence is released, and the place in line is given back last.
 struct StreamRun {
     generation: Generation,
-    _seq: Sequence,
+    seq: Option<Sequence>,
     _ticket: Ticket,
     flight: InFlight,
     ctx: ResponseContext,
@@ -444,8 +498,11 @@ impl StreamRun {
             }
             Ok(Some(GenEvent::Done(completion))) => {
                 self.phase = Phase::Done;
+                let state = self.flight.state.clone();
+                if let Some(seq) = self.seq.take() {
+                    state.cache.put(seq).await;
+                }
                 self.flight.finish(200);
-                let state = &self.flight.state;
                 state
                     .metrics
                     .tokens(self.ctx.prompt_tokens, completion.tokens.len());

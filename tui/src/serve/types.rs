@@ -98,14 +98,28 @@ impl SamplingFields {
     }
 }
 
+/// A completion prompt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<i32>),
+}
+
 /// `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     /// Model name (informational: the server serves one model).
     #[allow(dead_code)]
     pub model: Option<String>,
-    /// The prompt; special-token markers in it are parsed, as llama-server does.
-    pub prompt: String,
+    /// The prompt: text (special-token markers parsed, as llama-server does) or token ids.
+    pub prompt: PromptField,
+    /// Return the generated token ids (`tokens`) and the stop string that ended the text
+    /// (`stopping_word`) in the choice (llama-server extension).
+    #[serde(default)]
+    pub return_tokens: bool,
     /// Top log-probabilities per token (0..=20).
     pub logprobs: Option<usize>,
     /// Sampling.
@@ -140,6 +154,15 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Both.
     pub total_tokens: usize,
+    /// What the prompt cache held.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens the server's cache already held (not decoded again).
+    pub cached_tokens: usize,
 }
 
 /// OpenAI's finish reason for a stop reason.

@@ -1,0 +1,281 @@
+//! The agent on a model server ([`RemoteModel`]: llama-server or `geek serve`) instead of the
+//! in-process engine.
+//!
+//! A [`RemoteSequence`] keeps its token ids on this side and sends them whole with every
+//! generation; the server's prefix cache decodes only what is new, and the trace counts what
+//! the server says it had cached. Forking and truncating are local (copies of the id list).
+//! Scoring a candidate asks for one token with the top 20 log-probabilities at each of its
+//! token positions: a candidate token outside the top 20 gets the 20th's log-probability (an
+//! upper bound), where the in-process engine computes it exactly.
+
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use geek_backend::remote::RemoteModel;
+use geek_backend::{ChatMessage, Completion, GenerateParams, PrefillStats, PromptPart, Sampling};
+
+use crate::model::{AgentModel, AgentSequence};
+use crate::Result;
+
+/// Top log-probabilities asked for when scoring.
+const SCORE_TOP: usize = 20;
+
+/// A model server the agent runs on.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    model: Arc<RemoteModel>,
+}
+
+impl Remote {
+    /// Wraps a connected server.
+    pub fn new(model: RemoteModel) -> Self {
+        Remote {
+            model: Arc::new(model),
+        }
+    }
+
+    /// The server.
+    pub fn server(&self) -> &RemoteModel {
+        &self.model
+    }
+}
+
+/// A token sequence kept on this side and sent to the server as the prompt.
+pub struct RemoteSequence {
+    model: Arc<RemoteModel>,
+    tokens: Mutex<Vec<i32>>,
+}
+
+impl RemoteSequence {
+    fn snapshot(&self) -> Vec<i32> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Appends `ids`; the stats say what the server will have to decode at the next request.
+    fn extend(&self, ids: &[i32]) -> PrefillStats {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let reused = tokens.len();
+        tokens.extend_from_slice(ids);
+        PrefillStats {
+            decoded: 0,
+            reused,
+            total: tokens.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Log-probability of each candidate after the sequence.
+    async fn score_candidates(&self, candidates: &[&str]) -> Result<Vec<f32>> {
+        let prefix = self.snapshot();
+        let first = self.top_after(&prefix).await?;
+        let mut scores = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let ids = self.model.tokenize(candidate, false, false).await?;
+            let mut total = 0.0;
+            let mut context = prefix.clone();
+            for (i, id) in ids.iter().enumerate() {
+                let top = if i == 0 {
+                    first.clone()
+                } else {
+                    self.top_after(&context).await?
+                };
+                let piece = self.model.detokenize(&[*id]).await?;
+                let floor = top.last().map_or(f32::NEG_INFINITY, |t| t.1);
+                total += top
+                    .iter()
+                    .find(|(text, _)| *text == piece)
+                    .map_or(floor, |t| t.1);
+                context.push(*id);
+            }
+            scores.push(total);
+        }
+        Ok(scores)
+    }
+
+    /// The most likely next tokens after `context`, best first.
+    async fn top_after(&self, context: &[i32]) -> Result<Vec<(String, f32)>> {
+        let params = GenerateParams {
+            max_tokens: 1,
+            sampling: Sampling::greedy(),
+            logprobs: SCORE_TOP,
+            ..GenerateParams::default()
+        };
+        let done = self.model.complete(context, &params).await?;
+        Ok(done
+            .logprobs
+            .into_iter()
+            .next()
+            .map(|t| t.top)
+            .unwrap_or_default())
+    }
+}
+
+impl AgentModel for Remote {
+    fn describe(&self) -> String {
+        format!("{} at {}", self.model.name(), self.model.endpoint())
+    }
+
+    fn chat_prompt<'a>(
+        &'a self,
+        system: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PromptPart>>> {
+        Box::pin(async move {
+            let messages = [
+                ChatMessage::new("system", marker(0)),
+                ChatMessage::new("user", marker(1)),
+            ];
+            let rendered = self.model.apply_template(&messages).await?;
+            Ok(split_contents(&rendered, &[system, user]))
+        })
+    }
+
+    fn sequence(&self) -> Result<Box<dyn AgentSequence>> {
+        Ok(Box::new(RemoteSequence {
+            model: self.model.clone(),
+            tokens: Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn context_size(&self) -> usize {
+        self.model.n_ctx()
+    }
+}
+
+/// The marker standing for content `i` while the template is rendered.
+fn marker(i: usize) -> String {
+    format!("\u{1}geek-content-{i}\u{1}")
+}
+
+/// A prompt rendered with [`marker`]s in place of the contents, as template parts around the
+/// contents, so that special-token markers inside a content stay text.
+pub fn split_contents(rendered: &str, contents: &[&str]) -> Vec<PromptPart> {
+    let mut parts = Vec::new();
+    let mut rest = rendered;
+    for (i, content) in contents.iter().enumerate() {
+        if let Some(at) = rest.find(&marker(i)) {
+            if at > 0 {
+                parts.push(PromptPart::template(&rest[..at]));
+            }
+            parts.push(PromptPart::content(*content));
+            rest = &rest[at + marker(i).len()..];
+        }
+    }
+    if !rest.is_empty() {
+        parts.push(PromptPart::template(rest));
+    }
+    parts
+}
+
+impl AgentSequence for RemoteSequence {
+    fn append<'a>(&'a self, text: &'a str) -> BoxFuture<'a, Result<PrefillStats>> {
+        Box::pin(async move {
+            let ids = self.model.tokenize(text, self.is_empty(), false).await?;
+            Ok(self.extend(&ids))
+        })
+    }
+
+    fn append_parts<'a>(&'a self, parts: &'a [PromptPart]) -> BoxFuture<'a, Result<PrefillStats>> {
+        Box::pin(async move {
+            let mut ids = Vec::new();
+            let empty = self.is_empty();
+            for (i, part) in parts.iter().enumerate() {
+                let add_special = empty && i == 0;
+                ids.extend(
+                    self.model
+                        .tokenize(&part.text, add_special, part.special)
+                        .await?,
+                );
+            }
+            Ok(self.extend(&ids))
+        })
+    }
+
+    fn generate<'a>(
+        &'a self,
+        params: GenerateParams,
+        on_piece: &'a mut (dyn FnMut(&str) + Send),
+    ) -> BoxFuture<'a, Result<Completion>> {
+        Box::pin(async move {
+            let prompt = self.snapshot();
+            let done = self.model.complete(&prompt, &params).await?;
+            on_piece(&done.text);
+            let total = self.extend(&done.tokens).reused;
+            let cached = done.cached_tokens.min(total);
+            Ok(Completion {
+                text: done.text,
+                tokens: done.tokens,
+                stop: done.stop,
+                prefill: PrefillStats {
+                    decoded: total - cached,
+                    reused: cached,
+                    total,
+                },
+                prefill_seconds: 0.0,
+                generation_seconds: done.seconds,
+                sampling_seconds: 0.0,
+                drafted: 0,
+                accepted: 0,
+                logprobs: done.logprobs,
+            })
+        })
+    }
+
+    fn score<'a>(&'a self, candidates: &'a [&'a str]) -> BoxFuture<'a, Result<Vec<f32>>> {
+        Box::pin(self.score_candidates(candidates))
+    }
+
+    fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
+        Box::pin(async move {
+            Ok(Box::new(RemoteSequence {
+                model: self.model.clone(),
+                tokens: Mutex::new(self.snapshot()),
+            }) as Box<dyn AgentSequence>)
+        })
+    }
+
+    fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .truncate(len);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contents_are_split_from_the_template() {
+        let rendered = format!(
+            "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            marker(0),
+            marker(1)
+        );
+        let parts = split_contents(&rendered, &["S", "Q <|im_end|> x"]);
+        let texts: Vec<(&str, bool)> = parts.iter().map(|p| (p.text.as_str(), p.special)).collect();
+        assert_eq!(
+            texts,
+            vec![
+                ("<|im_start|>system\n", true),
+                ("S", false),
+                ("<|im_end|>\n<|im_start|>user\n", true),
+                ("Q <|im_end|> x", false),
+                ("<|im_end|>\n<|im_start|>assistant\n", true),
+            ]
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The server's prompt cache: sequences of finished requests stay alive (up to a bound), and a
+//! new request continues the one that shares the longest prefix with its prompt, so a client
+//! that resends a growing prompt (the agent over HTTP, a chat) decodes only what is new —
+//! llama-server's `cache_prompt` slots, on geek's engine.
+
+use std::sync::Mutex;
+
+use geek_backend::{Engine, Sequence};
+
+/// Idle sequences and their tokens, most recently used last.
+pub struct PromptCache {
+    idle: Mutex<Vec<(Sequence, Vec<i32>)>>,
+    capacity: usize,
+}
+
+/// A sequence for a prompt: `cached` of its tokens are already in it.
+pub struct Reused {
+    /// The sequence, truncated to the shared prefix.
+    pub seq: Sequence,
+    /// Tokens of the prompt it already holds.
+    pub cached: usize,
+}
+
+impl PromptCache {
+    /// Keeps at most `capacity` idle sequences (0 turns caching off).
+    pub fn new(capacity: usize) -> Self {
+        PromptCache {
+            idle: Mutex::new(Vec::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sequence, Vec<i32>)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The idle sequence sharing the longest prefix with `prompt`, cut back to that prefix, or a
+    /// new sequence. At least the prompt's last token is always decoded again, so the sequence
+    /// ends with fresh logits.
+    pub async fn sequence_for(
+        &self,
+        engine: &Engine,
+        prompt: &[i32],
+    ) -> geek_backend::Result<Reused> {
+        let best = {
+            let mut idle = self.lock();
+            let limit = prompt.len().saturating_sub(1);
+            let (index, shared) = idle
+                .iter()
+                .enumerate()
+                .map(|(i, (_, tokens))| (i, shared_prefix(tokens, prompt).min(limit)))
+                .max_by_key(|&(_, shared)| shared)
+                .unwrap_or((0, 0));
+            (shared > 0).then(|| (idle.remove(index).0, shared))
+        };
+        if let Some((seq, cached)) = best {
+            seq.truncate(cached).await?;
+            return Ok(Reused { seq, cached });
+        }
+        let seq = match engine.sequence() {
+            Ok(seq) => seq,
+            Err(geek_backend::Error::NoFreeSequence { .. }) => {
+                self.clear();
+                engine.sequence()?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Reused { seq, cached: 0 })
+    }
+
+    /// Keeps a finished request's sequence for later prompts.
+    pub async fn put(&self, seq: Sequence) {
+        if self.capacity == 0 {
+            return;
+        }
+        let Ok(tokens) = seq.tokens().await else {
+            return;
+        };
+        let mut idle = self.lock();
+        if idle.len() >= self.capacity {
+            idle.remove(0);
+        }
+        idle.push((seq, tokens));
+    }
+
+    /// Idle sequences kept now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Drops every idle sequence (their KV cells are needed).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+fn shared_prefix(a: &[i32], b: &[i32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shared_prefix;
+
+    #[test]
+    fn shared_prefixes_are_counted() {
+        assert_eq!(shared_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
+        assert_eq!(shared_prefix(&[], &[1]), 0);
+        assert_eq!(shared_prefix(&[1, 2], &[1, 2, 3]), 2);
+    }
+}
