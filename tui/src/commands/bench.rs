@@ -153,6 +153,8 @@ pub enum BenchCommand {
     Backend(BenchBackendArgs),
     /// Where an excavation's time goes, against the engine's raw pp/tg rates.
     Agent(BenchAgentArgs),
+    /// Load test of an OpenAI-compatible server (geek serve, llama-server).
+    Http(super::bench_http::BenchHttpArgs),
 }
 
 /// `geek bench agent`

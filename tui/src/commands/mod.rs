@@ -2,6 +2,7 @@
 
 pub mod ask;
 pub mod bench;
+pub mod bench_http;
 pub mod compress;
 pub mod data;
 pub mod eval;
@@ -29,6 +30,7 @@ pub fn run(command: Command, config: &Resolved) -> Result<()> {
         Command::Generate(args) => generate::run(args, config),
         Command::Bench(BenchCommand::Backend(args)) => bench::backend(args, config),
         Command::Bench(BenchCommand::Agent(args)) => bench::agent(args, config),
+        Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Index(IndexCommand::Build {
             corpora,
             vital_only,
