@@ -63,6 +63,7 @@ impl std::fmt::Debug for BaseWeights {
 impl BaseWeights {
     /// Reads and dequantizes a GGUF file (checked by [`geek_backend::gguf::GgufFile`] first). Only the `llama` architecture (SmolLM2, Llama, …) is
     /// supported; anything else is [`Error::UnsupportedArchitecture`].
+    // Longer than 80 lines: reads the llama tensors in the order the architecture defines them (embedding, each layer's nine tensors, norms, output), each with its shape check.
     pub fn load(path: impl AsRef<Path>) -> Result<BaseWeights> {
         let path = path.as_ref().to_path_buf();
         // The backend's reader validates what candle's trusts (sizes, shapes, alignment).

@@ -290,6 +290,7 @@ pub enum RunProgress {
 /// Runs (or resumes) an evaluation. Each calibration (offset, source) adds calibrated
 /// metrics, the first also to the test split's predictions; `progress` sees every answered
 /// question.
+// Longer than 80 lines: a resumable run end to end: lock, files, resume, the questions in flight, the samples written, the results with each calibration.
 pub async fn run(
     spec: RunSpec,
     questions: &[Question],

@@ -26,6 +26,7 @@ pub enum Skipped {
 }
 
 /// The gold excavation of `question`, showing `passages` passages per retrieval.
+// Longer than 80 lines: maps each gold decomposition step to the agent's action for it (AddDecomp, Retrieve with its cited paragraph, SelfAnswer) in one walk.
 pub fn gold_trajectory(
     question: &Question,
     index: &Bm25Index,

@@ -216,6 +216,7 @@ impl WebRetriever {
             .collect())
     }
 
+    // Longer than 80 lines: two MediaWiki API calls (search, then extracts of the hits) and the parsing of both answers.
     async fn mediawiki(&self, query: &str, k: usize) -> Result<Vec<Passage>> {
         #[derive(Deserialize)]
         struct SearchAnswer {

@@ -345,6 +345,7 @@ impl BranchRun<'_> {
         out
     }
 
+    // Longer than 80 lines: one Retrieve action end to end (query, passages, excerpts, extraction, citation and support checks, the fallback to a self answer, its events and timing), in the order the trace records them.
     async fn retrieve_and_extract(&mut self) -> Result<()> {
         let k = self.steps.len();
         let step = self.steps.last().expect("Retrieve follows a sub-question");

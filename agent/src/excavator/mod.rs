@@ -354,6 +354,7 @@ impl Excavator {
         Ok((seq, stats.total))
     }
 
+    // Longer than 80 lines: the excavation of one question: branches started, run concurrently, voted and assembled into the trace with its token and time accounting.
     async fn run_inner(
         &self,
         question: &str,

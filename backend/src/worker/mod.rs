@@ -55,74 +55,21 @@ pub(crate) fn run(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ModelInfo>>,
 ) {
-    let loaded = (|| -> Result<(LlamaModel, Vec<LlamaLoraAdapter>)> {
-        let backend = llama_backend()?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
-        let (model, said) = crate::llama_log::capture(|| {
-            LlamaModel::load_from_file(backend, &config.model, &params)
-        });
-        let mut model = model.map_err(|e| Error::ModelLoad {
-            path: config.model.clone(),
-            reason: llama_reason(&e.to_string(), &said),
-        })?;
-        let adapters = config
-            .lora_adapters
-            .iter()
-            .map(|p| {
-                model.lora_adapter_init(p).map_err(|e| Error::Lora {
-                    path: p.clone(),
-                    reason: format!("llama.cpp rejected the adapter: {e}"),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((model, adapters))
-    })();
-    let (model, adapters) = match loaded {
+    let (model, adapters) = match load_model(&config) {
         Ok(x) => x,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(config.n_ctx))
-        .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_ubatch.min(config.n_batch))
-        .with_n_threads(config.threads)
-        .with_n_threads_batch(config.threads_batch)
-        .with_n_seq_max(config.max_sequences)
-        .with_kv_unified(true)
-        .with_type_k(config.kv_type.llama_type())
-        .with_type_v(config.kv_type.llama_type())
-        .with_flash_attention_policy(config.flash_attention.llama_policy());
-    let ctx = match llama_backend().and_then(|b| {
-        let (ctx, said) = crate::llama_log::capture(|| model.new_context(b, ctx_params));
-        ctx.map_err(|e| Error::ModelLoad {
-            path: config.model.clone(),
-            reason: llama_reason(&format!("cannot create a context: {e}"), &said),
-        })
-    }) {
+    let ctx = match new_context(&model, &config) {
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let info = ModelInfo {
-        path: config.model.clone(),
-        architecture: gguf.architecture().unwrap_or_default().to_string(),
-        name: gguf.get_str("general.name").map(str::to_string),
-        n_params: model.n_params(),
-        size_bytes: model.size(),
-        n_ctx_train: model.n_ctx_train(),
-        n_ctx: ctx.n_ctx(),
-        n_vocab: model.n_vocab(),
-        n_layer: model.n_layer(),
-        n_embd: model.n_embd(),
-        chat_template: gguf.chat_template().map(str::to_string),
-        kv_type: config.kv_type,
-        lora_adapters: config.lora_adapters.clone(),
-    };
+    let info = model_info(&config, &gguf, &model, ctx.n_ctx());
     tracing::info!(model = %config.model.display(), n_ctx = info.n_ctx, threads = config.threads, "engine ready");
     let n_ctx = info.n_ctx as usize;
     if ready.send(Ok(info)).is_err() {
@@ -145,6 +92,68 @@ pub(crate) fn run(
 }
 
 /// A llama-cpp-2 error with what llama.cpp logged about it.
+/// The model and its LoRA adapters, with llama.cpp's own reason when it refuses one.
+fn load_model(config: &EngineConfig) -> Result<(LlamaModel, Vec<LlamaLoraAdapter>)> {
+    let backend = llama_backend()?;
+    let params = LlamaModelParams::default().with_n_gpu_layers(config.n_gpu_layers);
+    let (model, said) =
+        crate::llama_log::capture(|| LlamaModel::load_from_file(backend, &config.model, &params));
+    let mut model = model.map_err(|e| Error::ModelLoad {
+        path: config.model.clone(),
+        reason: llama_reason(&e.to_string(), &said),
+    })?;
+    let adapters = config
+        .lora_adapters
+        .iter()
+        .map(|p| {
+            model.lora_adapter_init(p).map_err(|e| Error::Lora {
+                path: p.clone(),
+                reason: format!("llama.cpp rejected the adapter: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((model, adapters))
+}
+
+/// The llama.cpp context of the engine: one unified KV cache shared by all sequences.
+fn new_context<'m>(model: &'m LlamaModel, config: &EngineConfig) -> Result<LlamaContext<'m>> {
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.n_ctx))
+        .with_n_batch(config.n_batch)
+        .with_n_ubatch(config.n_ubatch.min(config.n_batch))
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads_batch)
+        .with_n_seq_max(config.max_sequences)
+        .with_kv_unified(true)
+        .with_type_k(config.kv_type.llama_type())
+        .with_type_v(config.kv_type.llama_type())
+        .with_flash_attention_policy(config.flash_attention.llama_policy());
+    let backend = llama_backend()?;
+    let (ctx, said) = crate::llama_log::capture(|| model.new_context(backend, ctx_params));
+    ctx.map_err(|e| Error::ModelLoad {
+        path: config.model.clone(),
+        reason: llama_reason(&format!("cannot create a context: {e}"), &said),
+    })
+}
+
+fn model_info(config: &EngineConfig, gguf: &GgufFile, model: &LlamaModel, n_ctx: u32) -> ModelInfo {
+    ModelInfo {
+        path: config.model.clone(),
+        architecture: gguf.architecture().unwrap_or_default().to_string(),
+        name: gguf.get_str("general.name").map(str::to_string),
+        n_params: model.n_params(),
+        size_bytes: model.size(),
+        n_ctx_train: model.n_ctx_train(),
+        n_ctx,
+        n_vocab: model.n_vocab(),
+        n_layer: model.n_layer(),
+        n_embd: model.n_embd(),
+        chat_template: gguf.chat_template().map(str::to_string),
+        kv_type: config.kv_type,
+        lora_adapters: config.lora_adapters.clone(),
+    }
+}
+
 fn llama_reason(error: &str, said: &[String]) -> String {
     match crate::llama_log::reason(said) {
         Some(why) => format!("{error} (llama.cpp: {why})"),
@@ -253,6 +262,7 @@ impl Worker<'_> {
         }
     }
 
+    // Longer than 80 lines: one arm per `Command`, each a few lines: a dispatch table.
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Tokenize {

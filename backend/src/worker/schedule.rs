@@ -37,6 +37,7 @@ impl Worker<'_> {
     /// Samples the next token of every generating job whose logits are known and puts it into
     /// the batch. Tokens drafted at the last step are checked first: each one greedy decoding
     /// agrees with is kept (it is decoded already), the first it disagrees with ends the draft.
+    // Longer than 80 lines: one pass over the generating jobs that verifies drafted tokens, samples, streams and checks stops on the same borrowed job state.
     pub(super) fn sample_generating(&mut self, entries: &mut Vec<BatchEntry>) {
         for ji in 0..self.jobs.len() {
             let later = self.jobs_left_to_sample(ji);

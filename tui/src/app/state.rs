@@ -320,6 +320,7 @@ impl App {
     }
 
     /// Handles one key press.
+    // Longer than 80 lines: the main screen's key table: one arm per key.
     pub fn on_key(&mut self, key: KeyEvent) -> Outcome {
         let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
         if ctrl && key.code == KeyCode::Char('c') {
@@ -412,6 +413,7 @@ impl App {
         }
     }
 
+    // Longer than 80 lines: the popups' key tables: one arm per popup and key.
     fn on_popup_key(&mut self, popup: Popup, key: KeyEvent) -> Outcome {
         match popup {
             Popup::Settings(row, mut model) => match key.code {

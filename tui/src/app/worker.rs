@@ -97,6 +97,7 @@ fn build_agent(
     runtime.block_on(config.calibrate_agent(&loaded.engine.clone().into(), agent))
 }
 
+// Longer than 80 lines: the UI worker's loop: one arm per request kind the UI sends.
 fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out: Sender<Report>) {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -62,6 +62,7 @@ fn dataset_path(split: &strategyqa::Split, config: &Resolved) -> Result<std::pat
 
 /// Runs (or resumes) `args.method` on the questions of `args.split`, with the calibration
 /// offsets known for it when `calibrate` is set.
+// Longer than 80 lines: assembles a run from its flags (dataset, index, model, spec, agent, calibration, progress bar) in the order each needs the one before.
 fn answer_questions(
     args: &EvalQaArgs,
     split: &strategyqa::Split,
