@@ -35,8 +35,10 @@ impl PromptCache {
     }
 
     /// The idle sequence sharing the longest prefix with `prompt`, cut back to that prefix, or a
-    /// new sequence. At least the prompt's last token is always decoded again, so the sequence
-    /// ends with fresh logits.
+    /// new sequence. A cached sequence is reused only when the prompt shares at least half of
+    /// its tokens (llama-server's slot-similarity rule), so a short unrelated prompt does not
+    /// destroy a long conversation that will come back. At least the prompt's last token is
+    /// always decoded again, so the sequence ends with fresh logits.
     pub async fn sequence_for(
         &self,
         engine: &Engine,
@@ -45,13 +47,13 @@ impl PromptCache {
         let best = {
             let mut idle = self.lock();
             let limit = prompt.len().saturating_sub(1);
-            let (index, shared) = idle
+            let best = idle
                 .iter()
                 .enumerate()
-                .map(|(i, (_, tokens))| (i, shared_prefix(tokens, prompt).min(limit)))
-                .max_by_key(|&(_, shared)| shared)
-                .unwrap_or((0, 0));
-            (shared > 0).then(|| (idle.remove(index).0, shared))
+                .map(|(i, (_, tokens))| (i, shared_prefix(tokens, prompt).min(limit), tokens.len()))
+                .filter(|&(_, shared, held)| shared > 0 && 2 * shared >= held)
+                .max_by_key(|&(_, shared, _)| shared);
+            best.map(|(index, shared, _)| (idle.remove(index).0, shared))
         };
         if let Some((seq, cached)) = best {
             seq.truncate(cached).await?;
