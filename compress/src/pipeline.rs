@@ -28,6 +28,16 @@ pub enum QuantMethod {
     Learned,
 }
 
+impl std::fmt::Display for QuantMethod {
+    /// The name the command line takes (`rtn`, `learned`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuantMethod::Rtn => "rtn",
+            QuantMethod::Learned => "learned",
+        })
+    }
+}
+
 impl std::str::FromStr for QuantMethod {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -93,7 +93,9 @@ fn ask_in_the_terminal_ui_and_quit() {
         "-t",
         &session.0,
         "-l",
-        "Could a llama give birth twice during the Vietnam War?",
+        // A question on which the test model's first fact cites its passage (with prompts v4,
+        // its fact for the llama question is rejected as unsupported and answered uncited).
+        "Is the language used in Saint Vincent and the Grenadines rooted in English?",
     ]);
     tmux(&["send-keys", "-t", &session.0, "Enter"]);
     let screen = wait_for(&session.0, "the answer", Duration::from_secs(240), |s| {
@@ -108,9 +110,12 @@ fn ask_in_the_terminal_ui_and_quit() {
         "no retrieval on screen:\n{screen}"
     );
     assert!(
+        // The citation follows the fact, on its line or wrapped onto the next.
         screen
             .lines()
-            .any(|l| l.contains("   A ") && l.contains('[')),
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0].contains("   A ") && (w[0].contains('[') || w[1].contains('['))),
         "no cited fact:\n{screen}"
     );
     assert!(screen.contains("YES") || screen.contains("NO "), "{screen}");

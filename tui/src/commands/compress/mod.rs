@@ -252,7 +252,7 @@ impl Quantized<'_> {
             .map(|(t, n)| format!("{n} {t}"))
             .collect();
         println!(
-            "{} -> {} ({}, {:?}): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
+            "{} -> {} ({}, {}): {} tensors ({}; {} fell back), {:.2} bits/weight, {:.1} MB, {:.1} s",
             self.input.display(),
             self.out.display(),
             self.ty.name(),
