@@ -110,12 +110,21 @@ impl RemoteSequence {
             ..GenerateParams::default()
         };
         let done = self.model.complete(context, &params).await?;
-        Ok(done
+        let top = done
             .logprobs
             .into_iter()
             .next()
             .map(|t| t.top)
-            .unwrap_or_default())
+            .unwrap_or_default();
+        if top.is_empty() {
+            // Without them every candidate would score -inf and the answer would be "no".
+            return Err(geek_backend::Error::Remote {
+                endpoint: self.model.endpoint().to_string(),
+                reason: "the server returned no log-probabilities, which scoring needs".into(),
+            }
+            .into());
+        }
+        Ok(top)
     }
 }
 

@@ -330,8 +330,14 @@ impl RemoteModel {
     }
 }
 
-/// Per-token log-probabilities from the legacy completions shape.
+/// Per-token log-probabilities of a completion, in either shape servers use: OpenAI's legacy
+/// completions shape (`tokens`, `token_logprobs`, `top_logprobs` maps), which `geek serve`
+/// answers, or the chat shape (`content: [{token, logprob, top_logprobs: [{token, logprob}]}]`),
+/// which llama-server answers on `/v1/completions` too.
 fn legacy_logprobs(value: &Value) -> Vec<TokenLogprob> {
+    if let Some(content) = value["content"].as_array() {
+        return content.iter().map(chat_token_logprob).collect();
+    }
     let (Some(tokens), Some(lps)) = (
         value["tokens"].as_array(),
         value["token_logprobs"].as_array(),
@@ -363,6 +369,29 @@ fn legacy_logprobs(value: &Value) -> Vec<TokenLogprob> {
         .collect()
 }
 
+/// One token of the chat log-probability shape.
+fn chat_token_logprob(entry: &Value) -> TokenLogprob {
+    let mut top: Vec<(String, f32)> = entry["top_logprobs"]
+        .as_array()
+        .map(|alts| {
+            alts.iter()
+                .filter_map(|a| {
+                    Some((
+                        a["token"].as_str()?.to_string(),
+                        a["logprob"].as_f64()? as f32,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    TokenLogprob {
+        token: entry["token"].as_str().unwrap_or_default().to_string(),
+        logprob: entry["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+        top,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +411,19 @@ mod tests {
         assert_eq!(lp[0].top[0].0, " yes");
         assert_eq!(lp[0].top[1], (" no".to_string(), -2.5));
         assert!(legacy_logprobs(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn llama_servers_chat_shaped_log_probs_are_read() {
+        // What llama-server answers on /v1/completions with `logprobs`.
+        let v = json!({"content": [{"id": 12095, "token": " Paris", "logprob": -0.74,
+            "top_logprobs": [{"id": 1304, "token": " __", "logprob": -2.73},
+                             {"id": 12095, "token": " Paris", "logprob": -0.74}]}]});
+        let lp = legacy_logprobs(&v);
+        assert_eq!(lp.len(), 1);
+        assert_eq!(lp[0].token, " Paris");
+        assert_eq!(lp[0].top[0], (" Paris".to_string(), -0.74));
+        assert_eq!(lp[0].top.len(), 2);
     }
 
     #[tokio::test]
