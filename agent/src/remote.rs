@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use geek_backend::remote::RemoteModel;
-use geek_backend::{ChatMessage, Completion, GenerateParams, PrefillStats, PromptPart, Sampling};
+use geek_backend::{
+    marked_messages, split_rendered, ChatMessage, Completion, GenerateParams, PrefillStats,
+    PromptPart, Sampling,
+};
 
 use crate::model::{AgentModel, AgentSequence};
 use crate::Result;
@@ -140,11 +143,14 @@ impl AgentModel for Remote {
     ) -> BoxFuture<'a, Result<Vec<PromptPart>>> {
         Box::pin(async move {
             let messages = [
-                ChatMessage::new("system", marker(0)),
-                ChatMessage::new("user", marker(1)),
+                ChatMessage::new("system", system),
+                ChatMessage::new("user", user),
             ];
-            let rendered = self.model.apply_template(&messages).await?;
-            Ok(split_contents(&rendered, &[system, user]))
+            let rendered = self
+                .model
+                .apply_template(&marked_messages(&messages))
+                .await?;
+            Ok(split_rendered(&rendered, &messages))
         })
     }
 
@@ -158,31 +164,6 @@ impl AgentModel for Remote {
     fn context_size(&self) -> usize {
         self.model.n_ctx()
     }
-}
-
-/// The marker standing for content `i` while the template is rendered.
-fn marker(i: usize) -> String {
-    format!("\u{1}geek-content-{i}\u{1}")
-}
-
-/// A prompt rendered with [`marker`]s in place of the contents, as template parts around the
-/// contents, so that special-token markers inside a content stay text.
-pub fn split_contents(rendered: &str, contents: &[&str]) -> Vec<PromptPart> {
-    let mut parts = Vec::new();
-    let mut rest = rendered;
-    for (i, content) in contents.iter().enumerate() {
-        if let Some(at) = rest.find(&marker(i)) {
-            if at > 0 {
-                parts.push(PromptPart::template(&rest[..at]));
-            }
-            parts.push(PromptPart::content(*content));
-            rest = &rest[at + marker(i).len()..];
-        }
-    }
-    if !rest.is_empty() {
-        parts.push(PromptPart::template(rest));
-    }
-    parts
 }
 
 impl AgentSequence for RemoteSequence {
@@ -260,31 +241,5 @@ impl AgentSequence for RemoteSequence {
                 .truncate(len);
             Ok(())
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn contents_are_split_from_the_template() {
-        let rendered = format!(
-            "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-            marker(0),
-            marker(1)
-        );
-        let parts = split_contents(&rendered, &["S", "Q <|im_end|> x"]);
-        let texts: Vec<(&str, bool)> = parts.iter().map(|p| (p.text.as_str(), p.special)).collect();
-        assert_eq!(
-            texts,
-            vec![
-                ("<|im_start|>system\n", true),
-                ("S", false),
-                ("<|im_end|>\n<|im_start|>user\n", true),
-                ("Q <|im_end|> x", false),
-                ("<|im_end|>\n<|im_start|>assistant\n", true),
-            ]
-        );
     }
 }

@@ -67,6 +67,6 @@ pub use engine::{Engine, Fork, Generation, Reply, Sequence};
 pub use error::{Error, Result};
 pub use sampling::{GenerateParams, Sampling};
 pub use types::{
-    ChatMessage, Completion, EngineStats, GenEvent, ModelInfo, PrefillStats, PromptPart,
-    StopReason, TokenLogprob,
+    marked_messages, split_rendered, ChatMessage, Completion, EngineStats, GenEvent, ModelInfo,
+    PrefillStats, PromptPart, StopReason, TokenLogprob,
 };

@@ -87,6 +87,44 @@ impl PromptPart {
     }
 }
 
+/// The marker standing for message `i`'s content while a chat template is rendered.
+fn content_marker(i: usize) -> String {
+    format!("GEEKCONTENTMARKER{i}X")
+}
+
+/// `messages` with each content replaced by a marker: render these with a chat template, then
+/// [`split_rendered`] turns the result into template parts around the real contents.
+pub fn marked_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ChatMessage::new(m.role.clone(), content_marker(i)))
+        .collect()
+}
+
+/// A chat prompt rendered from [`marked_messages`], as template parts (special-token markers
+/// parsed) around the messages' contents (tokenized as text). A message the template leaves
+/// out is skipped.
+pub fn split_rendered(rendered: &str, messages: &[ChatMessage]) -> Vec<PromptPart> {
+    let mut rest = rendered;
+    let mut parts = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let marker = content_marker(i);
+        let Some(at) = rest.find(&marker) else {
+            continue;
+        };
+        if at > 0 {
+            parts.push(PromptPart::template(&rest[..at]));
+        }
+        parts.push(PromptPart::content(m.content.clone()));
+        rest = &rest[at + marker.len()..];
+    }
+    if !rest.is_empty() {
+        parts.push(PromptPart::template(rest));
+    }
+    parts
+}
+
 /// How much of a request's prompt had to be decoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefillStats {
@@ -187,4 +225,34 @@ pub struct EngineStats {
     pub accepted_draft_tokens: u64,
     /// Sequences alive now.
     pub live_sequences: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contents_are_split_from_the_rendered_template() {
+        let messages = [
+            ChatMessage::new("system", "S"),
+            ChatMessage::new("user", "Q <|im_end|> x"),
+        ];
+        let marked = marked_messages(&messages);
+        let rendered = format!(
+            "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            marked[0].content, marked[1].content
+        );
+        let parts = split_rendered(&rendered, &messages);
+        let texts: Vec<(&str, bool)> = parts.iter().map(|p| (p.text.as_str(), p.special)).collect();
+        assert_eq!(
+            texts,
+            vec![
+                ("<|im_start|>system\n", true),
+                ("S", false),
+                ("<|im_end|>\n<|im_start|>user\n", true),
+                ("Q <|im_end|> x", false),
+                ("<|im_end|>\n<|im_start|>assistant\n", true),
+            ]
+        );
+    }
 }

@@ -157,6 +157,26 @@ impl BranchRun<'_> {
         Ok(())
     }
 
+    /// Generates with `params`, streaming the text as [`Event::TokenStream`]s and counting the
+    /// tokens and time of the generation.
+    async fn generate_streamed(&mut self, params: GenerateParams) -> Result<Completion> {
+        let (id, events) = (self.id, self.events.clone());
+        let mut on_piece = move |p: &str| {
+            emit(
+                &events,
+                Event::TokenStream {
+                    branch: id,
+                    text: p.to_string(),
+                },
+            )
+        };
+        let done: Completion = self.seq.generate(params, &mut on_piece).await?;
+        self.counts.add_generation(&done);
+        self.timing.add_generation(&done);
+        self.len = done.prefill.total + done.tokens.len();
+        Ok(done)
+    }
+
     /// Generates one line under `grammar`; the newline stays in the sequence, the returned
     /// text has no leading space and no newline. A line cut by `max_tokens` is closed with
     /// `closing` so the transcript stays well-formed.
@@ -175,20 +195,7 @@ impl BranchRun<'_> {
             ignore_eos: false,
             logprobs: 0,
         };
-        let (id, events) = (self.id, self.events.clone());
-        let mut on_piece = move |p: &str| {
-            emit(
-                &events,
-                Event::TokenStream {
-                    branch: id,
-                    text: p.to_string(),
-                },
-            )
-        };
-        let done: Completion = self.seq.generate(params, &mut on_piece).await?;
-        self.counts.add_generation(&done);
-        self.timing.add_generation(&done);
-        self.len = done.prefill.total + done.tokens.len();
+        let done = self.generate_streamed(params).await?;
         let mut text = done.text.trim().to_string();
         if done.stop == StopReason::MaxTokens {
             let close = closing.trim_end_matches('\n');
@@ -209,20 +216,7 @@ impl BranchRun<'_> {
             ignore_eos: false,
             logprobs: 0,
         };
-        let (id, events) = (self.id, self.events.clone());
-        let mut on_piece = move |p: &str| {
-            emit(
-                &events,
-                Event::TokenStream {
-                    branch: id,
-                    text: p.to_string(),
-                },
-            )
-        };
-        let done: Completion = self.seq.generate(params, &mut on_piece).await?;
-        self.counts.add_generation(&done);
-        self.timing.add_generation(&done);
-        self.len = done.prefill.total + done.tokens.len();
+        let done = self.generate_streamed(params).await?;
         let mut text = done.text.trim().to_string();
         match &done.stop {
             StopReason::Stop(s) if s == SENTENCE_END => {

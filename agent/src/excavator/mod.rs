@@ -80,6 +80,21 @@ impl Default for ExcavatorConfig {
     }
 }
 
+impl ExcavatorConfig {
+    /// At least one step and between 1 and 16 branches.
+    fn check_limits(&self) -> Result<()> {
+        if self.max_steps == 0 || self.explore == 0 {
+            return Err(Error::Config(
+                "max_steps and explore must be at least 1".into(),
+            ));
+        }
+        if self.explore > 16 {
+            return Err(Error::Config("explore is at most 16".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Builds an [`Excavator`].
 #[derive(Default)]
 pub struct ExcavatorBuilder {
@@ -158,14 +173,7 @@ impl ExcavatorBuilder {
             .model
             .ok_or_else(|| Error::Config("no backend: call .backend(engine)".into()))?;
         let mut config = self.config;
-        if config.max_steps == 0 || config.explore == 0 {
-            return Err(Error::Config(
-                "max_steps and explore must be at least 1".into(),
-            ));
-        }
-        if config.explore > 16 {
-            return Err(Error::Config("explore is at most 16".into()));
-        }
+        config.check_limits()?;
         if self.retriever.is_none() {
             config.retrieval = false;
         }
@@ -213,20 +221,17 @@ impl Excavator {
     /// The same agent with another step budget and number of branches (a server's per-request
     /// limits), sharing the model, retriever and decoded system prompt.
     pub fn with_limits(&self, max_steps: usize, explore: usize) -> Result<Excavator> {
-        if max_steps == 0 || explore == 0 || explore > 16 {
-            return Err(Error::Config(
-                "max_steps must be at least 1 and explore between 1 and 16".into(),
-            ));
-        }
+        let config = ExcavatorConfig {
+            max_steps,
+            explore,
+            ..self.config.clone()
+        };
+        config.check_limits()?;
         Ok(Excavator {
             model: self.model.clone(),
             retriever: self.retriever.clone(),
             demos: self.demos.clone(),
-            config: ExcavatorConfig {
-                max_steps,
-                explore,
-                ..self.config.clone()
-            },
+            config,
             prefix: self.prefix.clone(),
         })
     }

@@ -474,14 +474,7 @@ impl<R: Read> Reader<R> {
             7 => Value::Bool(fixed(1)?[0] != 0),
             8 => Value::String(self.string()?),
             9 => {
-                if depth > 2 {
-                    return Err("arrays nested too deeply".into());
-                }
-                let elem_ty = self.u32()?;
-                let len = self.u64()?;
-                if len > self.remaining() {
-                    return Err(format!("array of {len} elements cannot fit in the file"));
-                }
+                let (elem_ty, len) = self.array_header(depth)?;
                 if len > MAX_ARRAY_ITEMS {
                     for _ in 0..len {
                         self.skip_value(elem_ty, depth + 1)?;
@@ -513,14 +506,7 @@ impl<R: Read> Reader<R> {
             10..=12 => 8,
             8 => self.u64()?,
             9 => {
-                if depth > 2 {
-                    return Err("arrays nested too deeply".into());
-                }
-                let elem_ty = self.u32()?;
-                let len = self.u64()?;
-                if len > self.remaining() {
-                    return Err(format!("array of {len} elements cannot fit in the file"));
-                }
+                let (elem_ty, len) = self.array_header(depth)?;
                 for _ in 0..len {
                     self.skip_value(elem_ty, depth + 1)?;
                 }
@@ -529,6 +515,20 @@ impl<R: Read> Reader<R> {
             other => return Err(format!("unknown metadata value type {other}")),
         };
         self.skip(fixed)
+    }
+
+    /// An array's element type and length, checked against the nesting limit and the bytes
+    /// left (every element takes at least one).
+    fn array_header(&mut self, depth: u32) -> ReadResult<(u32, u64)> {
+        if depth > 2 {
+            return Err("arrays nested too deeply".into());
+        }
+        let elem_ty = self.u32()?;
+        let len = self.u64()?;
+        if len > self.remaining() {
+            return Err(format!("array of {len} elements cannot fit in the file"));
+        }
+        Ok((elem_ty, len))
     }
 
     fn skip(&mut self, n: u64) -> ReadResult<()> {

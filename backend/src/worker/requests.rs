@@ -81,29 +81,8 @@ impl Worker<'_> {
         messages: &[crate::ChatMessage],
         add_assistant: bool,
     ) -> Result<Vec<crate::PromptPart>> {
-        let marker = |i: usize| format!("GEEKCONTENTMARKER{i}X");
-        let marked: Vec<crate::ChatMessage> = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| crate::ChatMessage::new(m.role.clone(), marker(i)))
-            .collect();
-        let mut rest = self.chat_prompt(&marked, add_assistant)?;
-        let mut parts = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let Some(at) = rest.find(&marker(i)) else {
-                // The template leaves this message out.
-                continue;
-            };
-            if at > 0 {
-                parts.push(crate::PromptPart::template(&rest[..at]));
-            }
-            parts.push(crate::PromptPart::content(m.content.clone()));
-            rest = rest[at + marker(i).len()..].to_string();
-        }
-        if !rest.is_empty() {
-            parts.push(crate::PromptPart::template(rest));
-        }
-        Ok(parts)
+        let rendered = self.chat_prompt(&crate::types::marked_messages(messages), add_assistant)?;
+        Ok(crate::types::split_rendered(&rendered, messages))
     }
 
     /// Adds the input to the sequence. `Some` when there is nothing to decode.
