@@ -28,19 +28,11 @@ pub async fn ask(
     let started = Instant::now();
     let req = match body {
         Ok(Json(req)) => req,
-        Err(e) => {
-            state.metrics.record(ENDPOINT, e.status().as_u16(), 0.0);
-            let mut error = ApiError::invalid(e.body_text());
-            error.status = e.status();
-            return error.into_response();
-        }
+        Err(e) => return state.refuse(ENDPOINT, e.into()),
     };
     let agent = match checked_agent(&state, &req) {
         Ok(agent) => Arc::new(agent),
-        Err(e) => {
-            state.metrics.record(ENDPOINT, 400, 0.0);
-            return e.into_response();
-        }
+        Err(e) => return state.refuse(ENDPOINT, e),
     };
     let ticket = match state.admit(ENDPOINT) {
         Ok(t) => t,

@@ -164,6 +164,17 @@ impl From<geek_backend::Error> for ApiError {
     }
 }
 
+/// A body that is not the JSON asked for (or too large): the extractor's status and reason.
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError {
+            status: e.status(),
+            kind: "invalid_request_error",
+            message: e.body_text(),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -183,6 +194,12 @@ impl IntoResponse for ApiError {
 }
 
 impl ServerState {
+    /// Answers a request refused before it reached the engine, counting it.
+    fn refuse(&self, endpoint: &'static str, error: ApiError) -> Response {
+        self.metrics.record(endpoint, error.status.as_u16(), 0.0);
+        error.into_response()
+    }
+
     /// A place in line for the engine, or the 503 that says to come back.
     fn admit(&self, endpoint: &'static str) -> Result<Ticket, ApiError> {
         self.admission.enter().ok_or_else(|| {

@@ -132,16 +132,11 @@ pub async fn chat_completions(
 }
 
 fn rejection(state: &ServerState, endpoint: &'static str, e: JsonRejection) -> Response {
-    let status = e.status();
-    state.metrics.record(endpoint, status.as_u16(), 0.0);
-    let mut error = ApiError::invalid(e.body_text());
-    error.status = status;
-    error.into_response()
+    state.refuse(endpoint, e.into())
 }
 
 fn invalid(state: &ServerState, endpoint: &'static str, message: String) -> Response {
-    state.metrics.record(endpoint, 400, 0.0);
-    ApiError::invalid(message).into_response()
+    state.refuse(endpoint, ApiError::invalid(message))
 }
 
 /// Counts a request that ends without an answer (client gone, time out) as cancelled.

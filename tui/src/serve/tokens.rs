@@ -40,9 +40,7 @@ pub struct TemplateRequest {
 }
 
 fn bad_body(e: JsonRejection) -> Response {
-    let mut error = ApiError::invalid(e.body_text());
-    error.status = e.status();
-    error.into_response()
+    ApiError::from(e).into_response()
 }
 
 /// `POST /tokenize`: `{"tokens": [...]}`.

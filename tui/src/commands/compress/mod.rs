@@ -65,6 +65,15 @@ fn show(bar: &ProgressBar, event: PipelineEvent, offset: u64, seq_len: usize) {
     }
 }
 
+/// "; resuming at step N" for a run that continues a checkpoint.
+fn resuming_note(start_step: usize) -> String {
+    if start_step > 0 {
+        format!("; resuming at step {start_step}")
+    } else {
+        String::new()
+    }
+}
+
 fn show_train(bar: &ProgressBar, e: &TrainEvent, offset: u64, seq_len: usize) {
     match e {
         TrainEvent::Started {
@@ -73,11 +82,7 @@ fn show_train(bar: &ProgressBar, e: &TrainEvent, offset: u64, seq_len: usize) {
             cut,
             start_step,
         } => {
-            let resume = if *start_step > 0 {
-                format!("; resuming at step {start_step}")
-            } else {
-                String::new()
-            };
+            let resume = resuming_note(*start_step);
             bar.println(format!(
                 "{trainable} trainable weights; {rows} rows of {seq_len} tokens per epoch ({cut} examples cut to fit){resume}"
             ));
@@ -113,11 +118,7 @@ fn show_learn(bar: &ProgressBar, e: &LearnEvent, offset: u64) {
             heldout_kl,
             start_step,
         } => {
-            let resume = if *start_step > 0 {
-                format!("; resuming at step {start_step}")
-            } else {
-                String::new()
-            };
+            let resume = resuming_note(*start_step);
             bar.println(format!(
                 "{learnable} learnable numbers; {rows} calibration rows; held-out KL {heldout_kl:.4}{resume}"
             ));
