@@ -2,6 +2,7 @@
 //! excavation, [`final_answer`] answers from the facts found.
 
 mod branch;
+mod citations;
 mod final_answer;
 
 use branch::BranchRun;
