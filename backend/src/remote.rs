@@ -11,9 +11,13 @@
 //! - `POST /detokenize` (`tokens`): for scoring candidates.
 //! - `POST /apply-template` (`messages`): the server's chat template; needed for chat prompts.
 //! - `GET /props` (`default_generation_settings.n_ctx`): the context size; else 4096.
-//! - `return_tokens` / `stopping_word` in a completion: the generated token ids and the stop
-//!   string that ended it; without them the text is tokenized again.
-//! - `grammar`, `top_k`, `repeat_penalty`, `cache_prompt`: sent as llama-server spells them.
+//! - `POST /completion` (llama-server's own completion endpoint, which `geek serve` answers
+//!   too) rather than `/v1/completions`: it returns the generated token ids (`return_tokens`),
+//!   how generation stopped (`stop_type`, `stopping_word`) and the prompt tokens its cache held
+//!   (`timings.cache_n`), which OpenAI's shape has no room for; without token ids the text is
+//!   tokenized again.
+//! - `grammar`, `top_k`, `min_p`, `repeat_penalty`, `n_probs`, `cache_prompt`: sent as
+//!   llama-server spells them.
 //!
 //! Requests time out, are retried with exponential backoff on connection errors, 429 and 5xx,
 //! and read at most [`RemoteConfig::max_response_bytes`]; every error names the endpoint.
@@ -180,7 +184,9 @@ impl RemoteModel {
             .ok_or_else(|| self.error("/apply-template answered without `prompt`"))
     }
 
-    /// Generates after `prompt` (token ids).
+    /// Generates after `prompt` (token ids), on llama-server's own `POST /completion`: unlike
+    /// `/v1/completions`, it answers the generated token ids, the stop string that ended the
+    /// text and the prompt tokens its cache held.
     pub async fn complete(
         &self,
         prompt: &[i32],
@@ -188,65 +194,33 @@ impl RemoteModel {
     ) -> Result<RemoteCompletion> {
         let started = Instant::now();
         let s = &params.sampling;
+        // `min_p: 0` and no DRY: the in-process sampler's chain (top-k, top-p, temperature,
+        // repeat penalty) rather than llama-server's longer default one.
         let mut body = json!({
-            "model": self.model, "prompt": prompt, "max_tokens": params.max_tokens,
-            "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-            "repeat_penalty": s.repeat_penalty, "seed": s.seed, "stop": params.stop,
-            "cache_prompt": true, "return_tokens": true, "stream": false,
+            "prompt": prompt, "n_predict": params.max_tokens,
+            "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": 0.0,
+            "repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n,
+            "dry_multiplier": 0.0, "seed": s.seed, "stop": params.stop,
+            "ignore_eos": params.ignore_eos, "cache_prompt": true, "return_tokens": true,
+            "stream": false,
         });
         if let Some(g) = &params.grammar {
             body["grammar"] = json!(g);
         }
         if params.logprobs > 0 {
-            body["logprobs"] = json!(params.logprobs);
             body["n_probs"] = json!(params.logprobs);
         }
-        let reply = self.request("POST", "/v1/completions", Some(body)).await?;
-        let choice = &reply["choices"][0];
-        let text = choice["text"]
-            .as_str()
-            .ok_or_else(|| self.error("the completion has no text"))?
-            .to_string();
-        let stop = self.stop_reason(choice, params);
-        let tokens = match choice["tokens"].as_array() {
-            Some(ids) => ids
-                .iter()
-                .filter_map(|t| t.as_i64().and_then(|t| i32::try_from(t).ok()))
-                .collect(),
-            None => {
-                let mut all = text.clone();
-                if let StopReason::Stop(word) = &stop {
-                    all.push_str(word);
-                }
-                self.tokenize(&all, false, false).await?
+        let reply = self.request("POST", "/completion", Some(body)).await?;
+        let mut done = read_completion(&reply).map_err(|e| self.error(e))?;
+        if done.tokens.is_empty() && !done.text.is_empty() {
+            let mut all = done.text.clone();
+            if let StopReason::Stop(word) = &done.stop {
+                all.push_str(word);
             }
-        };
-        let usage = &reply["usage"];
-        Ok(RemoteCompletion {
-            text,
-            tokens,
-            stop,
-            prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0) as usize,
-            cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap_or(0) as usize,
-            logprobs: legacy_logprobs(&choice["logprobs"]),
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// The stop reason: the server's `stopping_word` when it sends one; else, with a single
-    /// stop string asked for, that string; else the end-of-generation token.
-    fn stop_reason(&self, choice: &Value, params: &GenerateParams) -> StopReason {
-        match choice["finish_reason"].as_str() {
-            Some("length") => StopReason::MaxTokens,
-            _ => match choice["stopping_word"].as_str() {
-                Some(word) if !word.is_empty() => StopReason::Stop(word.to_string()),
-                Some(_) => StopReason::Eos,
-                None if params.stop.len() == 1 => StopReason::Stop(params.stop[0].clone()),
-                None => StopReason::Eos,
-            },
+            done.tokens = self.tokenize(&all, false, false).await?;
         }
+        done.seconds = started.elapsed().as_secs_f64();
+        Ok(done)
     }
 
     fn error(&self, reason: impl Into<String>) -> Error {
@@ -330,43 +304,38 @@ impl RemoteModel {
     }
 }
 
-/// Per-token log-probabilities of a completion, in either shape servers use: OpenAI's legacy
-/// completions shape (`tokens`, `token_logprobs`, `top_logprobs` maps), which `geek serve`
-/// answers, or the chat shape (`content: [{token, logprob, top_logprobs: [{token, logprob}]}]`),
-/// which llama-server answers on `/v1/completions` too.
-fn legacy_logprobs(value: &Value) -> Vec<TokenLogprob> {
-    if let Some(content) = value["content"].as_array() {
-        return content.iter().map(chat_token_logprob).collect();
-    }
-    let (Some(tokens), Some(lps)) = (
-        value["tokens"].as_array(),
-        value["token_logprobs"].as_array(),
-    ) else {
-        return Vec::new();
+/// A `/completion` answer read (`tokens` left empty when the server sent none).
+fn read_completion(reply: &Value) -> std::result::Result<RemoteCompletion, &'static str> {
+    let text = reply["content"]
+        .as_str()
+        .ok_or("/completion answered without `content`")?
+        .to_string();
+    let stop = match (reply["stop_type"].as_str(), reply["stopping_word"].as_str()) {
+        (Some("word"), Some(word)) if !word.is_empty() => StopReason::Stop(word.to_string()),
+        (Some("limit"), _) => StopReason::MaxTokens,
+        _ => StopReason::Eos,
     };
-    let tops = value["top_logprobs"].as_array();
-    tokens
-        .iter()
-        .zip(lps)
-        .enumerate()
-        .map(|(i, (t, lp))| {
-            let mut top: Vec<(String, f32)> = tops
-                .and_then(|tops| tops.get(i))
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            top.sort_by(|a, b| b.1.total_cmp(&a.1));
-            TokenLogprob {
-                token: t.as_str().unwrap_or_default().to_string(),
-                logprob: lp.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
-                top,
-            }
+    let tokens = reply["tokens"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|t| t.as_i64().and_then(|t| i32::try_from(t).ok()))
+                .collect()
         })
-        .collect()
+        .unwrap_or_default();
+    let logprobs = reply["completion_probabilities"]
+        .as_array()
+        .map(|entries| entries.iter().map(chat_token_logprob).collect())
+        .unwrap_or_default();
+    Ok(RemoteCompletion {
+        text,
+        tokens,
+        stop,
+        prompt_tokens: reply["tokens_evaluated"].as_u64().unwrap_or(0) as usize,
+        cached_tokens: reply["timings"]["cache_n"].as_u64().unwrap_or(0) as usize,
+        logprobs,
+        seconds: 0.0,
+    })
 }
 
 /// One token of the chat log-probability shape.
@@ -403,27 +372,25 @@ mod tests {
     }
 
     #[test]
-    fn legacy_log_probs_are_read_best_first() {
-        let v = json!({"tokens": [" yes"], "token_logprobs": [-0.1],
-                       "top_logprobs": [{" no": -2.5, " yes": -0.1}]});
-        let lp = legacy_logprobs(&v);
-        assert_eq!(lp[0].token, " yes");
-        assert_eq!(lp[0].top[0].0, " yes");
-        assert_eq!(lp[0].top[1], (" no".to_string(), -2.5));
-        assert!(legacy_logprobs(&Value::Null).is_empty());
-    }
-
-    #[test]
-    fn llama_servers_chat_shaped_log_probs_are_read() {
-        // What llama-server answers on /v1/completions with `logprobs`.
-        let v = json!({"content": [{"id": 12095, "token": " Paris", "logprob": -0.74,
-            "top_logprobs": [{"id": 1304, "token": " __", "logprob": -2.73},
-                             {"id": 12095, "token": " Paris", "logprob": -0.74}]}]});
-        let lp = legacy_logprobs(&v);
-        assert_eq!(lp.len(), 1);
-        assert_eq!(lp[0].token, " Paris");
-        assert_eq!(lp[0].top[0], (" Paris".to_string(), -0.74));
-        assert_eq!(lp[0].top.len(), 2);
+    fn llama_servers_completion_answer_is_read() {
+        // What llama-server 0.3.36 answers on /completion (trimmed).
+        let v = json!({"content": " is Madrid", "tokens": [314, 28030, 30, 216],
+            "stop": true, "stop_type": "word", "stopping_word": ". ", "tokens_evaluated": 11,
+            "timings": {"cache_n": 8, "prompt_n": 3},
+            "completion_probabilities": [{"id": 314, "token": " is", "logprob": -0.2,
+                "top_logprobs": [{"id": 5, "token": " was", "logprob": -2.5},
+                                 {"id": 314, "token": " is", "logprob": -0.2}]}]});
+        let done = read_completion(&v).unwrap();
+        assert_eq!(done.text, " is Madrid");
+        assert_eq!(done.tokens, vec![314, 28030, 30, 216]);
+        assert_eq!(done.stop, StopReason::Stop(". ".into()));
+        assert_eq!((done.prompt_tokens, done.cached_tokens), (11, 8));
+        assert_eq!(done.logprobs[0].top[0], (" is".to_string(), -0.2));
+        let limit = json!({"content": "x", "stop_type": "limit", "stopping_word": ""});
+        assert_eq!(read_completion(&limit).unwrap().stop, StopReason::MaxTokens);
+        let eos = json!({"content": "", "stop_type": "eos", "stopping_word": ""});
+        assert_eq!(read_completion(&eos).unwrap().stop, StopReason::Eos);
+        assert!(read_completion(&json!({"error": "x"})).is_err());
     }
 
     #[tokio::test]

@@ -150,6 +150,28 @@ fn openai_clients_get_the_in_process_answers() {
     let local = json(&String::from_utf8_lossy(&local.stdout));
     assert_eq!(served, local["text"].as_str().unwrap());
 
+    // llama-server's own /completion (what geek's remote backend calls): greedy text, the
+    // generated ids, why it stopped, and the prompt the previous request left cached (the
+    // previous prompt and answer, continued).
+    let native = serde_json::json!({"prompt": format!("{prompt}{served}"), "n_predict": 20,
+        "temperature": 0, "return_tokens": true, "n_probs": 2, "cache_prompt": true});
+    let (status, _, body) = server.post("/completion", &native.to_string(), &[]);
+    assert_eq!(status, 200, "{body}");
+    let native = json(&body);
+    assert!(!native["content"].as_str().unwrap().is_empty());
+    assert_eq!(
+        native["tokens"].as_array().unwrap().len(),
+        native["tokens_predicted"].as_u64().unwrap() as usize
+    );
+    assert!(["eos", "limit"].contains(&native["stop_type"].as_str().unwrap()));
+    assert!(native["timings"]["cache_n"].as_u64().unwrap() > 0, "{body}");
+    let probs = native["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probs[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let stopped = serde_json::json!({"prompt": prompt, "n_predict": 20, "temperature": 0,
+        "stop": [served.trim_start().split(' ').nth(1).unwrap()]});
+    let (_, _, body) = server.post("/completion", &stopped.to_string(), &[]);
+    assert_eq!(json(&body)["stop_type"], "word", "{body}");
+
     let out = Command::new("python3")
         .args(["-c", OPENAI_CLIENT, &server.base])
         .output()

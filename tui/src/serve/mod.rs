@@ -1,8 +1,8 @@
 //! `geek serve`: an HTTP server over the local engine. OpenAI-compatible completions and chat
 //! (streaming or not, log-probabilities, llama-server's `grammar`), `GET /v1/models`, geek's
 //! own `POST /v1/ask` (an excavation as one JSON trace or a stream of its events), `GET /health`
-//! and `GET /metrics`; and llama-server's `/tokenize`, `/detokenize`, `/apply-template` and
-//! `/props`, so that geek's remote backend runs on it as on llama-server. Finished requests'
+//! and `GET /metrics`; and llama-server's own `/completion`, `/tokenize`, `/detokenize`,
+//! `/apply-template` and `/props`, so that geek's remote backend runs on it as on llama-server. Finished requests'
 //! sequences stay cached ([`cache`]): a prompt that extends an earlier one decodes only the
 //! new tokens.
 //!
@@ -15,6 +15,7 @@ mod admission;
 mod ask;
 mod cache;
 mod metrics;
+mod native;
 mod openai;
 mod tokens;
 mod types;
@@ -298,6 +299,7 @@ pub fn router(state: Arc<ServerState>, max_body: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/completion", post(native::completion))
         .route("/v1/ask", post(ask::ask))
         .route("/tokenize", post(tokens::tokenize))
         .route("/detokenize", post(tokens::detokenize))

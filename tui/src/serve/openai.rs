@@ -23,10 +23,10 @@ use super::types::{
     finish_reason, ChatLogprobs, ChatRequest, CompletionLogprobs, CompletionRequest, PromptField,
     PromptTokensDetails, Usage,
 };
-use super::{ApiError, ServerState};
+use super::{native, ApiError, ServerState};
 
 /// What a request's prompt is.
-enum Prompt {
+pub(super) enum Prompt {
     /// Raw text (special-token markers parsed, as llama-server does).
     Text(String),
     /// Token ids.
@@ -37,9 +37,11 @@ enum Prompt {
 
 /// Which response shape, and how many top log-probabilities it shows (`None`: no log-probs).
 #[derive(Debug, Clone, Copy)]
-enum Shape {
+pub(super) enum Shape {
     Text { logprobs: Option<usize> },
     Chat { logprobs: Option<usize> },
+    /// llama-server's own `/completion` shape.
+    Native { logprobs: Option<usize> },
 }
 
 impl Shape {
@@ -47,17 +49,18 @@ impl Shape {
         match self {
             Shape::Text { .. } => "completions",
             Shape::Chat { .. } => "chat_completions",
+            Shape::Native { .. } => "completion",
         }
     }
 }
 
 /// A request turned into what the engine runs.
-struct Job {
-    prompt: Prompt,
-    params: GenerateParams,
-    stream: bool,
-    shape: Shape,
-    return_tokens: bool,
+pub(super) struct Job {
+    pub prompt: Prompt,
+    pub params: GenerateParams,
+    pub stream: bool,
+    pub shape: Shape,
+    pub return_tokens: bool,
 }
 
 /// `POST /v1/completions`.
@@ -131,11 +134,11 @@ pub async fn chat_completions(
     }
 }
 
-fn rejection(state: &ServerState, endpoint: &'static str, e: JsonRejection) -> Response {
+pub(super) fn rejection(state: &ServerState, endpoint: &'static str, e: JsonRejection) -> Response {
     state.refuse(endpoint, e.into())
 }
 
-fn invalid(state: &ServerState, endpoint: &'static str, message: String) -> Response {
+pub(super) fn invalid(state: &ServerState, endpoint: &'static str, message: String) -> Response {
     state.refuse(endpoint, ApiError::invalid(message))
 }
 
@@ -167,7 +170,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn run(state: Arc<ServerState>, job: Job) -> Response {
+pub(super) async fn run(state: Arc<ServerState>, job: Job) -> Response {
     let endpoint = job.shape.endpoint();
     let mut ticket = match state.admit(endpoint) {
         Ok(t) => t,
@@ -292,14 +295,14 @@ async fn finish(generation: &mut Generation) -> Result<Completion, ApiError> {
 }
 
 /// What every response of one request repeats.
-struct ResponseContext {
+pub(super) struct ResponseContext {
     id: String,
     created: u64,
-    model: String,
+    pub model: String,
     shape: Shape,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    return_tokens: bool,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub return_tokens: bool,
 }
 
 impl ResponseContext {
@@ -310,6 +313,7 @@ impl ResponseContext {
         let prefix = match shape {
             Shape::Text { .. } => "cmpl",
             Shape::Chat { .. } => "chatcmpl",
+            Shape::Native { .. } => "native",
         };
         ResponseContext {
             id: format!("{prefix}-geek-{n}"),
@@ -365,6 +369,7 @@ impl ResponseContext {
     fn whole(&self, completion: &Completion) -> Value {
         let reason = finish_reason(&completion.stop);
         let mut choice = match self.shape {
+            Shape::Native { logprobs } => return native::whole(self, completion, logprobs),
             Shape::Text { .. } => json!({
                 "index": 0, "text": completion.text,
                 "logprobs": self.logprobs(completion), "finish_reason": reason,
@@ -377,8 +382,8 @@ impl ResponseContext {
         };
         self.add_tokens(&mut choice, completion);
         let object = match self.shape {
-            Shape::Text { .. } => "text_completion",
             Shape::Chat { .. } => "chat.completion",
+            _ => "text_completion",
         };
         json!({
             "id": self.id, "object": object, "created": self.created, "model": self.model,
@@ -391,6 +396,12 @@ impl ResponseContext {
         let reason = end.map(|c| finish_reason(&c.stop));
         let logprobs = end.map_or(Value::Null, |c| self.logprobs(c));
         let (object, choice) = match self.shape {
+            Shape::Native { logprobs } => {
+                return match end {
+                    Some(c) => native::whole(self, c, logprobs),
+                    None => native::piece(text.unwrap_or("")),
+                }
+            }
             Shape::Text { .. } => (
                 "text_completion",
                 json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs,
@@ -477,6 +488,8 @@ impl StreamRun {
                 self.running().await
             }
             Phase::Running => self.running().await,
+            // llama-server's own stream ends with its last chunk, OpenAI's with `[DONE]`.
+            Phase::Done if matches!(self.ctx.shape, Shape::Native { .. }) => None,
             Phase::Done => {
                 self.phase = Phase::Over;
                 Some(Event::default().data("[DONE]"))

@@ -127,6 +127,25 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
 }
 
+/// `POST /completion`: llama-server's own completion endpoint, as geek's remote backend calls
+/// it.
+#[derive(Debug, Deserialize)]
+pub struct NativeCompletionRequest {
+    /// The prompt: text (special-token markers parsed) or token ids.
+    pub prompt: PromptField,
+    /// New tokens at most (-1 or absent: the server's limit).
+    pub n_predict: Option<i64>,
+    /// Top probabilities per generated token (0..=20).
+    #[serde(default)]
+    pub n_probs: usize,
+    /// Return the generated token ids.
+    #[serde(default)]
+    pub return_tokens: bool,
+    /// Sampling (`max_tokens` is also read).
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
