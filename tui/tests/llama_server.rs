@@ -13,7 +13,10 @@ use common::model_path;
 
 /// The llama-server binary, built if missing.
 fn llama_server() -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-llama-server.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scripts/build-llama-server.sh"
+    );
     let out = Command::new("bash")
         .arg(script)
         .stderr(Stdio::inherit())
@@ -81,7 +84,13 @@ impl Drop for LlamaServer {
 
 fn ask(base: &str, question: &str) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(["ask", "--endpoint", base, "--no-retrieval", "--no-calibration"])
+        .args([
+            "ask",
+            "--endpoint",
+            base,
+            "--no-retrieval",
+            "--no-calibration",
+        ])
         .args(["--json", "--max-steps", "4", question])
         .env("GEEK_CALIBRATION", common::calibration_store())
         .output()
@@ -101,8 +110,14 @@ fn ask(base: &str, question: &str) -> serde_json::Value {
 fn the_agent_runs_on_llama_server() {
     let _model = common::one_model_at_a_time();
     let server = LlamaServer::start();
-    let first = ask(&server.base, "Is the Atlantic Ocean larger than Lake Geneva?");
-    let second = ask(&server.base, "Could a llama give birth twice during the Vietnam War?");
+    let first = ask(
+        &server.base,
+        "Is the Atlantic Ocean larger than Lake Geneva?",
+    );
+    let second = ask(
+        &server.base,
+        "Could a llama give birth twice during the Vietnam War?",
+    );
     for trace in [&first, &second] {
         assert!(trace["answer"].is_boolean(), "{trace}");
         let steps = trace["branches"][0]["steps"].as_array().unwrap();
@@ -118,5 +133,8 @@ fn the_agent_runs_on_llama_server() {
     let opening = second["branches"][0]["actions"][0]["timing"]["prefilled"]
         .as_u64()
         .unwrap();
-    assert!(opening < 100, "the system prompt was decoded again ({opening} tokens)");
+    assert!(
+        opening < 100,
+        "the system prompt was decoded again ({opening} tokens)"
+    );
 }

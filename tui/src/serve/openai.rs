@@ -38,10 +38,16 @@ pub(super) enum Prompt {
 /// Which response shape, and how many top log-probabilities it shows (`None`: no log-probs).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Shape {
-    Text { logprobs: Option<usize> },
-    Chat { logprobs: Option<usize> },
+    Text {
+        logprobs: Option<usize>,
+    },
+    Chat {
+        logprobs: Option<usize>,
+    },
     /// llama-server's own `/completion` shape.
-    Native { logprobs: Option<usize> },
+    Native {
+        logprobs: Option<usize>,
+    },
 }
 
 impl Shape {
