@@ -7,7 +7,12 @@
 //! Scoring a candidate asks for one token with the top 20 log-probabilities at each of its
 //! token positions: a candidate token outside the top 20 gets the 20th's log-probability (an
 //! upper bound), where the in-process engine computes it exactly.
+//!
+//! Several servers of one model form a pool ([`Remote::pool`]): each new sequence goes to the
+//! server holding the fewest, and its forks follow it, so a batch evaluation spreads its
+//! questions over the servers while each question keeps one server's prefix cache.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -23,29 +28,108 @@ use crate::Result;
 /// Top log-probabilities asked for when scoring.
 const SCORE_TOP: usize = 20;
 
-/// A model server the agent runs on.
+/// The model servers the agent runs on: one, or several serving the same model.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    model: Arc<RemoteModel>,
+    servers: Arc<[Arc<Server>]>,
+}
+
+/// One server and how many sequences live on it.
+#[derive(Debug)]
+struct Server {
+    model: RemoteModel,
+    live: AtomicUsize,
+}
+
+/// A sequence's place on a server: counted while it lives.
+struct Lease(Arc<Server>);
+
+impl Lease {
+    fn on(server: &Arc<Server>) -> Lease {
+        server.live.fetch_add(1, Ordering::Relaxed);
+        Lease(server.clone())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = RemoteModel;
+    fn deref(&self) -> &RemoteModel {
+        &self.0.model
+    }
 }
 
 impl Remote {
     /// Wraps a connected server.
     pub fn new(model: RemoteModel) -> Self {
         Remote {
-            model: Arc::new(model),
+            servers: Arc::from([Arc::new(Server {
+                model,
+                live: AtomicUsize::new(0),
+            })]),
         }
     }
 
-    /// The server.
+    /// Several servers of one model: each new sequence goes to the one holding the fewest
+    /// (its forks stay with it, so its prefix stays in that server's cache). An error names
+    /// the server whose model differs from the first's.
+    pub fn pool(models: Vec<RemoteModel>) -> Result<Self> {
+        let Some(first) = models.first() else {
+            return Err(crate::Error::Config("no model server given".into()));
+        };
+        if let Some(other) = models.iter().find(|m| m.name() != first.name()) {
+            return Err(geek_backend::Error::Remote {
+                endpoint: other.endpoint().to_string(),
+                reason: format!(
+                    "serves {}, where {} serves {}: one run needs one model",
+                    other.name(),
+                    first.endpoint(),
+                    first.name()
+                ),
+            }
+            .into());
+        }
+        let servers: Vec<Arc<Server>> = models
+            .into_iter()
+            .map(|model| {
+                Arc::new(Server {
+                    model,
+                    live: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        Ok(Remote {
+            servers: servers.into(),
+        })
+    }
+
+    /// The first server.
     pub fn server(&self) -> &RemoteModel {
-        &self.model
+        &self.servers[0].model
+    }
+
+    /// Every server.
+    pub fn servers(&self) -> impl Iterator<Item = &RemoteModel> {
+        self.servers.iter().map(|s| &s.model)
+    }
+
+    /// The server with the fewest live sequences (the first of equals).
+    fn least_busy(&self) -> &Arc<Server> {
+        self.servers
+            .iter()
+            .min_by_key(|s| s.live.load(Ordering::Relaxed))
+            .expect("a pool holds at least one server")
     }
 }
 
-/// A token sequence kept on this side and sent to the server as the prompt.
+/// A token sequence kept on this side and sent to its server as the prompt.
 pub struct RemoteSequence {
-    model: Arc<RemoteModel>,
+    model: Lease,
     tokens: Mutex<Vec<i32>>,
 }
 
@@ -133,7 +217,8 @@ impl RemoteSequence {
 
 impl AgentModel for Remote {
     fn describe(&self) -> String {
-        format!("{} at {}", self.model.name(), self.model.endpoint())
+        let endpoints: Vec<&str> = self.servers().map(RemoteModel::endpoint).collect();
+        format!("{} at {}", self.server().name(), endpoints.join(", "))
     }
 
     fn chat_prompt<'a>(
@@ -147,7 +232,7 @@ impl AgentModel for Remote {
                 ChatMessage::new("user", user),
             ];
             let rendered = self
-                .model
+                .server()
                 .apply_template(&marked_messages(&messages))
                 .await?;
             Ok(split_rendered(&rendered, &messages))
@@ -156,13 +241,13 @@ impl AgentModel for Remote {
 
     fn sequence(&self) -> Result<Box<dyn AgentSequence>> {
         Ok(Box::new(RemoteSequence {
-            model: self.model.clone(),
+            model: Lease::on(self.least_busy()),
             tokens: Mutex::new(Vec::new()),
         }))
     }
 
     fn context_size(&self) -> usize {
-        self.model.n_ctx()
+        self.servers().map(RemoteModel::n_ctx).min().unwrap_or(0)
     }
 }
 
@@ -227,7 +312,7 @@ impl AgentSequence for RemoteSequence {
     fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
         Box::pin(async move {
             Ok(Box::new(RemoteSequence {
-                model: self.model.clone(),
+                model: Lease::on(&self.model.0),
                 tokens: Mutex::new(self.snapshot()),
             }) as Box<dyn AgentSequence>)
         })

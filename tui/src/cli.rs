@@ -79,9 +79,10 @@ pub struct RemoteArgs {
     /// Where the model runs (`openai` is implied by `--endpoint`).
     #[arg(long, value_enum, default_value = "local")]
     pub backend: BackendKind,
-    /// Base URL of the model server (llama-server or `geek serve`).
-    #[arg(long, env = "GEEK_ENDPOINT")]
-    pub endpoint: Option<String>,
+    /// Base URL of the model server (llama-server or `geek serve`); repeated (or
+    /// comma-separated), several servers of one model share the questions.
+    #[arg(long, env = "GEEK_ENDPOINT", value_delimiter = ',')]
+    pub endpoint: Vec<String>,
     /// Bearer key for the model server.
     #[arg(long, env = "GEEK_ENDPOINT_KEY", hide_env_values = true)]
     pub api_key: Option<String>,

@@ -65,6 +65,14 @@ impl LoadedModel {
         }
     }
 
+    /// How many servers share the work (1 in process).
+    pub fn servers(&self) -> usize {
+        match self {
+            LoadedModel::Local(_) => 1,
+            LoadedModel::Remote(remote) => remote.servers().count(),
+        }
+    }
+
     /// What runs and calibrations record as the model: the GGUF file and its SHA-256, or the
     /// server and the model name it serves.
     pub fn identity(&self) -> Result<(PathBuf, String)> {
@@ -75,10 +83,11 @@ impl LoadedModel {
                 (path, sha)
             }
             LoadedModel::Remote(remote) => {
-                let server = remote.server();
+                let name = remote.server().name();
+                let endpoints: Vec<&str> = remote.servers().map(|s| s.endpoint()).collect();
                 (
-                    PathBuf::from(format!("{}#{}", server.endpoint(), server.name())),
-                    format!("remote:{}", server.name()),
+                    PathBuf::from(format!("{}#{name}", endpoints.join(","))),
+                    format!("remote:{name}"),
                 )
             }
         })
@@ -192,18 +201,22 @@ impl Resolved {
         parallel: usize,
         explore: usize,
     ) -> Result<LoadedModel> {
-        let Some(endpoint) = &remote.endpoint else {
+        if remote.endpoint.is_empty() {
             anyhow::ensure!(
                 remote.backend == BackendKind::Local,
                 "--backend openai needs --endpoint URL"
             );
             return Ok(LoadedModel::Local(self.load_engine(parallel, explore)?));
-        };
-        let mut config = RemoteConfig::new(endpoint.clone());
-        config.api_key = remote.api_key.clone();
-        config.model = remote.remote_model.clone();
-        let server = self.runtime()?.block_on(RemoteModel::connect(config))?;
-        Ok(LoadedModel::Remote(Remote::new(server)))
+        }
+        let runtime = self.runtime()?;
+        let mut servers = Vec::new();
+        for endpoint in &remote.endpoint {
+            let mut config = RemoteConfig::new(endpoint.clone());
+            config.api_key = remote.api_key.clone();
+            config.model = remote.remote_model.clone();
+            servers.push(runtime.block_on(RemoteModel::connect(config))?);
+        }
+        Ok(LoadedModel::Remote(Remote::pool(servers)?))
     }
 
     /// The BM25 index.

@@ -388,12 +388,20 @@ fn the_agent_runs_on_a_model_server() {
         assert!(prefilled < 100, "step re-decoded {prefilled} tokens: {a}");
     }
 
-    // A batch evaluation over HTTP, resumable like any other.
+    // A batch evaluation over HTTP spread over two servers, resumable like any other.
+    let other = Server::start(&[]);
+    let before = answered(&server);
     let out_dir = tempfile::tempdir().unwrap();
     let eval = || {
         Command::new(env!("CARGO_BIN_EXE_geek"))
-            .args(["eval", "strategyqa", "--method", "direct", "--limit", "3"])
-            .args(["--endpoint", &server.base, "--out"])
+            .args(["eval", "strategyqa", "--method", "direct", "--limit", "4"])
+            .args([
+                "--endpoint",
+                &server.base,
+                "--endpoint",
+                &other.base,
+                "--out",
+            ])
             .arg(out_dir.path())
             .env("GEEK_CALIBRATION", common::calibration_store())
             .env("GEEK_DATA_DIR", common::data_dir())
@@ -419,5 +427,19 @@ fn the_agent_runs_on_a_model_server() {
         .collect();
     assert_eq!(samples.len(), 1, "the rerun resumed the same run");
     let lines = std::fs::read_to_string(samples[0].path()).unwrap();
-    assert_eq!(lines.lines().count(), 3);
+    assert_eq!(lines.lines().count(), 4);
+    assert!(
+        answered(&server) > before,
+        "the first server got no question"
+    );
+    assert!(answered(&other) > 0.0, "the second server got no question");
+}
+
+/// Generation requests a server has answered.
+fn answered(server: &Server) -> f64 {
+    let (_, _, body) = server.curl("/metrics", &[]);
+    body.lines()
+        .filter(|l| l.starts_with("geek_requests_total{endpoint=\"completion\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -272,7 +272,7 @@ fn render_popup(frame: &mut Frame, app: &App, popup: &Popup, area: Rect) {
                 .collect();
             lines.push(Line::from(""));
             lines.push(Line::from(
-                "↑↓ choose · ←→ change · type the model path · Enter applies",
+                "↑↓ choose · ←→ change · type a model or URL · Enter applies",
             ));
             (" Settings ".into(), lines)
         }

@@ -5,14 +5,15 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use geek_agent::Excavator;
-use geek_backend::{catalog, Engine};
+use geek_backend::catalog;
 use geek_retriever::Bm25Index;
 
 use super::state::{Report, Request, Settings};
-use crate::config::{AgentOptions, Resolved};
+use crate::cli::{BackendKind, RemoteArgs};
+use crate::config::{AgentOptions, LoadedModel, Resolved};
 
 struct Loaded {
-    engine: Engine,
+    model: LoadedModel,
     index: Option<Arc<Bm25Index>>,
     /// The agent for the settings it was built with (it caches the system prompt).
     agent: Option<(Settings, Arc<Excavator>)>,
@@ -29,15 +30,30 @@ pub fn spawn(config: Resolved, settings: Settings) -> (Sender<Request>, Receiver
     (req_tx, rep_rx)
 }
 
+/// Loads `model`: a catalogue name or GGUF path runs in process; an `http(s)://` URL is a
+/// model server (llama-server or `geek serve`; its key from `GEEK_ENDPOINT_KEY`).
 fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> {
-    if let Err(e) = catalog::resolve(model, &config.models_dir) {
-        let _ = out.send(Report::Problem(format!(
-            "{e}. Pull it, or set the model path in settings (s)."
-        )));
-        return None;
+    let is_server = model.starts_with("http://") || model.starts_with("https://");
+    if !is_server {
+        if let Err(e) = catalog::resolve(model, &config.models_dir) {
+            let _ = out.send(Report::Problem(format!(
+                "{e}. Pull it, or set the model path (or a server's URL) in settings (s)."
+            )));
+            return None;
+        }
     }
-    let engine = match config.with_model(model).load_engine(1, MAX_EXPLORE) {
-        Ok(e) => e,
+    let remote = RemoteArgs {
+        backend: BackendKind::Local,
+        endpoint: if is_server {
+            vec![model.to_string()]
+        } else {
+            Vec::new()
+        },
+        api_key: std::env::var("GEEK_ENDPOINT_KEY").ok(),
+        remote_model: None,
+    };
+    let loaded = match config.with_model(model).load_model(&remote, 1, MAX_EXPLORE) {
+        Ok(m) => m,
         Err(e) => {
             let _ = out.send(Report::Problem(format!(
                 "cannot load the model: {e:#}. Choose another in settings (s)."
@@ -54,15 +70,19 @@ fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> 
             None
         }
     };
-    let _ = out.send(Report::Ready {
-        model: engine.info().path.file_name().map_or_else(
+    let name = match &loaded {
+        LoadedModel::Local(engine) => engine.info().path.file_name().map_or_else(
             || engine.info().path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         ),
+        LoadedModel::Remote(_) => loaded.agent_model().describe(),
+    };
+    let _ = out.send(Report::Ready {
+        model: name,
         index_documents: index.as_ref().map_or(0, |i| i.meta().documents),
     });
     Some(Loaded {
-        engine,
+        model: loaded,
         index,
         agent: None,
     })
@@ -93,8 +113,8 @@ fn build_agent(
         .index
         .clone()
         .map(|i| i as Arc<dyn geek_retriever::Retriever>);
-    let agent = config.excavator(loaded.engine.clone(), retriever, &options)?;
-    runtime.block_on(config.calibrate_agent(&loaded.engine.clone().into(), agent))
+    let agent = config.excavator(loaded.model.clone(), retriever, &options)?;
+    runtime.block_on(config.calibrate_agent(&loaded.model, agent))
 }
 
 // Longer than 80 lines: the UI worker's loop: one arm per request kind the UI sends.

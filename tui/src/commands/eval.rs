@@ -85,7 +85,8 @@ fn answer_questions(
         split: split.to_string(),
         dataset,
         limit: args.limit,
-        parallel: args.parallel,
+        // `--parallel` questions in flight per model server.
+        parallel: args.parallel * model.servers(),
         explore: args.explore,
         max_steps: args.max_steps,
         seed: args.seed,
@@ -286,7 +287,8 @@ pub struct EvalQaArgs {
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Questions answered at once, as parallel sequences of one llama.cpp context.
+    /// Questions answered at once: parallel sequences of one llama.cpp context, or per model
+    /// server with `--endpoint`.
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Branches explored per question (geek).
