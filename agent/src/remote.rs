@@ -2,7 +2,7 @@
 //! in-process engine.
 //!
 //! A [`RemoteSequence`] keeps its token ids on this side and sends them whole with every
-//! generation; the server's prefix cache decodes only what is new, and the trace counts what
+//! generation (streamed back, so the TUI shows tokens as they come); the server's prefix cache decodes only what is new, and the trace counts what
 //! the server says it had cached. Forking and truncating are local (copies of the id list).
 //! Scoring a candidate asks for one token with the top 20 log-probabilities at each of its
 //! token positions: a candidate token outside the top 20 gets the 20th's log-probability (an
@@ -196,7 +196,7 @@ impl RemoteSequence {
             logprobs: SCORE_TOP,
             ..GenerateParams::default()
         };
-        let done = self.model.complete(context, &params).await?;
+        let done = self.model.complete(context, &params, &mut |_| {}).await?;
         let top = done
             .logprobs
             .into_iter()
@@ -282,8 +282,7 @@ impl AgentSequence for RemoteSequence {
     ) -> BoxFuture<'a, Result<Completion>> {
         Box::pin(async move {
             let prompt = self.snapshot();
-            let done = self.model.complete(&prompt, &params).await?;
-            on_piece(&done.text);
+            let done = self.model.complete(&prompt, &params, on_piece).await?;
             let total = self.extend(&done.tokens).reused;
             let cached = done.cached_tokens.min(total);
             Ok(Completion {

@@ -184,13 +184,16 @@ impl RemoteModel {
             .ok_or_else(|| self.error("/apply-template answered without `prompt`"))
     }
 
-    /// Generates after `prompt` (token ids), on llama-server's own `POST /completion`: unlike
-    /// `/v1/completions`, it answers the generated token ids, the stop string that ended the
-    /// text and the prompt tokens its cache held.
+    /// Generates after `prompt` (token ids), on llama-server's own `POST /completion`,
+    /// streamed: `on_piece` sees the text as it arrives, and dropping the future closes the
+    /// connection, which stops the server's generation. Unlike `/v1/completions`, the answer
+    /// holds the generated token ids, the stop string that ended the text and the prompt
+    /// tokens the server's cache held.
     pub async fn complete(
         &self,
         prompt: &[i32],
         params: &GenerateParams,
+        on_piece: &mut (dyn FnMut(&str) + Send),
     ) -> Result<RemoteCompletion> {
         let started = Instant::now();
         let s = &params.sampling;
@@ -202,7 +205,7 @@ impl RemoteModel {
             "repeat_penalty": s.repeat_penalty, "repeat_last_n": s.repeat_last_n,
             "dry_multiplier": 0.0, "seed": s.seed, "stop": params.stop,
             "ignore_eos": params.ignore_eos, "cache_prompt": true, "return_tokens": true,
-            "stream": false,
+            "stream": true,
         });
         if let Some(g) = &params.grammar {
             body["grammar"] = json!(g);
@@ -210,8 +213,54 @@ impl RemoteModel {
         if params.logprobs > 0 {
             body["n_probs"] = json!(params.logprobs);
         }
-        let reply = self.request("POST", "/completion", Some(body)).await?;
-        let mut done = read_completion(&reply).map_err(|e| self.error(e))?;
+        let mut response = self.open("/completion", &body).await?;
+        let mut done = RemoteCompletion {
+            text: String::new(),
+            tokens: Vec::new(),
+            stop: StopReason::Cancelled,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            logprobs: Vec::new(),
+            seconds: 0.0,
+        };
+        let (mut pending, mut read, mut finished) = (Vec::new(), 0, false);
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.error(format!("/completion: the stream broke off ({e})")))?
+        {
+            read += chunk.len();
+            if read > self.config.max_response_bytes {
+                return Err(self.error(format!(
+                    "/completion: the answer is larger than {} bytes",
+                    self.config.max_response_bytes
+                )));
+            }
+            pending.extend_from_slice(&chunk);
+            while let Some(event) = next_event(&mut pending) {
+                let Some(data) = event.strip_prefix("data: ") else {
+                    continue;
+                };
+                let chunk: Value = serde_json::from_str(data)
+                    .map_err(|e| self.error(format!("/completion: not JSON ({e})")))?;
+                if let Some(message) = chunk["error"]["message"].as_str() {
+                    return Err(self.error(format!("/completion: {message}")));
+                }
+                let part = read_completion(&chunk).map_err(|e| self.error(e))?;
+                on_piece(&part.text);
+                done.text.push_str(&part.text);
+                done.tokens.extend(part.tokens);
+                done.logprobs.extend(part.logprobs);
+                if chunk["stop"].as_bool() == Some(true) {
+                    (done.stop, done.prompt_tokens) = (part.stop, part.prompt_tokens);
+                    done.cached_tokens = part.cached_tokens;
+                    finished = true;
+                }
+            }
+        }
+        if !finished {
+            return Err(self.error("/completion: the stream ended before its last event"));
+        }
         if done.tokens.is_empty() && !done.text.is_empty() {
             let mut all = done.text.clone();
             if let StopReason::Stop(word) = &done.stop {
@@ -234,12 +283,14 @@ impl RemoteModel {
     async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         let mut attempt = 0;
         loop {
-            match self.attempt(method, path, body.as_ref()).await {
+            let outcome = match self.send(method, path, body.as_ref()).await {
+                Ok(response) => self.read_json(response).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(v) => return Ok(v),
                 Err((retryable, reason)) if retryable && attempt < self.config.retries => {
-                    let wait = Duration::from_millis(250 << attempt.min(6));
-                    tracing::warn!(endpoint = %self.config.endpoint, path, %reason, ?wait, "retrying");
-                    tokio::time::sleep(wait).await;
+                    self.back_off(path, &reason, attempt).await;
                     attempt += 1;
                 }
                 Err((_, reason)) => return Err(self.error(format!("{path}: {reason}"))),
@@ -247,13 +298,34 @@ impl RemoteModel {
         }
     }
 
-    /// One HTTP exchange: the JSON answer, or whether to retry and why not.
-    async fn attempt(
+    /// A POST whose answer is read as it streams: retried until the server accepts it.
+    async fn open(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
+        let mut attempt = 0;
+        loop {
+            match self.send("POST", path, Some(body)).await {
+                Ok(response) => return Ok(response),
+                Err((retryable, reason)) if retryable && attempt < self.config.retries => {
+                    self.back_off(path, &reason, attempt).await;
+                    attempt += 1;
+                }
+                Err((_, reason)) => return Err(self.error(format!("{path}: {reason}"))),
+            }
+        }
+    }
+
+    async fn back_off(&self, path: &str, reason: &str, attempt: u32) {
+        let wait = Duration::from_millis(250 << attempt.min(6));
+        tracing::warn!(endpoint = %self.config.endpoint, path, %reason, ?wait, "retrying");
+        tokio::time::sleep(wait).await;
+    }
+
+    /// One HTTP exchange up to a successful status, or whether to retry and why not.
+    async fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
-    ) -> std::result::Result<Value, (bool, String)> {
+    ) -> std::result::Result<reqwest::Response, (bool, String)> {
         let url = format!("{}{path}", self.config.endpoint);
         let mut request = match method {
             "GET" => self.client.get(&url),
@@ -265,7 +337,7 @@ impl RemoteModel {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let mut response = request.send().await.map_err(|e| {
+        let response = request.send().await.map_err(|e| {
             let why = if e.is_timeout() {
                 format!("no answer within {} s", self.config.timeout.as_secs())
             } else {
@@ -274,6 +346,23 @@ impl RemoteModel {
             (true, why)
         })?;
         let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retryable = status.as_u16() == 429 || status.is_server_error();
+        let bytes = self.read_bytes(response).await.unwrap_or_default();
+        let message = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+        Err((retryable, format!("HTTP {status}: {message}")))
+    }
+
+    /// A whole answer, at most `max_response_bytes` of it.
+    async fn read_bytes(
+        &self,
+        mut response: reqwest::Response,
+    ) -> std::result::Result<Vec<u8>, (bool, String)> {
         let mut bytes = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -291,17 +380,23 @@ impl RemoteModel {
             }
             bytes.extend_from_slice(&chunk);
         }
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&bytes);
-            let message = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_else(|| text.chars().take(300).collect());
-            let retryable = status.as_u16() == 429 || status.is_server_error();
-            return Err((retryable, format!("HTTP {status}: {message}")));
-        }
+        Ok(bytes)
+    }
+
+    async fn read_json(
+        &self,
+        response: reqwest::Response,
+    ) -> std::result::Result<Value, (bool, String)> {
+        let bytes = self.read_bytes(response).await?;
         serde_json::from_slice(&bytes).map_err(|e| (false, format!("not JSON ({e})")))
     }
+}
+
+/// The next whole server-sent event in `pending` (its lines joined), taken out of it.
+fn next_event(pending: &mut Vec<u8>) -> Option<String> {
+    let end = pending.windows(2).position(|w| w == b"\n\n")?;
+    let event: Vec<u8> = pending.drain(..end + 2).collect();
+    Some(String::from_utf8_lossy(&event).trim().to_string())
 }
 
 /// A `/completion` answer read (`tokens` left empty when the server sent none).
@@ -391,6 +486,22 @@ mod tests {
         let eos = json!({"content": "", "stop_type": "eos", "stopping_word": ""});
         assert_eq!(read_completion(&eos).unwrap().stop, StopReason::Eos);
         assert!(read_completion(&json!({"error": "x"})).is_err());
+    }
+
+    #[test]
+    fn server_sent_events_are_split_whole() {
+        let mut pending = b"data: {\"a\": 1}\n\ndata: {\"b\"".to_vec();
+        assert_eq!(
+            next_event(&mut pending).as_deref(),
+            Some("data: {\"a\": 1}")
+        );
+        assert_eq!(next_event(&mut pending), None);
+        pending.extend_from_slice(b": 2}\n\n");
+        assert_eq!(
+            next_event(&mut pending).as_deref(),
+            Some("data: {\"b\": 2}")
+        );
+        assert!(pending.is_empty());
     }
 
     #[tokio::test]

@@ -122,6 +122,7 @@ impl Tui {
 
 #[test]
 fn ask_in_the_terminal_ui_and_quit() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
     let geek = env!("CARGO_BIN_EXE_geek");
@@ -162,6 +163,7 @@ fn ask_in_the_terminal_ui_and_quit() {
 /// The model given as a server's URL: the UI runs the agent on `geek serve` over HTTP.
 #[test]
 fn the_terminal_ui_runs_on_a_model_server() {
+    let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let mut server = Command::new(env!("CARGO_BIN_EXE_geek"))
         .args([

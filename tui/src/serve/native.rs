@@ -51,8 +51,15 @@ pub async fn completion(
     }
 }
 
-/// The whole answer (also the last chunk of a stream), as llama-server words it.
-pub fn whole(ctx: &ResponseContext, completion: &Completion, logprobs: Option<usize>) -> Value {
+/// The whole answer, as llama-server words it. As a stream's last chunk (`streamed`) its
+/// text is empty (the pieces carried it) and it holds the generated ids and probabilities
+/// (the pieces carried none), so that a client adding up the chunks gets them once.
+pub fn whole(
+    ctx: &ResponseContext,
+    completion: &Completion,
+    logprobs: Option<usize>,
+    streamed: bool,
+) -> Value {
     let (stop_type, stopping_word) = match &completion.stop {
         StopReason::Stop(word) => ("word", word.as_str()),
         StopReason::Eos => ("eos", ""),
@@ -66,7 +73,8 @@ pub fn whole(ctx: &ResponseContext, completion: &Completion, logprobs: Option<us
     };
     let predicted = completion.tokens.len();
     let mut answer = json!({
-        "index": 0, "content": completion.text, "tokens": tokens, "id_slot": 0, "stop": true,
+        "index": 0, "content": if streamed { "" } else { completion.text.as_str() },
+        "tokens": tokens, "id_slot": 0, "stop": true,
         "model": ctx.model, "tokens_predicted": predicted,
         "tokens_evaluated": ctx.prompt_tokens, "stop_type": stop_type,
         "stopping_word": stopping_word, "tokens_cached": ctx.prompt_tokens + predicted,

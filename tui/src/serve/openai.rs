@@ -375,7 +375,7 @@ impl ResponseContext {
     fn whole(&self, completion: &Completion) -> Value {
         let reason = finish_reason(&completion.stop);
         let mut choice = match self.shape {
-            Shape::Native { logprobs } => return native::whole(self, completion, logprobs),
+            Shape::Native { logprobs } => return native::whole(self, completion, logprobs, false),
             Shape::Text { .. } => json!({
                 "index": 0, "text": completion.text,
                 "logprobs": self.logprobs(completion), "finish_reason": reason,
@@ -404,7 +404,7 @@ impl ResponseContext {
         let (object, choice) = match self.shape {
             Shape::Native { logprobs } => {
                 return match end {
-                    Some(c) => native::whole(self, c, logprobs),
+                    Some(c) => native::whole(self, c, logprobs, true),
                     None => native::piece(text.unwrap_or("")),
                 }
             }
