@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterKind, Target};
-use crate::{AdaptedModel, AdapterConfig, BaseWeights, Error, Result};
+use crate::{AdaptedModel, AdapterConfig, Architecture, BaseWeights, Error, Result};
 
 /// `adapter.json`, written beside `adapter.safetensors`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,9 +244,12 @@ pub fn write_peft(model: &AdaptedModel, base: &BaseWeights, dir: &Path) -> Resul
     for (layer, target, delta) in model.deltas() {
         let (a, mut b) = delta.lora_factors()?;
         rank = a.dim(0)?;
+        // llama's GGUF q/k rows are permuted for interleaved RoPE; Hugging Face's are not.
         match target {
-            Target::Q => b = unpermute_rows(&b, c.n_head)?,
-            Target::K => b = unpermute_rows(&b, c.n_head_kv)?,
+            Target::Q if c.architecture == Architecture::Llama => b = unpermute_rows(&b, c.n_head)?,
+            Target::K if c.architecture == Architecture::Llama => {
+                b = unpermute_rows(&b, c.n_head_kv)?
+            }
             _ => {}
         }
         let stem = format!("base_model.model.model.layers.{layer}.{}", target.hf());

@@ -155,15 +155,17 @@ impl CustomOp1 for RmsNorm {
     }
 }
 
-/// Interleaved rotary embedding of `x` `[b, h, t, d]` with per-row angle tables `cos`, `sin`
-/// of shape `[b, t, d/2]` (llama.cpp's "normal" RoPE: pairs `(x[2i], x[2i+1])` rotate).
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Rotary embedding of `x` `[b, h, t, d]` with per-row angle tables `cos`, `sin` of shape
+/// `[b, t, d/2]`: llama.cpp's "normal" RoPE rotates the pairs `(x[2i], x[2i+1])`, its NeoX
+/// RoPE (`neox`, qwen2) the pairs `(x[i], x[i + d/2])`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
     let (_, _, t, d) = x.dims4()?;
     let op = Rope {
         cos: vec_of(cos)?,
         sin: vec_of(sin)?,
         t,
         half: d / 2,
+        neox,
     };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
@@ -173,6 +175,7 @@ struct Rope {
     sin: Vec<f32>,
     t: usize,
     half: usize,
+    neox: bool,
 }
 
 impl Rope {
@@ -186,9 +189,14 @@ impl Rope {
             let base = (row * t + pos) * half;
             for k in 0..half {
                 let (c, s) = (self.cos[base + k], sign * self.sin[base + k]);
-                let (x0, x1) = (src[2 * k], src[2 * k + 1]);
-                dst[2 * k] = x0 * c - x1 * s;
-                dst[2 * k + 1] = x0 * s + x1 * c;
+                let (i0, i1) = if self.neox {
+                    (k, k + half)
+                } else {
+                    (2 * k, 2 * k + 1)
+                };
+                let (x0, x1) = (src[i0], src[i1]);
+                dst[i0] = x0 * c - x1 * s;
+                dst[i1] = x0 * s + x1 * c;
             }
         }
         y
@@ -433,8 +441,20 @@ mod tests {
         let angles = rng.normal_tensor(&[5, 4], 1.0).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let batch = |t: &Tensor| t.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap();
-        let fused = rope(&x, &batch(&cos), &batch(&sin)).unwrap();
+        let fused = rope(&x, &batch(&cos), &batch(&sin), false).unwrap();
         let plain = candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin).unwrap();
+        check(&[&x], fused, plain);
+    }
+
+    #[test]
+    fn neox_rope_matches_candles_half_rotation() {
+        let mut rng = Rng::new(5);
+        let x = var(&mut rng, &[2, 3, 5, 8]);
+        let angles = rng.normal_tensor(&[5, 4], 1.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let batch = |t: &Tensor| t.unsqueeze(0).unwrap().repeat((2, 1, 1)).unwrap();
+        let fused = rope(&x, &batch(&cos), &batch(&sin), true).unwrap();
+        let plain = candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap();
         check(&[&x], fused, plain);
     }
 

@@ -65,4 +65,4 @@ pub mod weights;
 pub use adapter::{AdapterConfig, AdapterKind, MixerInit, Target};
 pub use error::{Error, Result};
 pub use model::{AdaptedModel, Batch};
-pub use weights::{BaseWeights, LlamaConfig};
+pub use weights::{Architecture, BaseWeights, LlamaConfig};

