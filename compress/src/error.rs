@@ -25,7 +25,7 @@ pub enum Error {
         message: String,
     },
     /// The model's architecture has no candle implementation here.
-    #[error("architecture `{0}` is not supported for training (supported: llama)")]
+    #[error("architecture `{0}` is not supported by compress (supported: llama, qwen2)")]
     UnsupportedArchitecture(String),
     /// A line of a JSONL training file is not a `{"prompt", "completion"}` object.
     #[error("{path}:{line}: {message}")]
