@@ -11,8 +11,8 @@ use axum::Json;
 use geek_backend::{Completion, StopReason};
 use serde_json::{json, Value};
 
-use super::openai::{invalid, rejection, run, Job, Prompt, ResponseContext, Shape};
-use super::types::{ChatLogprobs, NativeCompletionRequest, PromptField};
+use super::openai::{invalid, rejection, run, Job, ResponseContext, Shape};
+use super::types::{ChatLogprobs, NativeCompletionRequest};
 use super::ServerState;
 
 /// `POST /completion`.
@@ -34,12 +34,8 @@ pub async fn completion(
     }
     match req.sampling.params(req.n_probs, state.max_tokens) {
         Ok(params) => {
-            let prompt = match req.prompt {
-                PromptField::Text(text) => Prompt::Text(text),
-                PromptField::Tokens(ids) => Prompt::Tokens(ids),
-            };
             let job = Job {
-                prompt,
+                prompt: req.prompt.into(),
                 params,
                 stream: req.sampling.stream,
                 shape,

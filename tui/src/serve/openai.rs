@@ -35,6 +35,15 @@ pub(super) enum Prompt {
     Chat(Vec<ChatMessage>),
 }
 
+impl From<PromptField> for Prompt {
+    fn from(field: PromptField) -> Self {
+        match field {
+            PromptField::Text(text) => Prompt::Text(text),
+            PromptField::Tokens(ids) => Prompt::Tokens(ids),
+        }
+    }
+}
+
 /// Which response shape, and how many top log-probabilities it shows (`None`: no log-probs).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Shape {
@@ -85,12 +94,8 @@ pub async fn completions(
     match req.sampling.params(asked, state.max_tokens) {
         Ok(params) => {
             let stream = req.sampling.stream;
-            let prompt = match req.prompt {
-                PromptField::Text(text) => Prompt::Text(text),
-                PromptField::Tokens(ids) => Prompt::Tokens(ids),
-            };
             let job = Job {
-                prompt,
+                prompt: req.prompt.into(),
                 params,
                 stream,
                 shape,
