@@ -38,6 +38,7 @@ use crate::{EngineConfig, Error, Result};
 struct Shared {
     tx: Option<mpsc::Sender<Command>>,
     ids: Arc<SeqIds>,
+    active_lora: crate::worker::ActiveLora,
     info: ModelInfo,
     thread: Option<JoinHandle<()>>,
 }
@@ -101,9 +102,11 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let worker_ids = ids.clone();
+        let active_lora = crate::worker::ActiveLora::default();
+        let worker_lora = active_lora.clone();
         let thread = std::thread::Builder::new()
             .name("geek-engine".into())
-            .spawn(move || crate::worker::run(config, gguf, worker_ids, rx, ready_tx))
+            .spawn(move || crate::worker::run(config, gguf, worker_ids, worker_lora, rx, ready_tx))
             .map_err(|e| Error::ModelLoad {
                 path: PathBuf::new(),
                 reason: format!("cannot start the engine thread: {e}"),
@@ -123,6 +126,7 @@ impl Engine {
             shared: Arc::new(Shared {
                 tx: Some(tx),
                 ids,
+                active_lora,
                 info,
                 thread: Some(thread),
             }),
@@ -216,6 +220,17 @@ impl Engine {
             scale,
             reply,
         })
+    }
+
+    /// The LoRA adapter switched on by [`Engine::set_lora`] (its file) and its scale.
+    pub fn active_lora(&self) -> Option<(PathBuf, f32)> {
+        let active = *self
+            .shared
+            .active_lora
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (index, scale) = active?;
+        Some((self.shared.info.lora_adapters.get(index)?.clone(), scale))
     }
 
     /// The engine's counters.

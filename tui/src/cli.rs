@@ -58,10 +58,45 @@ pub struct GlobalArgs {
     /// Layers to offload to a GPU (needs a `cuda` build).
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,
+    /// A GGUF LoRA adapter applied at run time, unmerged: `FILE` or `FILE:SCALE` (default
+    /// scale 1; `geek compress export --lora` writes one).
+    #[arg(long, global = true, env = "GEEK_LORA")]
+    pub lora: Option<LoraSpec>,
     /// Tokens drafted by prompt lookup per greedy step (0 turns drafting off; outputs are the
     /// same either way).
     #[arg(long, global = true, default_value_t = geek_backend::DEFAULT_LOOKUP_DRAFT)]
     pub lookup_draft: usize,
+}
+
+/// `--lora FILE[:SCALE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// The GGUF LoRA file.
+    pub path: PathBuf,
+    /// Its scale.
+    pub scale: f32,
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        // A path may hold ':' itself: only a number after the last one is a scale.
+        let (path, scale) = match s.rsplit_once(':') {
+            Some((path, scale)) if !path.is_empty() => match scale.parse::<f32>() {
+                Ok(v) if v.is_finite() => (path, v),
+                Ok(_) => return Err(format!("the scale of `{s}` is not finite")),
+                Err(_) => (s, 1.0),
+            },
+            _ => (s, 1.0),
+        };
+        if path.is_empty() {
+            return Err("--lora needs a file".into());
+        }
+        Ok(LoraSpec {
+            path: PathBuf::from(path),
+            scale,
+        })
+    }
 }
 
 /// Where the model runs (`ask`, `eval`).
@@ -124,4 +159,24 @@ pub enum Command {
     /// Make the agent's model: train adapters, export GGUF.
     #[command(subcommand)]
     Compress(Box<crate::commands::CompressCommand>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoraSpec;
+
+    #[test]
+    fn lora_specs_read_a_scale_only_after_the_last_colon() {
+        let spec: LoraSpec = "a/b.gguf:0.5".parse().unwrap();
+        assert_eq!((spec.path.to_str().unwrap(), spec.scale), ("a/b.gguf", 0.5));
+        let spec: LoraSpec = "a/b.gguf".parse().unwrap();
+        assert_eq!(spec.scale, 1.0);
+        let spec: LoraSpec = "c:/x.gguf".parse().unwrap();
+        assert_eq!(
+            (spec.path.to_str().unwrap(), spec.scale),
+            ("c:/x.gguf", 1.0)
+        );
+        assert!("f.gguf:inf".parse::<LoraSpec>().is_err());
+        assert!("".parse::<LoraSpec>().is_err());
+    }
 }

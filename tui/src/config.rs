@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use geek_agent::remote::Remote;
 use geek_agent::{AgentModel, DemoBank, Excavator, ExcavatorConfig};
 use geek_backend::{catalog, default_threads, paths, Engine, EngineConfig};
@@ -39,6 +39,8 @@ pub struct Resolved {
     pub calibration_store: PathBuf,
     /// Prompt-lookup draft length (0: off).
     pub lookup_draft: usize,
+    /// A GGUF LoRA applied at run time, and its scale.
+    pub lora: Option<crate::cli::LoraSpec>,
 }
 
 /// The model the commands run on: in process, or on a model server.
@@ -79,7 +81,12 @@ impl LoadedModel {
         Ok(match self {
             LoadedModel::Local(engine) => {
                 let path = engine.info().path.clone();
-                let sha = catalog::sha256_cached(&path)?;
+                let mut sha = catalog::sha256_cached(&path)?;
+                // A LoRA makes another model: its runs and calibrations are its own.
+                if let Some((lora, scale)) = engine.active_lora() {
+                    let lora_sha = catalog::sha256_cached(&lora)?;
+                    sha = format!("{sha}+lora:{lora_sha}@{scale}");
+                }
                 (path, sha)
             }
             LoadedModel::Remote(remote) => {
@@ -115,6 +122,7 @@ impl Resolved {
             index_dir: args.index.clone().unwrap_or_else(paths::index_dir),
             calibration_store: paths::calibration_store(),
             lookup_draft: args.lookup_draft,
+            lora: args.lora.clone(),
         }
     }
 
@@ -154,7 +162,24 @@ impl Resolved {
         config.flash_attention = self.flash_attention;
         config.kv_type = self.kv_type;
         config.lookup_draft = self.lookup_draft;
+        if let Some(lora) = &self.lora {
+            config = config.with_lora(&lora.path);
+        }
         Ok(config)
+    }
+
+    /// Loads `config`'s model and switches `--lora` on.
+    pub fn load(&self, config: EngineConfig) -> Result<Engine> {
+        let engine = match &self.lora {
+            Some(lora) => Engine::load(config).with_context(|| {
+                format!("loading the model with --lora {}", lora.path.display())
+            })?,
+            None => Engine::load(config)?,
+        };
+        if let Some(lora) = &self.lora {
+            engine.set_lora(Some(0), lora.scale).wait()?;
+        }
+        Ok(engine)
     }
 }
 
@@ -190,7 +215,7 @@ impl Resolved {
             config.n_ctx = config.n_ctx.max(CONTEXT_PER_QUESTION * parallel as u32);
         }
         config.max_sequences = ((parallel * (explore + 2) + 4) as u32).min(256);
-        Ok(Engine::load(config)?)
+        self.load(config)
     }
 
     /// The model of a command: on the server `remote` names, else loaded in process with room

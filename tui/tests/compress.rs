@@ -128,7 +128,7 @@ fn trajectories_finetune_export_and_serve() {
             adapter.to_str().unwrap(),
             "--merged",
             merged.to_str().unwrap(),
-            "--lora",
+            "--gguf-lora",
             lora.to_str().unwrap(),
         ],
     ));
@@ -146,6 +146,57 @@ fn trajectories_finetune_export_and_serve() {
         .output()
         .unwrap());
     assert!(!text.trim().is_empty());
+
+    // The exported GGUF LoRA, unmerged, at run time: at scale 0 the base model's text; a
+    // file that is not a LoRA is a clear error; an evaluation with it records its own model.
+    let generate = |lora: Option<String>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_geek"));
+        cmd.args(["generate", "--max-tokens", "12", "The capital of France is"])
+            .arg("--model")
+            .arg(model_path())
+            .env("GEEK_THREADS", "2");
+        if let Some(lora) = lora {
+            cmd.args(["--lora", &lora]);
+        }
+        cmd.output().unwrap()
+    };
+    let lora_arg = lora.to_str().unwrap().to_string();
+    assert_eq!(
+        ok(generate(Some(format!("{lora_arg}:0")))),
+        ok(generate(None))
+    );
+    let refused = generate(Some(traj.to_str().unwrap().to_string()));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--lora"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let evals = dir.path().join("evals");
+    ok(geek(
+        &index,
+        &[
+            "eval",
+            "strategyqa",
+            "--method",
+            "direct",
+            "--limit",
+            "1",
+            "--lora",
+            &lora_arg,
+            "--out",
+            evals.to_str().unwrap(),
+        ],
+    ));
+    let results = std::fs::read_dir(&evals)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("results_"))
+        .expect("a results file");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
+    let sha = results["config"]["model_sha256"].as_str().unwrap();
+    assert!(sha.contains("+lora:") && sha.ends_with("@1"), "{sha}");
 
     // The same data through the one-command pipeline: finetune → merge → learned Q4_0.
     let quantized = dir.path().join("pipeline-q4_0.gguf");

@@ -52,6 +52,7 @@ pub(crate) fn run(
     config: EngineConfig,
     gguf: GgufFile,
     ids: Arc<SeqIds>,
+    active_lora: ActiveLora,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ModelInfo>>,
 ) {
@@ -84,6 +85,7 @@ pub(crate) fn run(
         n_batch: config.n_batch as usize,
         lookup_draft: config.lookup_draft,
         ids,
+        active_lora,
         seqs: HashMap::new(),
         jobs: Vec::new(),
         stats: EngineStats::default(),
@@ -222,6 +224,9 @@ pub(super) struct Job {
 }
 
 /// Tokens one job put into the current batch.
+/// The LoRA adapter switched on (its index and scale), shared with the [`crate::Engine`].
+pub(crate) type ActiveLora = Arc<std::sync::Mutex<Option<(usize, f32)>>>;
+
 pub(super) struct BatchEntry {
     pub(super) job: usize,
     pub(super) n_decoded_before: usize,
@@ -239,6 +244,8 @@ pub(super) struct Worker<'m> {
     /// Most tokens drafted per step by prompt lookup (0: off).
     lookup_draft: usize,
     pub(super) ids: Arc<SeqIds>,
+    /// The adapter switched on and its scale, as the engine reports it.
+    pub(super) active_lora: ActiveLora,
     pub(super) seqs: HashMap<i32, SeqState>,
     pub(super) jobs: Vec<Job>,
     pub(super) stats: EngineStats,

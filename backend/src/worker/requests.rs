@@ -305,6 +305,7 @@ impl Worker<'_> {
                 }
             }
         }
+        *self.active_lora.lock().unwrap_or_else(|p| p.into_inner()) = index.map(|i| (i, scale));
         // Cached keys and values were computed with the old weights.
         self.ctx.clear_kv_cache();
         for state in self.seqs.values_mut() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use anyhow::Result;
-use geek_backend::{bench, Engine};
+use geek_backend::bench;
 use serde::Serialize;
 
 use std::sync::Arc;
@@ -25,7 +25,7 @@ pub fn backend(args: BenchBackendArgs, config: &Resolved) -> Result<()> {
     let longest_pp = args.pp.iter().copied().max().unwrap_or(0);
     engine_config.n_batch = (longest_pp as u32).clamp(512, 2048);
     engine_config.n_ubatch = 512;
-    let engine = Engine::load(engine_config)?;
+    let engine = config.load(engine_config)?;
     let results = bench::run_suite(
         &engine,
         &args.pp,

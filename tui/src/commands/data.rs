@@ -7,7 +7,6 @@ use clap::{Args, Subcommand};
 
 use anyhow::{bail, Context, Result};
 use geek_agent::{prompts, AgentModel};
-use geek_backend::Engine;
 use geek_evals::strategyqa::{self, Split};
 use geek_evals::trajectories::{gold_trajectory, Skipped};
 use geek_retriever::Bm25Index;
@@ -33,7 +32,7 @@ pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
     }
     let index = Bm25Index::open(&config.index_dir)?;
     // The chat template comes from the model the agent will run.
-    let engine = Engine::load(config.engine_config()?.with_n_ctx(512))?;
+    let engine = config.load(config.engine_config()?.with_n_ctx(512))?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let tmp = args.out.with_extension("jsonl.partial");
     let file = std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;

@@ -7,12 +7,12 @@ use clap::Args;
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use geek_backend::{ChatMessage, Engine, GenEvent, GenerateParams, Sampling};
+use geek_backend::{ChatMessage, GenEvent, GenerateParams, Sampling};
 
 use crate::config::Resolved;
 
 pub fn run(args: GenerateArgs, config: &Resolved) -> Result<()> {
-    let engine = Engine::load(config.engine_config()?)?;
+    let engine = config.load(config.engine_config()?)?;
     let prompt = if args.raw || engine.info().chat_template.is_none() {
         args.prompt.clone()
     } else {

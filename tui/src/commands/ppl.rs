@@ -8,7 +8,6 @@ use std::io::IsTerminal;
 
 use anyhow::{Context, Result};
 use geek_backend::perplexity::perplexity;
-use geek_backend::Engine;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Resolved;
@@ -23,7 +22,7 @@ pub fn run(args: PplArgs, config: &Resolved) -> Result<()> {
     let model = config.model_path(None)?;
     let mut engine_config = config.engine_config()?.with_n_ctx(args.ctx as u32);
     engine_config.n_batch = engine_config.n_batch.min(args.ctx as u32);
-    let engine = Engine::load(engine_config)?;
+    let engine = config.load(engine_config)?;
     let bar = if std::io::stderr().is_terminal() && !args.json {
         ProgressBar::new(0)
     } else {

@@ -155,9 +155,9 @@ pub struct ExportArgs {
     /// Element type of the merged GGUF's matrices: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub r#type: FloatType,
-    /// Write a GGUF LoRA adapter (load with the base at run time).
+    /// Write a GGUF LoRA adapter (applied to the base at run time with `--lora FILE`).
     #[arg(long)]
-    pub lora: Option<PathBuf>,
+    pub gguf_lora: Option<PathBuf>,
     /// Write a PEFT adapter directory.
     #[arg(long)]
     pub peft: Option<PathBuf>,

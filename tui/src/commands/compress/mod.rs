@@ -336,8 +336,8 @@ fn run_pipeline(args: PipelineArgs, config: &Resolved) -> Result<()> {
 }
 
 fn export(args: ExportArgs, config: &Resolved) -> Result<()> {
-    if args.merged.is_none() && args.lora.is_none() && args.peft.is_none() {
-        bail!("nothing to write: give --merged, --lora and/or --peft");
+    if args.merged.is_none() && args.gguf_lora.is_none() && args.peft.is_none() {
+        bail!("nothing to write: give --merged, --gguf-lora and/or --peft");
     }
     let base = BaseWeights::load(config.model_path(args.base.as_deref())?)?;
     let model = load_adapter(&base, &args.adapter_dir)?;
@@ -345,7 +345,7 @@ fn export(args: ExportArgs, config: &Resolved) -> Result<()> {
         write_merged_gguf(&model, &base, path, args.r#type)?;
         println!("merged model: {}", path.display());
     }
-    if let Some(path) = &args.lora {
+    if let Some(path) = &args.gguf_lora {
         write_gguf_lora(&model, &base, path)?;
         println!("GGUF LoRA adapter: {}", path.display());
     }
