@@ -213,7 +213,26 @@ impl RemoteModel {
         if params.logprobs > 0 {
             body["n_probs"] = json!(params.logprobs);
         }
-        let mut response = self.open("/completion", &body).await?;
+        let response = self.open("/completion", &body).await?;
+        let mut done = self.read_stream(response, on_piece).await?;
+        if done.tokens.is_empty() && !done.text.is_empty() {
+            let mut all = done.text.clone();
+            if let StopReason::Stop(word) = &done.stop {
+                all.push_str(word);
+            }
+            done.tokens = self.tokenize(&all, false, false).await?;
+        }
+        done.seconds = started.elapsed().as_secs_f64();
+        Ok(done)
+    }
+
+    /// A streamed `/completion` answer added up: text, token ids and probabilities from every
+    /// chunk, how it stopped and the prompt counts from the last.
+    async fn read_stream(
+        &self,
+        mut response: reqwest::Response,
+        on_piece: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<RemoteCompletion> {
         let mut done = RemoteCompletion {
             text: String::new(),
             tokens: Vec::new(),
@@ -261,14 +280,6 @@ impl RemoteModel {
         if !finished {
             return Err(self.error("/completion: the stream ended before its last event"));
         }
-        if done.tokens.is_empty() && !done.text.is_empty() {
-            let mut all = done.text.clone();
-            if let StopReason::Stop(word) = &done.stop {
-                all.push_str(word);
-            }
-            done.tokens = self.tokenize(&all, false, false).await?;
-        }
-        done.seconds = started.elapsed().as_secs_f64();
         Ok(done)
     }
 
