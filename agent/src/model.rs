@@ -60,6 +60,14 @@ pub trait AgentSequence: Send + Sync {
     /// Keeps the first `len` tokens.
     fn truncate(&self, len: usize) -> BoxFuture<'_, Result<()>>;
 
+    /// Makes sure what was appended is decoded where the model runs. In process, appending
+    /// decodes; a remote sequence sends its tokens with the next request, so this asks the
+    /// server to decode them now, on their own — as the in-process engine decodes the shared
+    /// system prompt — which keeps later answers closer to the in-process ones.
+    fn settle(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Saves the sequence's state to `path` (models whose [`AgentModel::state_key`] is set).
     fn save_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {

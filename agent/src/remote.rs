@@ -308,6 +308,23 @@ impl AgentSequence for RemoteSequence {
         Box::pin(self.score_candidates(candidates))
     }
 
+    fn settle(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let prompt = self.snapshot();
+            if prompt.is_empty() {
+                return Ok(());
+            }
+            // One token generated and dropped: the server decodes the prompt and keeps it.
+            let params = GenerateParams {
+                max_tokens: 1,
+                sampling: Sampling::greedy(),
+                ..GenerateParams::default()
+            };
+            self.model.complete(&prompt, &params, &mut |_| {}).await?;
+            Ok(())
+        })
+    }
+
     fn fork(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
         Box::pin(async move {
             Ok(Box::new(RemoteSequence {

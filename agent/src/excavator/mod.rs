@@ -345,6 +345,7 @@ impl Excavator {
         }
         let seq = self.model.sequence()?;
         let stats = seq.append_parts(head).await?;
+        seq.settle().await?;
         if let Some(file) = file {
             let saved = match file.parent() {
                 Some(dir) => std::fs::create_dir_all(dir).map_err(|e| Error::Config(e.to_string())),
