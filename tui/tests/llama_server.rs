@@ -83,25 +83,18 @@ impl Drop for LlamaServer {
 }
 
 fn ask(base: &str, question: &str) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args([
-            "ask",
-            "--endpoint",
-            base,
-            "--no-retrieval",
-            "--no-calibration",
-        ])
-        .args(["--json", "--max-steps", "4", question])
-        .env("GEEK_CALIBRATION", common::calibration_store())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    common::json_output(
+        Command::new(env!("CARGO_BIN_EXE_geek"))
+            .args([
+                "ask",
+                "--endpoint",
+                base,
+                "--no-retrieval",
+                "--no-calibration",
+            ])
+            .args(["--json", "--max-steps", "4", question])
+            .env("GEEK_CALIBRATION", common::calibration_store()),
+    )
 }
 
 /// The agent on llama-server: grammar-constrained steps, yes/no scores from its log-probs,

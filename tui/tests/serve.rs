@@ -346,25 +346,17 @@ fn the_agent_runs_on_a_model_server() {
         } else {
             cmd.args(["--model", model.to_str().unwrap(), "ask"]);
         }
-        let out = cmd
-            .args([
-                "--no-retrieval",
-                "--no-calibration",
-                "--json",
-                "--max-steps",
-                "4",
-            ])
-            .arg(question)
-            .env("GEEK_THREADS", "2")
-            .env("GEEK_CALIBRATION", common::calibration_store())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        json(&String::from_utf8_lossy(&out.stdout))
+        cmd.args([
+            "--no-retrieval",
+            "--no-calibration",
+            "--json",
+            "--max-steps",
+            "4",
+        ])
+        .arg(question)
+        .env("GEEK_THREADS", "2")
+        .env("GEEK_CALIBRATION", common::calibration_store());
+        common::json_output(&mut cmd)
     };
     let remote = ask(true);
     let local = ask(false);

@@ -38,3 +38,16 @@ pub fn one_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 pub fn calibration_store() -> PathBuf {
     std::env::temp_dir().join(format!("geek-test-calibration-{}.json", std::process::id()))
 }
+
+/// Runs `cmd`, which must succeed (else its stderr is the failure), and parses its stdout as
+/// JSON.
+pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
