@@ -141,6 +141,8 @@ pub struct QuantizeJob {
     pub calibration: CalibrationText,
     /// The GGUF written.
     pub out: PathBuf,
+    /// llama-quantize's `_M` mix (rtn only; see [`Mix::medium`]).
+    pub medium: bool,
 }
 
 /// Progress of the work, for the caller to show.
@@ -167,8 +169,14 @@ pub fn quantize(
         let mix = Mix {
             ty: job.ty,
             embedding: job.learned.embedding,
+            medium: job.medium,
         };
         return Ok((quantize_rtn(base, mix, &job.out)?, None));
+    }
+    if job.medium {
+        return Err(Error::Config(
+            "the _M mix is written by the rtn method only".into(),
+        ));
     }
     events(PipelineEvent::Stage("tokenizing calibration text"));
     let rows = job.calibration.rows(tokenizer)?;

@@ -159,6 +159,11 @@ pub struct Mix {
     pub ty: QuantType,
     /// Type of the token embedding and output layer (default: llama-quantize's choice).
     pub embedding: Option<QuantType>,
+    /// llama-quantize's `_M` mix of a k-quant (Q4_K_M, Q5_K_M): the output layer, and
+    /// `attn_v` and `ffn_down` in the layers llama.cpp's `use_more_bits` picks (the first and
+    /// last eighth, and every third layer between), in Q6_K; the token embedding in `ty`.
+    #[serde(default)]
+    pub medium: bool,
 }
 
 impl From<QuantType> for Mix {
@@ -166,6 +171,7 @@ impl From<QuantType> for Mix {
         Mix {
             ty,
             embedding: None,
+            medium: false,
         }
     }
 }
@@ -174,6 +180,33 @@ impl Mix {
     /// The type of tensor `name` of shape `dims`, and whether it took the fallback.
     pub fn tensor_type(&self, name: &str, dims: &[usize]) -> (QuantType, bool) {
         tensor_type_with(name, dims, self.ty, self.embedding)
+    }
+
+    /// As [`Mix::tensor_type`], with the `_M` mix's choices for a model of `n_layer` blocks.
+    pub fn tensor_type_in(&self, name: &str, dims: &[usize], n_layer: usize) -> (QuantType, bool) {
+        match self.medium_type(name, n_layer) {
+            Some(ty) if dims.len() >= 2 => tensor_type_with(name, dims, ty, Some(ty)),
+            _ => self.tensor_type(name, dims),
+        }
+    }
+
+    fn medium_type(&self, name: &str, n_layer: usize) -> Option<QuantType> {
+        if !self.medium {
+            return None;
+        }
+        if name == "output.weight" {
+            return Some(QuantType::Q6K);
+        }
+        if name == "token_embd.weight" {
+            return Some(self.embedding.unwrap_or(self.ty));
+        }
+        let rest = name.strip_prefix("blk.")?;
+        let (layer, tensor) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let eighth = n_layer / 8;
+        let more_bits = layer < eighth || layer >= 7 * n_layer / 8 || (layer - eighth) % 3 == 2;
+        let wider = tensor == "attn_v.weight" || tensor == "ffn_down.weight";
+        (wider && more_bits).then_some(QuantType::Q6K)
     }
 }
 
@@ -213,10 +246,16 @@ fn tensor_type_with(
 /// Quantizes every tensor of `base` with round-to-nearest into `path`.
 pub fn quantize_rtn(base: &BaseWeights, mix: impl Into<Mix>, path: &Path) -> Result<QuantReport> {
     let mix = mix.into();
+    if mix.medium && !matches!(mix.ty, QuantType::Q4K | QuantType::Q5K) {
+        return Err(Error::Config(format!(
+            "the _M mix is llama-quantize's Q4_K_M / Q5_K_M: --type q4_k or q5_k, not {}",
+            mix.ty.name()
+        )));
+    }
     let mut tensors = Vec::with_capacity(base.names().len());
     for name in base.names() {
         let t = base.get(name)?;
-        let (chosen, fell_back) = mix.tensor_type(name, t.dims());
+        let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), base.config.n_layer);
         let q = QTensor::quantize(t, chosen.ggml())?;
         tensors.push(Quantized {
             name: name.clone(),
@@ -283,6 +322,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_medium_mix_widens_the_layers_llama_quantize_picks() {
+        let mix = Mix {
+            ty: QuantType::Q4K,
+            embedding: None,
+            medium: true,
+        };
+        let dims = [1536, 1536];
+        let wide = |name: &str| mix.tensor_type_in(name, &dims, 28).0 == QuantType::Q6K;
+        // 28 layers: 0–2, 24–27 and 5, 8, …, 23 take more bits (14 layers), as in the shipped
+        // Qwen2.5 Q4_K_M file (29 Q6_K tensors with the output layer).
+        let picked: Vec<usize> = (0..28)
+            .filter(|i| wide(&format!("blk.{i}.attn_v.weight")))
+            .collect();
+        assert_eq!(
+            picked,
+            vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27]
+        );
+        assert!(wide("blk.5.ffn_down.weight") && !wide("blk.5.attn_q.weight"));
+        assert!(wide("output.weight"));
+        assert_eq!(
+            mix.tensor_type_in("token_embd.weight", &[151936, 1536], 28)
+                .0,
+            QuantType::Q4K
+        );
+        assert_eq!(
+            mix.tensor_type_in("blk.0.attn_norm.weight", &[1536], 28).0,
+            QuantType::F32
+        );
+    }
+
+    #[test]
     fn tensor_rules_follow_llama_quantize() {
         assert_eq!(
             tensor_type("blk.0.attn_norm.weight", &[576], QuantType::Q4_0).0,
@@ -317,6 +387,7 @@ mod tests {
         let mix = Mix {
             ty: QuantType::Q4_0,
             embedding: Some(QuantType::Q4_0),
+            medium: false,
         };
         assert_eq!(
             mix.tensor_type("token_embd.weight", &[49152, 576]).0,

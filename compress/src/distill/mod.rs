@@ -81,6 +81,7 @@ impl LearnedConfig {
         Mix {
             ty: self.ty,
             embedding: self.embedding,
+            medium: false,
         }
     }
 }

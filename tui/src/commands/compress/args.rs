@@ -275,6 +275,10 @@ pub struct LearnedArgs {
     /// Type of the token embedding and output layer (default: llama-quantize's, q8_0 here).
     #[arg(long)]
     pub embedding_type: Option<QuantType>,
+    /// llama-quantize's `_M` mix with --type q4_k or q5_k (rtn): the output layer and the
+    /// attn_v / ffn_down of the layers it picks in q6_k, the embedding in the base type.
+    #[arg(long)]
+    pub medium: bool,
     /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
     /// or JSONL `{id, title, text}`) or a plain .txt file (default: the StrategyQA paragraphs
     /// and vital articles of the data dir). Never the perplexity test text.
@@ -340,6 +344,7 @@ impl LearnedArgs {
         QuantizeJob {
             ty,
             method,
+            medium: self.medium,
             learned: LearnedConfig {
                 ty,
                 embedding: self.embedding_type,
