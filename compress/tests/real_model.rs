@@ -52,8 +52,8 @@ fn candle_and_llama_cpp_predict_the_same_next_tokens() {
     assert!(top1 >= 0.95, "top-1 agreement {top1}");
 }
 
-/// The qwen2 architecture (biases on q/k/v, NeoX RoPE, base 1e6, 12 query / 2 KV heads, tied
-/// output, Q4_K/Q6_K blocks dequantized) against llama.cpp on the default 1.5B model.
+/// The qwen2 architecture (biases on q/k/v, NeoX RoPE, base 1e6, 12 query / 2 KV heads, its own
+/// output layer, Q4_K/Q6_K blocks dequantized) against llama.cpp on the default 1.5B model.
 #[test]
 fn candle_reads_qwen2_as_llama_cpp_does() {
     let path = geek_backend::paths::models_dir(None)
