@@ -44,6 +44,15 @@ struct Server {
 /// A sequence's place on a server: counted while it lives.
 struct Lease(Arc<Server>);
 
+impl Server {
+    fn new(model: RemoteModel) -> Arc<Server> {
+        Arc::new(Server {
+            model,
+            live: AtomicUsize::new(0),
+        })
+    }
+}
+
 impl Lease {
     fn on(server: &Arc<Server>) -> Lease {
         server.live.fetch_add(1, Ordering::Relaxed);
@@ -68,10 +77,7 @@ impl Remote {
     /// Wraps a connected server.
     pub fn new(model: RemoteModel) -> Self {
         Remote {
-            servers: Arc::from([Arc::new(Server {
-                model,
-                live: AtomicUsize::new(0),
-            })]),
+            servers: Arc::from([Server::new(model)]),
         }
     }
 
@@ -94,15 +100,7 @@ impl Remote {
             }
             .into());
         }
-        let servers: Vec<Arc<Server>> = models
-            .into_iter()
-            .map(|model| {
-                Arc::new(Server {
-                    model,
-                    live: AtomicUsize::new(0),
-                })
-            })
-            .collect();
+        let servers: Vec<Arc<Server>> = models.into_iter().map(Server::new).collect();
         Ok(Remote {
             servers: servers.into(),
         })

@@ -162,16 +162,13 @@ impl Resolved {
         config.flash_attention = self.flash_attention;
         config.kv_type = self.kv_type;
         config.lookup_draft = self.lookup_draft;
-        if let Some(lora) = &self.lora {
-            config = config.with_lora(&lora.path);
-        }
         Ok(config)
     }
 
     /// Loads `config`'s model and switches `--lora` on.
     pub fn load(&self, config: EngineConfig) -> Result<Engine> {
         let engine = match &self.lora {
-            Some(lora) => Engine::load(config).with_context(|| {
+            Some(lora) => Engine::load(config.with_lora(&lora.path)).with_context(|| {
                 format!("loading the model with --lora {}", lora.path.display())
             })?,
             None => Engine::load(config)?,

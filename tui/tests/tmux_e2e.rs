@@ -165,22 +165,24 @@ fn ask_in_the_terminal_ui_and_quit() {
 fn the_terminal_ui_runs_on_a_model_server() {
     let _model = common::one_model_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args([
-            "--model",
-            model_path().to_str().unwrap(),
-            "serve",
-            "--port",
-            "0",
-        ])
-        .args(["--no-retrieval", "--no-calibration"])
-        .env("GEEK_THREADS", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("geek serve starts");
+    let mut server = Killed(
+        Command::new(env!("CARGO_BIN_EXE_geek"))
+            .args([
+                "--model",
+                model_path().to_str().unwrap(),
+                "serve",
+                "--port",
+                "0",
+            ])
+            .args(["--no-retrieval", "--no-calibration"])
+            .env("GEEK_THREADS", "2")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("geek serve starts"),
+    );
     let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
+    BufReader::new(server.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let base = line
@@ -193,6 +195,15 @@ fn the_terminal_ui_runs_on_a_model_server() {
     tui.wait_for("the server", 60, |s| s.contains(&format!("at {base}")));
     tui.ask("Is the Atlantic Ocean larger than Lake Geneva?");
     tui.quit();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
+}
+
+/// A child process killed when dropped, also when the test fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
