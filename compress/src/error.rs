@@ -25,7 +25,7 @@ pub enum Error {
         message: String,
     },
     /// The model's architecture has no candle implementation here.
-    #[error("architecture `{0}` is not supported by compress (supported: llama, qwen2)")]
+    #[error("architecture `{0}` is not supported by compress (supported: llama, qwen2, deci)")]
     UnsupportedArchitecture(String),
     /// A line of a JSONL training file is not a `{"prompt", "completion"}` object.
     #[error("{path}:{line}: {message}")]

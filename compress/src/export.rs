@@ -236,8 +236,13 @@ pub fn write_peft(model: &AdaptedModel, base: &BaseWeights, dir: &Path) -> Resul
     if config.kind == AdapterKind::LorettaAdp {
         return Err(not_linear());
     }
-    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let c = model.config();
+    if c.architecture == Architecture::Deci {
+        return Err(Error::NotExportable(
+            "a pruned (deci) model has no Hugging Face layout PEFT adapters fit".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let mut out: HashMap<String, Tensor> = HashMap::new();
     let mut modules: Vec<&str> = Vec::new();
     let mut rank = config.rank;

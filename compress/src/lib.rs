@@ -58,11 +58,12 @@ pub mod init;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod prune;
 pub mod quantize;
 pub mod train;
 pub mod weights;
 
 pub use adapter::{AdapterConfig, AdapterKind, MixerInit, Target};
 pub use error::{Error, Result};
-pub use model::{AdaptedModel, Batch};
+pub use model::{AdaptedModel, Batch, StructureMasks};
 pub use weights::{Architecture, BaseWeights, LlamaConfig};

@@ -78,10 +78,24 @@ struct Layer {
     bottleneck: Option<TtBottleneck>,
 }
 
-/// A llama-family model (llama, qwen2) whose linear layers may carry adapters.
+/// Multipliers on a model's prunable structures (what [`crate::prune`] learns): one per query
+/// head and per MLP channel of each layer, and one per hidden dimension shared by all layers.
+#[derive(Debug, Clone)]
+pub struct StructureMasks {
+    /// `[n_head]` per layer, on each head's attention output (before the output projection).
+    pub heads: Vec<Tensor>,
+    /// `[n_ff]` per layer, on the gated MLP's inner activations.
+    pub ffn: Vec<Tensor>,
+    /// `[n_embd]`, on the token embedding and on every attention and MLP output added to the
+    /// residual stream (so the stream of a dimension is its mask times the unmasked one).
+    pub hidden: Tensor,
+}
+
+/// A llama-family model (llama, qwen2, deci) whose linear layers may carry adapters.
 pub struct AdaptedModel {
     config: LlamaConfig,
     adapter: Option<AdapterConfig>,
+    masks: Option<StructureMasks>,
     embedding: Tensor,
     output: Tensor,
     output_norm: Tensor,
@@ -168,6 +182,7 @@ impl AdaptedModel {
             sin: angles.sin()?,
             layers,
             adapter: adapter.cloned(),
+            masks: None,
             config,
         })
     }
@@ -220,7 +235,7 @@ impl AdaptedModel {
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let c = &self.config;
-        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim());
+        let hd = c.head_dim();
         let flat_pos = batch.positions.flatten_all()?;
         let cos = self
             .cos
@@ -232,11 +247,22 @@ impl AdaptedModel {
             .reshape((b, t, hd / 2))?;
         let neox = c.architecture.neox_rope();
         let rope = |x: Tensor| crate::fused::rope(&x, &cos, &sin, neox);
-        let mut x = self
-            .embedding
-            .index_select(&batch.tokens.flatten_all()?, 0)?; // [b·t, h]
+        let masks = self.masks.as_ref();
+        let to_stream = |x: Tensor| -> Result<Tensor> {
+            Ok(match masks {
+                Some(m) => x.broadcast_mul(&m.hidden)?,
+                None => x,
+            })
+        };
+        let mut x = to_stream(
+            self.embedding
+                .index_select(&batch.tokens.flatten_all()?, 0)?,
+        )?; // [b·t, h]
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            // Head counts follow from the weights: a pruned (deci) model's differ by layer.
+            let nh = layer.linears[&Target::Q].0.dim(0)? / hd;
+            let nkv = layer.linears[&Target::K].0.dim(0)? / hd;
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let q = layer.linear(Target::Q, &h)?;
             let k = layer.linear(Target::K, &h)?;
@@ -255,20 +281,42 @@ impl AdaptedModel {
                 };
                 (expand(k)?, expand(v)?)
             };
-            let att = crate::attention::attention(&q, &k, &v, &batch.mask, scale)?
-                .transpose(1, 2)?
-                .reshape((b * t, nh * hd))?;
-            x = (x + layer.linear(Target::O, &att)?)?;
+            let mut att = crate::attention::attention(&q, &k, &v, &batch.mask, scale)?;
+            if let Some(m) = masks {
+                att = att.broadcast_mul(&m.heads[i].reshape((1, nh, 1, 1))?)?;
+            }
+            let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            x = (x + to_stream(layer.linear(Target::O, &att)?)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gate = layer.linear(Target::Gate, &h)?;
             let up = layer.linear(Target::Up, &h)?;
-            let mut m = layer.linear(Target::Down, &crate::fused::swiglu(&gate, &up)?)?;
+            let mut inner = crate::fused::swiglu(&gate, &up)?;
+            if let Some(m) = masks {
+                inner = inner.broadcast_mul(&m.ffn[i])?;
+            }
+            let mut m = layer.linear(Target::Down, &inner)?;
             if let Some(bn) = &layer.bottleneck {
                 m = bn.forward(&m)?;
             }
-            x = (x + m)?;
+            x = (x + to_stream(m)?)?;
         }
         Ok(rms_norm(&x, &self.output_norm, c.rms_eps)?.reshape((b, t, c.n_embd))?)
+    }
+
+    /// This model with multipliers on its heads, MLP channels and hidden dimensions
+    /// (differentiable when the masks are, which is how [`crate::prune`] learns them).
+    pub fn with_masks(&self, masks: StructureMasks) -> AdaptedModel {
+        AdaptedModel {
+            config: self.config.clone(),
+            adapter: self.adapter.clone(),
+            masks: Some(masks),
+            embedding: self.embedding.clone(),
+            output: self.output.clone(),
+            output_norm: self.output_norm.clone(),
+            layers: self.layers.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        }
     }
 
     /// Logits `[n, vocab]` for hidden states `[n, n_embd]`.
@@ -303,6 +351,7 @@ impl AdaptedModel {
         Ok(AdaptedModel {
             config: self.config.clone(),
             adapter: self.adapter.clone(),
+            masks: self.masks.clone(),
             embedding,
             output,
             output_norm: self.output_norm.clone(),

@@ -1,6 +1,7 @@
 //! The commands' work, as functions: finetune an adapter on a JSONL file, quantize a model
-//! (round-to-nearest or learned scales on calibration text), and finetune → merge → quantize
-//! in one go. Progress comes out as [`PipelineEvent`]s; the caller draws it.
+//! (round-to-nearest or learned scales on calibration text), prune it into smaller sizes
+//! ([`prune()`]), and finetune → merge → quantize in one go. Progress comes out as
+//! [`PipelineEvent`]s; the caller draws it.
 //!
 //! Text is tokenized by the llama.cpp backend (a [`geek_backend::Engine`] on the same model),
 //! so training sees the tokens serving will.
@@ -11,9 +12,14 @@ use geek_backend::Engine;
 use geek_retriever::CorpusSource;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{read_json, write_json};
 use crate::data::{read_jsonl, shuffled, tokenize};
 use crate::distill::{calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig};
 use crate::export::merge;
+use crate::prune::{
+    extract, learn_masks, recover, MaskConfig, ParameterCount, Plan, PruneEvent, RecoverConfig,
+    Recovered, Scores,
+};
 use crate::quantize::{quantize_rtn, Mix, QuantReport, QuantType};
 use crate::train::{finetune as train, TrainConfig, TrainEvent, TrainSummary};
 use crate::{AdaptedModel, AdapterConfig, AdapterKind, BaseWeights, Error, Result};
@@ -154,6 +160,8 @@ pub enum PipelineEvent<'a> {
     Finetune(&'a TrainEvent),
     /// The learned quantization's progress.
     Quantize(&'a LearnEvent),
+    /// Pruning's progress.
+    Prune(&'a PruneEvent),
 }
 
 /// Quantizes `base` as `job` says; returns what was written and, for the learned method,
@@ -279,4 +287,194 @@ pub fn pipeline(
         report,
         learn,
     })
+}
+
+/// How the structures to prune are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PruneMethod {
+    /// SIMPLE's learned masks, one global threshold per size.
+    Learned,
+    /// The L2 norm of each structure's weights, the same fraction of every component.
+    Magnitude,
+}
+
+impl std::str::FromStr for PruneMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "learned" => Ok(PruneMethod::Learned),
+            "magnitude" => Ok(PruneMethod::Magnitude),
+            other => Err(Error::Config(format!(
+                "unknown pruning method `{other}` (learned or magnitude)"
+            ))),
+        }
+    }
+}
+
+/// Structured pruning of a model into one or more sizes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneJob {
+    /// learned masks or magnitude.
+    pub method: PruneMethod,
+    /// Fractions of the non-embedding parameters to keep, one model each.
+    pub keeps: Vec<f64>,
+    /// Mask learning (learned method; its `target` is set to the smallest keep).
+    pub masks: MaskConfig,
+    /// Recovery of each size.
+    pub recover: RecoverConfig,
+    /// Calibration text of mask learning and recovery.
+    #[serde(skip)]
+    pub calibration: CalibrationText,
+    /// The directory written: `masks.json`, `keep-R.gguf` (f32) and `keep-R.json` per size,
+    /// checkpoints while running.
+    #[serde(skip)]
+    pub out: PathBuf,
+}
+
+/// One pruned size, as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrunedSize {
+    /// The keep ratio asked.
+    pub keep: f64,
+    /// Parameters kept, by component.
+    pub kept: ParameterCount,
+    /// Parameters of the original, by component.
+    pub full: ParameterCount,
+    /// Query heads, key/value heads and MLP width per layer, and the hidden width.
+    pub plan: Plan,
+    /// Held-out KL(original ‖ pruned) before and after recovery.
+    pub recovered: Recovered,
+    /// The f32 GGUF.
+    pub path: PathBuf,
+    /// The job's settings (a rerun with others is refused, not mixed in).
+    pub settings: serde_json::Value,
+}
+
+/// Prunes `base` as `job` says, writing each size into `job.out`. A rerun resumes: learned
+/// masks and finished sizes are read back, unfinished ones continue from their checkpoints.
+pub fn prune(
+    base: &BaseWeights,
+    job: &PruneJob,
+    tokenizer: &Engine,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<Vec<PrunedSize>> {
+    if base.config.architecture != crate::Architecture::Llama {
+        return Err(Error::Config(format!(
+            "pruning reads llama models (this one is {}): prune the unpruned model",
+            base.config.architecture.name()
+        )));
+    }
+    if job.keeps.is_empty() || job.keeps.iter().any(|k| !(*k > 0.0 && *k <= 1.0)) {
+        return Err(Error::Config("keep ratios must lie in (0, 1]".into()));
+    }
+    std::fs::create_dir_all(&job.out).map_err(Error::io(&job.out))?;
+    let settings = serde_json::to_value(job).map_err(|source| Error::Json {
+        path: job.out.clone(),
+        source,
+    })?;
+    events(PipelineEvent::Stage("tokenizing calibration text"));
+    let rows = job.calibration.rows(tokenizer)?;
+    let scores = match job.method {
+        PruneMethod::Magnitude => None,
+        PruneMethod::Learned => Some(masks_of(base, job, &rows, &settings, events)?),
+    };
+    let full_plan = Plan::full(&base.config);
+    let mut sizes = Vec::new();
+    for &keep in &job.keeps {
+        let name = format!("keep-{keep}");
+        let summary_path = job.out.join(format!("{name}.json"));
+        if summary_path.is_file() {
+            let done: PrunedSize = read_json(&summary_path)?;
+            if done.settings != settings {
+                return Err(Error::CheckpointMismatch {
+                    path: summary_path,
+                    message: "written by other pruning settings: choose another --out".into(),
+                });
+            }
+            sizes.push(done);
+            continue;
+        }
+        let (plan, masks) = match &scores {
+            Some(s) => (Plan::for_keep(s, &base.config, keep), Some(s)),
+            None => {
+                let m = Scores::magnitude(base)?;
+                (Plan::uniform_for_keep(&m, &base.config, keep), None)
+            }
+        };
+        let pruned = extract(base, &plan, masks)?;
+        let (kept, full) = (
+            plan.parameters(&base.config),
+            full_plan.parameters(&base.config),
+        );
+        events(PipelineEvent::Prune(&PruneEvent::Extracted {
+            keep,
+            kept,
+            full,
+        }));
+        let ckpt = job.out.join(format!("{name}.ckpt"));
+        let (recovered_model, recovered) =
+            recover(base, &pruned, &rows, &job.recover, Some(&ckpt), &mut |e| {
+                events(PipelineEvent::Prune(e))
+            })?;
+        let path = job.out.join(format!("{name}.gguf"));
+        quantize_rtn(&recovered_model, QuantType::F32, &path)?;
+        let size = PrunedSize {
+            keep,
+            kept,
+            full,
+            plan,
+            recovered,
+            path,
+            settings: settings.clone(),
+        };
+        write_json(&summary_path, &size)?;
+        let _ = std::fs::remove_dir_all(&ckpt);
+        sizes.push(size);
+    }
+    Ok(sizes)
+}
+
+/// The learned masks of `job`: read from `masks.json` when a finished run of the same
+/// settings left it, else learned (resuming from `masks.ckpt`) and saved there.
+fn masks_of(
+    base: &BaseWeights,
+    job: &PruneJob,
+    rows: &[Vec<u32>],
+    settings: &serde_json::Value,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<Scores> {
+    #[derive(Serialize, Deserialize)]
+    struct SavedMasks {
+        settings: serde_json::Value,
+        scores: Scores,
+    }
+    let path = job.out.join("masks.json");
+    let mask_settings = serde_json::json!({ "masks": settings["masks"], "base": base.path });
+    if path.is_file() {
+        let saved: SavedMasks = read_json(&path)?;
+        if saved.settings == mask_settings {
+            return Ok(saved.scores);
+        }
+        return Err(Error::CheckpointMismatch {
+            path,
+            message: "masks learned with other settings: choose another --out".into(),
+        });
+    }
+    let config = MaskConfig {
+        target: job.keeps.iter().copied().fold(1.0, f64::min),
+        ..job.masks.clone()
+    };
+    events(PipelineEvent::Stage("learning masks"));
+    let ckpt = job.out.join("masks.ckpt");
+    let scores = learn_masks(base, rows, &config, Some(&ckpt), &mut |e| {
+        events(PipelineEvent::Prune(e))
+    })?;
+    let saved = SavedMasks {
+        settings: mask_settings,
+        scores,
+    };
+    write_json(&path, &saved)?;
+    let _ = std::fs::remove_dir_all(&ckpt);
+    Ok(saved.scores)
 }

@@ -10,13 +10,17 @@ use candle_core::{Device, Tensor};
 
 use crate::{Error, Result};
 
-/// The transformer families read: llama (SmolLM2, Llama, …) and qwen2 (Qwen2, Qwen2.5).
+/// The transformer families read: llama (SmolLM2, Llama, …), qwen2 (Qwen2, Qwen2.5) and deci
+/// (llama with per-layer head counts and MLP widths: what [`crate::prune`] writes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// `llama`: no biases; q/k rows permuted by the GGUF converter for interleaved RoPE.
     Llama,
     /// `qwen2`: biases on q, k and v; RoPE rotates the two halves of a head (NeoX style).
     Qwen2,
+    /// `deci`: llama's layers, each with its own query/key-value head count and MLP width
+    /// (llama.cpp reads them from per-layer arrays).
+    Deci,
 }
 
 impl Architecture {
@@ -25,6 +29,7 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Deci => "deci",
         }
     }
 
@@ -45,6 +50,7 @@ impl std::str::FromStr for Architecture {
         match s {
             "llama" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
+            "deci" => Ok(Architecture::Deci),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -59,12 +65,15 @@ pub struct LlamaConfig {
     pub n_layer: usize,
     /// Hidden size.
     pub n_embd: usize,
-    /// MLP inner size.
+    /// MLP inner size (the widest layer's, when layers differ).
     pub n_ff: usize,
-    /// Query heads.
+    /// Query heads (the most any layer has, when layers differ).
     pub n_head: usize,
-    /// Key/value heads (grouped-query attention when fewer than `n_head`).
+    /// Key/value heads (grouped-query attention when fewer than `n_head`; the most any layer
+    /// has, when layers differ).
     pub n_head_kv: usize,
+    /// Size of one attention head (`attention.key_length`, or `n_embd / n_head`).
+    pub n_embd_head: usize,
     /// Vocabulary size.
     pub n_vocab: usize,
     /// RMS-norm epsilon.
@@ -76,7 +85,7 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+        self.n_embd_head
     }
 }
 
@@ -132,16 +141,24 @@ impl BaseWeights {
             .map_err(|e| bad("general.architecture", e))?
             .parse()?;
         let arch = architecture.name();
+        // A number, or (deci) one per layer: the largest is the model's.
         let int = |key: &str| -> Result<usize> {
             let key = format!("{arch}.{key}");
             let key = key.as_str();
-            let v = meta(key)?;
-            v.to_u32()
-                .map(|x| x as usize)
-                .or_else(|_| v.to_u64().map(|x| x as usize))
-                .map_err(|e| bad(key, e))
+            let one = |v: &Value| {
+                v.to_u32()
+                    .map(|x| x as usize)
+                    .or_else(|_| v.to_u64().map(|x| x as usize))
+                    .or_else(|_| v.to_i32().map(|x| x.max(0) as usize))
+                    .map_err(|e| bad(key, e))
+            };
+            match meta(key)? {
+                Value::Array(items) => items.iter().map(one).try_fold(0, |m, x| Ok(m.max(x?))),
+                v => one(v),
+            }
         };
         let n_head = int("attention.head_count")?;
+        let n_embd = int("embedding_length")?;
         let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         names.sort_by_key(|n| content.tensor_infos[n].offset);
         let mut tensors = HashMap::new();
@@ -168,10 +185,11 @@ impl BaseWeights {
         let config = LlamaConfig {
             architecture,
             n_layer: int("block_count")?,
-            n_embd: int("embedding_length")?,
+            n_embd,
             n_ff: int("feed_forward_length")?,
             n_head,
             n_head_kv: int("attention.head_count_kv").unwrap_or(n_head),
+            n_embd_head: int("attention.key_length").unwrap_or(n_embd / n_head.max(1)),
             n_vocab,
             rms_eps: meta(&eps_key)?.to_f32().map_err(|e| bad(&eps_key, e))? as f64,
             rope_base: content
@@ -259,6 +277,23 @@ impl BaseWeights {
             tensors,
             names: self.names.clone(),
         })
+    }
+
+    /// A model made in memory (a pruned one): `tensors` written in the order of `names`.
+    pub(crate) fn from_parts(
+        path: PathBuf,
+        config: LlamaConfig,
+        metadata: Vec<(String, Value)>,
+        tensors: HashMap<String, Tensor>,
+        names: Vec<String>,
+    ) -> BaseWeights {
+        BaseWeights {
+            path,
+            config,
+            metadata,
+            tensors,
+            names,
+        }
     }
 
     /// Total number of weights.

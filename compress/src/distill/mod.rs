@@ -161,15 +161,15 @@ pub struct LearnSummary {
 }
 
 /// One batch of calibration rows (all of one length, no padding).
-fn batch_of(rows: &[Vec<u32>]) -> Result<Batch> {
+pub(crate) fn batch_of(rows: &[Vec<u32>]) -> Result<Batch> {
     let segments: Vec<Vec<usize>> = rows.iter().map(|r| vec![r.len()]).collect();
     Batch::packed(rows, &segments)
 }
 
 /// Teacher outputs of a batch: next-token distributions and normalised representations.
-struct TeacherView {
-    probs: Tensor,
-    entropy: f64,
+pub(crate) struct TeacherView {
+    pub(crate) probs: Tensor,
+    pub(crate) entropy: f64,
     reps: Tensor,
 }
 
@@ -178,7 +178,7 @@ fn normalise(h: &Tensor) -> Result<Tensor> {
     Ok(h.broadcast_div(&(norm + 1e-6)?)?)
 }
 
-fn teacher_view(teacher: &AdaptedModel, batch: &Batch) -> Result<TeacherView> {
+pub(crate) fn teacher_view(teacher: &AdaptedModel, batch: &Batch) -> Result<TeacherView> {
     let h = teacher.hidden(batch)?;
     let (b, t, e) = h.dims3()?;
     let h = h.reshape((b * t, e))?;
@@ -222,7 +222,16 @@ fn heldout_kl(
     rows: &[Vec<u32>],
     batch: usize,
 ) -> Result<f64> {
-    let student = model.student(teacher)?;
+    mean_kl(&model.student(teacher)?, teacher, rows, batch)
+}
+
+/// Mean KL(teacher ‖ student) per token over `rows` (of one length), `batch` rows at a time.
+pub(crate) fn mean_kl(
+    student: &AdaptedModel,
+    teacher: &AdaptedModel,
+    rows: &[Vec<u32>],
+    batch: usize,
+) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch.max(1)) {
         let b = batch_of(chunk)?;

@@ -1,0 +1,254 @@
+//! Recovery of a pruned model: its kept linear weights fine-tuned by distillation from the
+//! unpruned model, with checkpoints and resume.
+
+use super::*;
+
+/// How a pruned model is fine-tuned after extraction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoverConfig {
+    /// Optimizer steps (0: none).
+    pub steps: usize,
+    /// Calibration rows per step.
+    pub batch: usize,
+    /// Peak learning rate (AdamW; warm-up, then cosine decay).
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Calibration rows held out to measure KL.
+    pub holdout: usize,
+    /// Save a resumable checkpoint every this many steps.
+    pub checkpoint_every: usize,
+    /// Measure held-out KL every this many steps (and after the last).
+    pub eval_every: usize,
+}
+
+impl Default for RecoverConfig {
+    fn default() -> Self {
+        RecoverConfig {
+            steps: 100,
+            batch: 4,
+            lr: 5e-5,
+            warmup: 5,
+            holdout: 4,
+            checkpoint_every: 25,
+            eval_every: 25,
+        }
+    }
+}
+
+/// What a recovery checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RecoverState {
+    step: usize,
+    config: RecoverConfig,
+    base: String,
+    data: String,
+    /// Shapes of the pruned model's weights: a checkpoint of another size is refused.
+    shapes: String,
+}
+
+/// What recovery did: held-out KL(teacher ‖ pruned) before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Recovered {
+    /// Held-out KL of the extracted model.
+    pub initial_kl: f64,
+    /// Held-out KL after recovery.
+    pub final_kl: f64,
+}
+
+/// Fine-tunes the linear weights of `pruned` (cut from `teacher_base` by [`extract`]) to match
+/// the unpruned model on calibration `rows`; returns the recovered model.
+pub fn recover(
+    teacher_base: &BaseWeights,
+    pruned: &BaseWeights,
+    rows: &[Vec<u32>],
+    config: &RecoverConfig,
+    checkpoint: Option<&Path>,
+    on_event: &mut dyn FnMut(&PruneEvent),
+) -> Result<(BaseWeights, Recovered)> {
+    check_rows(rows, config.holdout)?;
+    let teacher = AdaptedModel::new(teacher_base, None)?;
+    let frozen = AdaptedModel::new(pruned, None)?;
+    let mut named: NamedVars = Vec::new();
+    for name in pruned.names() {
+        let t = pruned.get(name)?;
+        if name.starts_with("blk.") && t.rank() == 2 {
+            named.push((name.clone(), Var::from_tensor(t)?));
+        }
+    }
+    let by_name: HashMap<String, Tensor> = named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let student = frozen.with_weights(None, |layer, target, _| {
+        Ok(by_name[&format!("blk.{layer}.{}.weight", target.gguf())].clone())
+    })?;
+    let (train, heldout) = rows.split_at(rows.len() - config.holdout);
+    let shapes = named
+        .iter()
+        .map(|(_, v)| format!("{:?}", v.dims()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let initial_kl = mean_kl(&student, &teacher, heldout, config.batch)?;
+    let mut run = RecoverRun {
+        teacher: &teacher,
+        student: &student,
+        named,
+        config,
+        train,
+        heldout,
+        opt: AdamW::new(),
+        state: RecoverState {
+            step: 0,
+            config: config.clone(),
+            base: teacher_base.path.display().to_string(),
+            data: fingerprint(rows.iter().map(Vec::as_slice), Some(u32::MAX)),
+            shapes,
+        },
+        final_kl: initial_kl,
+        checkpoint,
+        on_event,
+    };
+    if let Some(dir) = checkpoint {
+        if checkpoint::exists(dir)? {
+            run.restore(dir)?;
+        }
+    }
+    let start = run.state.step;
+    (run.on_event)(&PruneEvent::RecoverStarted {
+        weights: run.named.iter().map(|(_, v)| v.elem_count()).sum(),
+        heldout_kl: initial_kl,
+        start_step: start,
+    });
+    let cadence = Cadence {
+        steps: config.steps,
+        eval_every: config.eval_every,
+        checkpoint_every: if checkpoint.is_some() {
+            config.checkpoint_every
+        } else {
+            usize::MAX
+        },
+    };
+    optim::run(&mut run, start, cadence)?;
+    let final_kl = run.final_kl;
+    let trained = run
+        .named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().copy()))
+        .map(|(n, t)| Ok((n, t?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok((
+        pruned.with_tensors(trained)?,
+        Recovered {
+            initial_kl,
+            final_kl,
+        },
+    ))
+}
+
+/// A recovery run in progress.
+struct RecoverRun<'a> {
+    teacher: &'a AdaptedModel,
+    student: &'a AdaptedModel,
+    named: NamedVars,
+    config: &'a RecoverConfig,
+    train: &'a [Vec<u32>],
+    heldout: &'a [Vec<u32>],
+    opt: AdamW,
+    state: RecoverState,
+    final_kl: f64,
+    checkpoint: Option<&'a Path>,
+    on_event: &'a mut dyn FnMut(&PruneEvent),
+}
+
+impl RecoverRun<'_> {
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let saved: RecoverState = read_json(&dir.join("state.json"))?;
+        // More steps, or another cadence, continue the same run.
+        let comparable = |s: &RecoverState| RecoverState {
+            step: 0,
+            config: RecoverConfig {
+                steps: 0,
+                checkpoint_every: 0,
+                eval_every: 0,
+                ..s.config.clone()
+            },
+            ..s.clone()
+        };
+        if comparable(&saved) != comparable(&self.state) {
+            return Err(Error::CheckpointMismatch {
+                path: dir.to_path_buf(),
+                message: "another model, size, calibration text or recovery settings".into(),
+            });
+        }
+        let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
+        for (name, var) in &self.named {
+            let t =
+                tensors
+                    .get(&format!("var/{name}"))
+                    .ok_or_else(|| Error::CheckpointMismatch {
+                        path: dir.to_path_buf(),
+                        message: format!("weight {name} is missing"),
+                    })?;
+            var.set(t)?;
+        }
+        self.opt.restore("adam/", &tensors, saved.step);
+        self.state.step = saved.step;
+        Ok(())
+    }
+}
+
+impl Trainer for RecoverRun<'_> {
+    fn step(&mut self, step: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let picked = rows_of_step(self.train, step, self.config.batch);
+        let batch = batch_of(&picked)?;
+        let view = teacher_view(self.teacher, &batch)?;
+        let h = self.student.hidden(&batch)?;
+        let (b, t, e) = h.dims3()?;
+        let kd = soft_cross_entropy(&self.student.logits(&h.reshape((b * t, e))?)?, &view.probs)?;
+        let grads = kd.backward()?;
+        let schedule = optim::Schedule {
+            lr: self.config.lr,
+            warmup: self.config.warmup,
+            steps: self.config.steps,
+            min_ratio: 0.1,
+        };
+        self.opt.step(
+            &self.named,
+            &grads_of(&grads, &self.named),
+            schedule.lr_at(step),
+            0.0,
+        )?;
+        self.state.step = step + 1;
+        (self.on_event)(&PruneEvent::RecoverStep {
+            step: step + 1,
+            kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
+            tokens_per_sec: (b * t) as f64 / t0.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn evaluate(&mut self, done: usize) -> Result<()> {
+        let kl = mean_kl(self.student, self.teacher, self.heldout, self.config.batch)?;
+        self.final_kl = kl;
+        (self.on_event)(&PruneEvent::RecoverHeldout { step: done, kl });
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, done: usize) -> Result<()> {
+        let Some(dir) = self.checkpoint else {
+            return Ok(());
+        };
+        let mut tensors = HashMap::new();
+        self.opt.moments("adam/", &mut tensors);
+        for (name, var) in &self.named {
+            tensors.insert(format!("var/{name}"), var.as_tensor().clone());
+        }
+        let state = RecoverState {
+            step: done,
+            ..self.state.clone()
+        };
+        save_checkpoint(dir, &state, &tensors)
+    }
+}
