@@ -238,12 +238,14 @@ pub fn finetune(
     Ok((base, model, summary))
 }
 
-/// finetune → merge → quantize.
+/// [finetune → merge] → [prune] → quantize.
 #[derive(Debug, Clone)]
 pub struct PipelineJob {
-    /// The finetune (its `out` is the work directory).
-    pub finetune: FinetuneJob,
-    /// The quantization of the merged model.
+    /// The finetune whose adapter is merged first (its `out` is the work directory), if any.
+    pub finetune: Option<FinetuneJob>,
+    /// Pruning to one size before quantization, if any (its `keeps` holds that one ratio).
+    pub prune: Option<PruneJob>,
+    /// The quantization of the result.
     pub quantize: QuantizeJob,
 }
 
@@ -251,17 +253,20 @@ pub struct PipelineJob {
 #[derive(Debug)]
 pub struct PipelineOutcome {
     /// The finetune's summary.
-    pub train: TrainSummary,
-    /// The merged weights that were quantized.
-    pub merged: BaseWeights,
+    pub train: Option<TrainSummary>,
+    /// The pruned size.
+    pub pruned: Option<PrunedSize>,
+    /// The weights that were quantized.
+    pub quantized: BaseWeights,
     /// The quantized file.
     pub report: QuantReport,
     /// The learned quantization's summary.
     pub learn: Option<LearnSummary>,
 }
 
-/// Finetunes, merges the adapter and quantizes the result into one GGUF. `finetuned` sees the
-/// trained adapter (to save it) before it is merged and freed.
+/// Finetunes and merges an adapter, prunes, and quantizes the result into one GGUF — each
+/// stage when `job` has it. `finetuned` sees the trained adapter (to save it) before it is
+/// merged and freed.
 pub fn pipeline(
     base_path: &Path,
     job: &PipelineJob,
@@ -269,21 +274,36 @@ pub fn pipeline(
     finetuned: &mut dyn FnMut(&BaseWeights, &AdaptedModel, &TrainSummary) -> Result<()>,
     events: &mut dyn FnMut(PipelineEvent),
 ) -> Result<PipelineOutcome> {
-    if job.finetune.adapter.kind == AdapterKind::LorettaAdp {
-        return Err(Error::NotExportable(
-            "loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep"
-                .into(),
-        ));
-    }
-    let (base, model, train) = finetune(base_path, &job.finetune, tokenizer, events)?;
-    finetuned(&base, &model, &train)?;
-    events(PipelineEvent::Stage("merging the adapter"));
-    let merged = merge(&model, &base)?;
-    drop((model, base));
-    let (report, learn) = quantize(&merged, &job.quantize, tokenizer, events)?;
+    let (mut weights, train) = match &job.finetune {
+        Some(finetune_job) => {
+            if finetune_job.adapter.kind == AdapterKind::LorettaAdp {
+                return Err(Error::NotExportable(
+                    "loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep"
+                        .into(),
+                ));
+            }
+            let (base, model, train) = finetune(base_path, finetune_job, tokenizer, events)?;
+            finetuned(&base, &model, &train)?;
+            events(PipelineEvent::Stage("merging the adapter"));
+            (merge(&model, &base)?, Some(train))
+        }
+        None => (BaseWeights::load(base_path)?, None),
+    };
+    let pruned = match &job.prune {
+        Some(prune_job) => {
+            let size = prune(&weights, prune_job, tokenizer, events)?
+                .pop()
+                .ok_or_else(|| Error::Config("pruning made no model".into()))?;
+            weights = BaseWeights::load(&size.path)?;
+            Some(size)
+        }
+        None => None,
+    };
+    let (report, learn) = quantize(&weights, &job.quantize, tokenizer, events)?;
     Ok(PipelineOutcome {
         train,
-        merged,
+        pruned,
+        quantized: weights,
         report,
         learn,
     })

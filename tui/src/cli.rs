@@ -59,7 +59,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,
     /// A GGUF LoRA adapter applied at run time, unmerged: `FILE` or `FILE:SCALE` (default
-    /// scale 1; `geek compress export --lora` writes one).
+    /// scale 1; `geek compress export --gguf-lora` writes one).
     #[arg(long, global = true, env = "GEEK_LORA")]
     pub lora: Option<LoraSpec>,
     /// Tokens drafted by prompt lookup per greedy step (0 turns drafting off; outputs are the

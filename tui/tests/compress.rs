@@ -261,3 +261,97 @@ fn trajectories_finetune_export_and_serve() {
         .unwrap());
     assert!(!text.trim().is_empty());
 }
+
+/// `geek compress prune` on the real model: a size written (f32 and q4_0) that `geek generate`
+/// serves, a rerun that reads the finished size back instead of redoing it, and `pipeline
+/// --prune` chaining learned pruning into quantization.
+#[test]
+fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("no-index");
+    let out_dir = dir.path().join("pruned");
+    let small = [
+        "--calib-rows",
+        "6",
+        "--seq-len",
+        "32",
+        "--batch",
+        "2",
+        "--recover-steps",
+        "1",
+    ];
+    let prune = |extra: &[&str]| {
+        let mut args = vec![
+            "compress",
+            "prune",
+            "--keep",
+            "0.75",
+            "--method",
+            "magnitude",
+            "--type",
+            "q4_0",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        geek(&index, &args)
+    };
+    let out = ok(prune(&[]));
+    assert!(
+        out.contains("keep 0.75:") && out.contains("% of non-embedding"),
+        "{out}"
+    );
+    let f32_file = out_dir.join("keep-0.75.gguf");
+    let q4 = out_dir.join("keep-0.75-q4_0.gguf");
+    assert!(f32_file.is_file() && q4.is_file());
+    let info = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["model", "info"])
+        .arg(&q4)
+        .output()
+        .unwrap());
+    assert!(info.contains("deci"), "{info}");
+    // Served (what it says after one recovery step is not the point).
+    ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["generate", "--max-tokens", "6", "The capital of France is"])
+        .arg("--model")
+        .arg(&q4)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap());
+    // A rerun finds the size done; other settings in the same directory are refused.
+    let again = ok(prune(&[]));
+    assert_eq!(again.lines().next(), out.lines().next(), "{again}");
+    let other = prune(&["--recover-lr", "1e-3"]);
+    assert!(!other.status.success());
+    assert!(String::from_utf8_lossy(&other.stderr).contains("other pruning settings"));
+
+    // learned masks → recovery → rtn q4_0 in one command.
+    let chained = dir.path().join("pruned-q4_0.gguf");
+    let mut args = vec![
+        "compress",
+        "pipeline",
+        "--prune",
+        "0.75",
+        "--prune-steps",
+        "2",
+        "--type",
+        "q4_0",
+        "--method",
+        "rtn",
+        "--out",
+        chained.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&small);
+    let out = ok(geek(&index, &args));
+    assert!(
+        out.contains("q4_0, rtn") && out.contains("keep-0.75.gguf"),
+        "{out}"
+    );
+    assert!(chained.is_file());
+    assert!(chained
+        .with_extension("work")
+        .join("prune/masks.json")
+        .is_file());
+}

@@ -344,19 +344,37 @@ impl GgufFile {
     }
 
     /// Bytes of a KV cache of `n_ctx` cells with `elem_bytes`-byte elements, from the
-    /// architecture's layer, head and width keys (`None` when they are missing).
+    /// architecture's layer, head and width keys (`None` when they are missing). Head counts
+    /// may be one number or one per layer (deci, pruned models).
     pub fn kv_cache_bytes(&self, n_ctx: u64, elem_bytes: u64) -> Option<u64> {
         let arch = self.architecture()?;
-        let get = |k: &str| self.get_u64(&format!("{arch}.{k}"));
-        let layers = get("block_count")?;
-        let heads = get("attention.head_count")?.max(1);
-        let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
-        let width = get("embedding_length")?;
-        let key = get("attention.key_length").unwrap_or(width / heads);
-        let value = get("attention.value_length").unwrap_or(width / heads);
-        layers
+        let key = |k: &str| format!("{arch}.{k}");
+        let layers = self.get_u64(&key("block_count"))?;
+        // Per layer: the number, or the layer's entry of an array of them.
+        let per_layer = |k: &str| -> Option<Vec<u64>> {
+            match self.metadata.get(&key(k))? {
+                Value::Array(items) if items.len() as u64 == layers => {
+                    items.iter().map(Value::as_u64).collect()
+                }
+                v => Some(vec![v.as_u64()?; usize::try_from(layers).ok()?]),
+            }
+        };
+        let heads = per_layer("attention.head_count")?;
+        let kv_heads = per_layer("attention.head_count_kv").unwrap_or_else(|| heads.clone());
+        let width = self.get_u64(&key("embedding_length"))?;
+        let first_heads = heads.iter().copied().find(|&h| h > 0).unwrap_or(1);
+        let k_len = self
+            .get_u64(&key("attention.key_length"))
+            .unwrap_or(width / first_heads);
+        let v_len = self
+            .get_u64(&key("attention.value_length"))
+            .unwrap_or(width / first_heads);
+        let heads_total = kv_heads
+            .iter()
+            .try_fold(0u64, |sum, &h| sum.checked_add(h))?;
+        heads_total
             .checked_mul(n_ctx)?
-            .checked_mul(kv_heads.checked_mul(key.checked_add(value)?)?)?
+            .checked_mul(k_len.checked_add(v_len)?)?
             .checked_mul(elem_bytes)
     }
 

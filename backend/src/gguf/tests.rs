@@ -175,3 +175,51 @@ fn a_zero_alignment_is_corrupt() {
     let err = GgufFile::open(&p).unwrap_err();
     assert!(err.to_string().contains("alignment"), "{err}");
 }
+
+/// A file of only `metadata` (no tensors), for the metadata helpers.
+fn with_metadata(metadata: Vec<(&str, Value)>) -> GgufFile {
+    GgufFile {
+        path: PathBuf::from("m.gguf"),
+        version: 3,
+        metadata: metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        tensors: Vec::new(),
+        data_offset: 0,
+        file_size: 0,
+    }
+}
+
+#[test]
+fn the_kv_cache_is_sized_from_one_head_count_or_one_per_layer() {
+    let llama = with_metadata(vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", Value::U64(30)),
+        ("llama.attention.head_count", Value::U64(9)),
+        ("llama.attention.head_count_kv", Value::U64(3)),
+        ("llama.embedding_length", Value::U64(576)),
+    ]);
+    // SmolLM2: 30 layers × 3 KV heads × (64 + 64) per cell, f16.
+    assert_eq!(llama.kv_cache_bytes(100, 2), Some(30 * 3 * 128 * 100 * 2));
+    // A pruned (deci) model: KV heads per layer, the hidden width no longer heads × 64.
+    let deci = with_metadata(vec![
+        ("general.architecture", Value::String("deci".into())),
+        ("deci.block_count", Value::U64(3)),
+        (
+            "deci.attention.head_count",
+            Value::Array(vec![Value::U64(6), Value::U64(3), Value::U64(9)]),
+        ),
+        (
+            "deci.attention.head_count_kv",
+            Value::Array(vec![Value::U64(2), Value::U64(1), Value::U64(3)]),
+        ),
+        ("deci.embedding_length", Value::U64(448)),
+        ("deci.attention.key_length", Value::U64(64)),
+        ("deci.attention.value_length", Value::U64(64)),
+    ]);
+    assert_eq!(
+        deci.kv_cache_bytes(100, 2),
+        Some((2 + 1 + 3) * 128 * 100 * 2)
+    );
+}

@@ -192,12 +192,23 @@ impl MaskVars {
         out
     }
 
-    fn masks(&self) -> StructureMasks {
-        StructureMasks {
+    /// The hidden mask as used: the variable divided by its root mean square. RMS norms make
+    /// the model blind to a common scale of the residual stream, so an unnormalised hidden
+    /// mask could shrink as a whole at no cost to the distillation loss while the L1 penalty
+    /// drove it toward 0 (measured: the whole mask fell below ½ in 20 steps, then ε took over
+    /// and the KL grew). Normalised, only the pattern across dimensions is learned.
+    fn hidden(&self) -> Result<Tensor> {
+        let m = self.hidden.as_tensor();
+        let rms = (m.sqr()?.mean_all()? + 1e-12)?.sqrt()?;
+        Ok(m.broadcast_div(&rms)?)
+    }
+
+    fn masks(&self) -> Result<StructureMasks> {
+        Ok(StructureMasks {
             heads: self.heads.iter().map(|v| v.as_tensor().clone()).collect(),
             ffn: self.ffn.iter().map(|v| v.as_tensor().clone()).collect(),
-            hidden: self.hidden.as_tensor().clone(),
-        }
+            hidden: self.hidden()?,
+        })
     }
 
     fn scores(&self) -> Result<Scores> {
@@ -209,7 +220,7 @@ impl MaskVars {
         Ok(Scores {
             heads: values(&self.heads)?,
             ffn: values(&self.ffn)?,
-            hidden: self.hidden.as_tensor().to_vec1()?,
+            hidden: self.hidden()?.to_vec1()?,
         })
     }
 
@@ -231,7 +242,7 @@ impl MaskVars {
         };
         let total = ((l1(&self.heads)? * head_cost)?
             + (l1(&self.ffn)? * channel_cost)?
-            + (self.hidden.as_tensor().abs()?.sum_all()? * dim_cost)?)?;
+            + (self.hidden()?.abs()?.sum_all()? * dim_cost)?)?;
         Ok((total / full)?)
     }
 }
@@ -391,7 +402,7 @@ impl Trainer for MaskRun<'_> {
         let picked = rows_of_step(self.train, step, self.config.batch);
         let batch = batch_of(&picked)?;
         let view = teacher_view(self.teacher, &batch)?;
-        let student = self.teacher.with_masks(self.vars.masks());
+        let student = self.teacher.with_masks(self.vars.masks()?);
         let h = student.hidden(&batch)?;
         let (b, t, e) = h.dims3()?;
         let kd = soft_cross_entropy(&student.logits(&h.reshape((b * t, e))?)?, &view.probs)?;
@@ -424,7 +435,7 @@ impl Trainer for MaskRun<'_> {
     }
 
     fn evaluate(&mut self, done: usize) -> Result<()> {
-        let student = self.teacher.with_masks(self.vars.masks());
+        let student = self.teacher.with_masks(self.vars.masks()?);
         let kl = mean_kl(&student, self.teacher, self.heldout, self.config.batch)?;
         (self.on_event)(&PruneEvent::MaskHeldout { step: done, kl });
         Ok(())

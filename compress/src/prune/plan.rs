@@ -258,11 +258,11 @@ mod tests {
         LlamaConfig {
             architecture: Architecture::Llama,
             n_layer: 2,
-            n_embd: 128,
-            n_ff: 256,
+            n_embd: 512,
+            n_ff: 1024,
             n_head: 4,
             n_head_kv: 2,
-            n_embd_head: 32,
+            n_embd_head: 128,
             n_vocab: 10,
             rms_eps: 1e-5,
             rope_base: 1e4,
@@ -307,7 +307,7 @@ mod tests {
                 Plan::uniform_for_keep(&s, &c, keep),
             ] {
                 let kept = plan.parameters(&c).non_embedding() as f64 / full;
-                assert!(kept <= keep + 1e-9 && kept > keep - 0.2, "{keep}: {kept}");
+                assert!(kept <= keep + 1e-9 && kept > keep - 0.1, "{keep}: {kept}");
             }
         }
         assert_eq!(Plan::for_keep(&s, &c, 1.0), Plan::full(&c));

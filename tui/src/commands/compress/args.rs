@@ -7,7 +7,10 @@ use clap::{Args, Subcommand};
 use geek_compress::blocks::{Granularity, ScaleInit};
 use geek_compress::distill::LearnedConfig;
 use geek_compress::export::FloatType;
-use geek_compress::pipeline::{CalibrationText, FinetuneJob, QuantMethod, QuantizeJob};
+use geek_compress::pipeline::{
+    CalibrationText, FinetuneJob, PruneJob, PruneMethod, QuantMethod, QuantizeJob,
+};
+use geek_compress::prune::{MaskConfig, RecoverConfig};
 use geek_compress::quantize::QuantType;
 use geek_compress::train::TrainConfig;
 use geek_compress::{AdapterConfig, AdapterKind, MixerInit, Target};
@@ -21,8 +24,12 @@ pub enum CompressCommand {
     Export(ExportArgs),
     /// Quantize a model into GGUF block types: round-to-nearest, or learned scales (QuantGPT).
     Quantize(QuantizeArgs),
-    /// Finetune an adapter, merge it and quantize the result into one GGUF, in one command.
+    /// Finetune an adapter and merge it (--data), prune (--prune), and quantize the result
+    /// into one GGUF, in one command.
     Pipeline(PipelineArgs),
+    /// Structured pruning (SIMPLE's learned masks, or magnitude) into smaller GGUFs, each
+    /// recovered by distillation.
+    Prune(super::PruneArgs),
     /// Write a model dequantized to f32 or f16 (the reference for quantization).
     Dequantize {
         /// Output GGUF.
@@ -192,9 +199,23 @@ pub struct PipelineArgs {
     /// lora, moslora or loretta-rep (loretta-adp has no mergeable form).
     #[arg(long, default_value = "lora")]
     pub adapter: AdapterKind,
-    /// Training JSONL `{prompt, completion}` (e.g. from `geek data trajectories`).
+    /// Training JSONL `{prompt, completion}` (e.g. from `geek data trajectories`); without
+    /// it, nothing is finetuned.
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: Option<PathBuf>,
+    /// Prune to this fraction of the non-embedding parameters before quantizing (see
+    /// `compress prune`; llama models).
+    #[arg(long)]
+    pub prune: Option<f64>,
+    /// learned or magnitude pruning.
+    #[arg(long, default_value = "learned")]
+    pub prune_method: PruneMethod,
+    /// Mask-learning steps of pruning.
+    #[arg(long, default_value_t = 100)]
+    pub prune_steps: usize,
+    /// Recovery steps after pruning.
+    #[arg(long, default_value_t = 100)]
+    pub recover_steps: usize,
     /// Quantized type of the result (q4_0, q8_0, …; see `quantize`).
     #[arg(long)]
     pub r#type: QuantType,
@@ -204,8 +225,8 @@ pub struct PipelineArgs {
     /// rtn or learned quantization.
     #[arg(long, default_value = "learned")]
     pub method: QuantMethod,
-    /// Where the finetune keeps its checkpoint (resumed when rerun), adapter and loss curve
-    /// (default: OUT with extension `.work`).
+    /// Where the finetune keeps its checkpoint (resumed when rerun), adapter and loss curve,
+    /// and pruning its sizes (in `prune/`) (default: OUT with extension `.work`).
     #[arg(long)]
     pub work: Option<PathBuf>,
     /// Adapter rank.
@@ -234,9 +255,18 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    /// The finetune part: all seven targets, α = 2r, the pipeline's schedule.
-    pub fn finetune_job(&self) -> FinetuneJob {
-        FinetuneJob {
+    /// The work directory.
+    pub fn work(&self) -> PathBuf {
+        self.work
+            .clone()
+            .unwrap_or_else(|| self.out.with_extension("work"))
+    }
+
+    /// The finetune part, when --data is given: all seven targets, α = 2r, the pipeline's
+    /// schedule.
+    pub fn finetune_job(&self) -> Option<FinetuneJob> {
+        let data = self.data.clone()?;
+        Some(FinetuneJob {
             adapter: AdapterConfig {
                 kind: self.adapter,
                 rank: self.rank,
@@ -259,13 +289,31 @@ impl PipelineArgs {
                 seed: self.learned.seed,
                 ..TrainConfig::default()
             },
-            data: self.data.clone(),
+            data,
             limit: self.limit,
-            out: self
-                .work
-                .clone()
-                .unwrap_or_else(|| self.out.with_extension("work")),
-        }
+            out: self.work(),
+        })
+    }
+
+    /// The pruning part, when --prune is given, on the quantization's calibration text.
+    pub fn prune_job(&self, calibration: &CalibrationText) -> Option<PruneJob> {
+        let keep = self.prune?;
+        Some(PruneJob {
+            method: self.prune_method,
+            keeps: vec![keep],
+            masks: MaskConfig {
+                steps: self.prune_steps,
+                batch: self.learned.batch,
+                ..MaskConfig::default()
+            },
+            recover: RecoverConfig {
+                steps: self.recover_steps,
+                batch: self.learned.batch,
+                ..RecoverConfig::default()
+            },
+            calibration: calibration.clone(),
+            out: self.work().join("prune"),
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 //! from the library's events.
 
 mod args;
+mod prune;
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use geek_compress::distill::{LearnEvent, LearnSummary};
 use geek_compress::export::{
     load_adapter, save_adapter, write_gguf_lora, write_merged_gguf, write_peft, FloatType,
 };
-use geek_compress::pipeline::{self, PipelineEvent, PipelineJob, QuantMethod};
+use geek_compress::pipeline::{self, PipelineEvent, PipelineJob, PruneMethod, QuantMethod};
 use geek_compress::quantize::{QuantReport, QuantType};
 use geek_compress::train::{TrainEvent, TrainSummary};
 use geek_compress::{AdaptedModel, BaseWeights};
@@ -21,6 +22,7 @@ use indicatif::ProgressBar;
 pub use args::{
     CompressCommand, ExportArgs, FinetuneArgs, LearnedArgs, PipelineArgs, QuantizeArgs,
 };
+pub use prune::PruneArgs;
 
 use crate::config::Resolved;
 
@@ -31,6 +33,7 @@ pub fn run(cmd: CompressCommand, config: &Resolved) -> Result<()> {
         CompressCommand::Export(args) => export(args, config),
         CompressCommand::Quantize(args) => quantize(args, config),
         CompressCommand::Pipeline(args) => run_pipeline(args, config),
+        CompressCommand::Prune(args) => prune::run(args, config),
         CompressCommand::Dequantize { out, r#type } => dequantize(&out, r#type, config),
     }
 }
@@ -62,6 +65,7 @@ fn show(bar: &ProgressBar, event: PipelineEvent, offset: u64, seq_len: usize) {
         PipelineEvent::Stage(stage) => bar.set_message(stage),
         PipelineEvent::Finetune(e) => show_train(bar, e, offset, seq_len),
         PipelineEvent::Quantize(e) => show_learn(bar, e, offset),
+        PipelineEvent::Prune(_) => {}
     }
 }
 
@@ -281,52 +285,71 @@ impl Quantized<'_> {
     }
 }
 
-/// finetune → merge → quantize, with one progress bar over both trainings.
+/// [finetune → merge] → [prune] → quantize, with one progress bar over the trainings.
 fn run_pipeline(args: PipelineArgs, config: &Resolved) -> Result<()> {
     let base_path = config.model_path(args.base.as_deref())?;
+    let quantize = args
+        .learned
+        .job(args.r#type, args.method, args.out.clone(), &config.data_dir);
     let job = PipelineJob {
         finetune: args.finetune_job(),
-        quantize: args
-            .learned
-            .job(args.r#type, args.method, args.out.clone(), &config.data_dir),
+        prune: args.prune_job(&quantize.calibration),
+        quantize,
     };
     let quant_steps = match args.method {
         QuantMethod::Learned => args.learned.steps,
         QuantMethod::Rtn => 0,
     };
-    let finetune_steps = job.finetune.train.steps;
-    let bar = crate::progress::steps_bar((finetune_steps + quant_steps) as u64);
+    let finetune_steps = job.finetune.as_ref().map_or(0, |f| f.train.steps);
+    let prune_steps = job.prune.as_ref().map_or(0, |p| {
+        let masks = if p.method == PruneMethod::Learned {
+            p.masks.steps
+        } else {
+            0
+        };
+        masks + p.recover.steps
+    });
+    let bar = crate::progress::steps_bar((finetune_steps + prune_steps + quant_steps) as u64);
     let started = Instant::now();
     let engine = tokenizer(config, &base_path)?;
-    let seq_len = job.finetune.train.seq_len;
+    let seq_len = job.finetune.as_ref().map_or(0, |f| f.train.seq_len);
+    let mut prune_offset = 0;
     let result = pipeline::pipeline(
         &base_path,
         &job,
         &engine,
         &mut |base, model, summary| {
-            let saved = bar.suspend(|| {
-                save_finetune(&job.finetune.out, &args.data, base, model, summary, started)
-            });
+            let (Some(finetune), Some(data)) = (&job.finetune, &args.data) else {
+                return Ok(());
+            };
+            let saved =
+                bar.suspend(|| save_finetune(&finetune.out, data, base, model, summary, started));
             saved.map_err(|e| geek_compress::Error::Config(format!("{e:#}")))
         },
-        &mut |e| {
-            // The quantization's steps follow the finetune's on the one bar.
-            let offset = if matches!(e, PipelineEvent::Quantize(_)) {
-                finetune_steps as u64
-            } else {
-                0
-            };
-            show(&bar, e, offset, seq_len)
+        // Pruning's steps follow the finetune's; the quantization's follow both.
+        &mut |e| match (e, &job.prune) {
+            (PipelineEvent::Prune(e), Some(p)) => {
+                prune::show(&bar, e, finetune_steps as u64, &mut prune_offset, p)
+            }
+            (e @ PipelineEvent::Quantize(_), _) => {
+                show(&bar, e, (finetune_steps + prune_steps) as u64, seq_len)
+            }
+            (e, _) => show(&bar, e, 0, seq_len),
         },
     );
     bar.finish_and_clear();
     let outcome = result?;
+    let input = match (&outcome.pruned, &job.finetune) {
+        (Some(size), _) => size.path.clone(),
+        (None, Some(f)) => f.out.join("adapter"),
+        (None, None) => base_path.clone(),
+    };
     let done = Quantized {
-        input: &job.finetune.out.join("adapter"),
+        input: &input,
         out: &args.out,
         ty: args.r#type,
         method: args.method,
-        base: &outcome.merged,
+        base: &outcome.quantized,
         report: &outcome.report,
         summary: outcome.learn.as_ref(),
     };
