@@ -176,6 +176,27 @@ pub(crate) struct Cadence {
     pub(crate) checkpoint_every: usize,
 }
 
+impl Cadence {
+    /// `steps` steps, evaluating every `eval_every`, checkpointing every `checkpoint_every`
+    /// — never, when the run has no checkpoint directory.
+    pub(crate) fn of_run(
+        steps: usize,
+        eval_every: usize,
+        checkpoint_every: usize,
+        checkpointed: bool,
+    ) -> Cadence {
+        Cadence {
+            steps,
+            eval_every,
+            checkpoint_every: if checkpointed {
+                checkpoint_every
+            } else {
+                usize::MAX
+            },
+        }
+    }
+}
+
 /// Steps `trainer` from `start` to `cadence.steps`, evaluating and checkpointing as due
 /// (both always after the last step).
 pub(crate) fn run(trainer: &mut impl Trainer, start: usize, cadence: Cadence) -> Result<()> {

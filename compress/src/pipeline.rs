@@ -72,6 +72,27 @@ pub struct CalibrationText {
 }
 
 impl CalibrationText {
+    /// `rows` rows of `seq_len` tokens from `files`, or from the default corpus of `data_dir`
+    /// when no file is given.
+    pub fn new(
+        files: &[PathBuf],
+        data_dir: &Path,
+        rows: usize,
+        seq_len: usize,
+        seed: u64,
+    ) -> CalibrationText {
+        CalibrationText {
+            files: if files.is_empty() {
+                CalibrationText::default_files(data_dir)
+            } else {
+                files.to_vec()
+            },
+            rows,
+            seq_len,
+            seed,
+        }
+    }
+
     /// The default corpus of a data directory: StrategyQA paragraphs and vital articles
     /// (never the perplexity test text).
     pub fn default_files(data_dir: &Path) -> Vec<PathBuf> {

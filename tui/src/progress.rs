@@ -79,3 +79,14 @@ pub fn steps_bar(len: u64) -> ProgressBar {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     )
 }
+
+/// A line above the bar — or on stderr when the bar is hidden (not a terminal), where
+/// indicatif would drop it.
+pub fn note(bar: &ProgressBar, line: impl Into<String>) {
+    let line = line.into();
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}

@@ -215,6 +215,17 @@ fn student_losses(
     Ok((kd, contrastive))
 }
 
+/// Calibration rows must be of one length ≥ 2, more of them than are held out.
+pub(crate) fn check_rows(rows: &[Vec<u32>], holdout: usize) -> Result<()> {
+    if rows.len() <= holdout || rows.iter().any(|r| r.len() != rows[0].len() || r.len() < 2) {
+        return Err(Error::Config(format!(
+            "calibration needs more than {holdout} rows of one length ≥ 2 (got {})",
+            rows.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Mean KL(teacher ‖ student) per token over `rows`.
 fn heldout_kl(
     model: &LearnedModel,
@@ -263,14 +274,7 @@ pub fn learn(
             "batch and temperature must be positive".into(),
         ));
     }
-    if rows.len() <= config.holdout || rows.iter().any(|r| r.len() != rows[0].len() || r.len() < 2)
-    {
-        return Err(Error::Config(format!(
-            "calibration needs more than {} rows of one length ≥ 2 (got {})",
-            config.holdout,
-            rows.len()
-        )));
-    }
+    check_rows(rows, config.holdout)?;
     let teacher = AdaptedModel::new(base, None)?;
     let heldout = &rows[rows.len() - config.holdout..];
     let rtn_kl = if config.init == ScaleInit::Rtn {
@@ -299,15 +303,12 @@ pub fn learn(
         optim::run(
             &mut run,
             start,
-            Cadence {
-                steps: config.steps,
-                eval_every: config.eval_every,
-                checkpoint_every: if checkpoint.is_some() {
-                    config.checkpoint_every
-                } else {
-                    usize::MAX
-                },
-            },
+            Cadence::of_run(
+                config.steps,
+                config.eval_every,
+                config.checkpoint_every,
+                checkpoint.is_some(),
+            ),
         )?;
         run.best
     };

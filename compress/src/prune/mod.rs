@@ -9,8 +9,9 @@
 //!    is trained with the base weights frozen on knowledge distillation from the unpruned
 //!    model (KL of the next-token distributions) plus an L1 sparsity penalty weighted by the
 //!    parameters each structure costs. The penalty's weight λ follows a controller: it grows
-//!    while the model the masks would give at |m| ≥ ½ is larger than the target and shrinks
-//!    once it is smaller, so the run settles at the target size. (The paper's relaxation — real
+//!    while the model the masks would give at |m| ≥ ½ is larger than the size aimed at, and
+//!    shrinks once it is smaller; the aim falls linearly from the whole model to the target
+//!    over the first half of the steps, so the run settles at the target size. (The paper's relaxation — real
 //!    masks with L1, thresholded afterwards — rather than hard-concrete L0 gates.)
 //! 2. **Extraction** ([`Plan::for_keep`], [`extract()`]): one threshold on |m| per size, found
 //!    by bisection so the non-embedding parameters kept are at most the ratio asked; widths
@@ -34,7 +35,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, read_json, swap_in, write_json};
-use crate::distill::{batch_of, mean_kl, teacher_view};
+use crate::distill::{batch_of, check_rows, mean_kl, teacher_view};
 use crate::fused::soft_cross_entropy;
 use crate::model::StructureMasks;
 use crate::optim::{self, fingerprint, grads_of, AdamW, Cadence, NamedVars, Trainer};
@@ -64,8 +65,12 @@ pub struct MaskConfig {
     pub warmup: usize,
     /// First weight λ of the sparsity penalty.
     pub sparsity: f64,
-    /// Factor by which the controller moves λ each step.
+    /// Largest factor by which the controller moves λ in one step (taken in full when the
+    /// size is 5 points or more off its aim, in proportion below).
     pub lambda_step: f64,
+    /// Share of the steps over which the size aimed at falls linearly from the whole model to
+    /// `target` (a target reached at once overshoots: the masks lag λ by tens of steps).
+    pub anneal: f64,
     /// Calibration rows held out to measure KL(teacher ‖ masked model).
     pub holdout: usize,
     /// Save a resumable checkpoint every this many steps (0: only at the end).
@@ -84,6 +89,7 @@ impl Default for MaskConfig {
             warmup: 5,
             sparsity: 1.0,
             lambda_step: 1.1,
+            anneal: 0.5,
             holdout: 4,
             checkpoint_every: 10,
             eval_every: 25,
@@ -306,28 +312,14 @@ pub fn learn_masks(
         rows: train.len(),
         start_step: start,
     });
-    let cadence = Cadence {
-        steps: config.steps,
-        eval_every: config.eval_every,
-        checkpoint_every: if checkpoint.is_some() {
-            config.checkpoint_every
-        } else {
-            usize::MAX
-        },
-    };
+    let cadence = Cadence::of_run(
+        config.steps,
+        config.eval_every,
+        config.checkpoint_every,
+        checkpoint.is_some(),
+    );
     optim::run(&mut run, start, cadence)?;
     vars.scores()
-}
-
-/// Calibration rows must be of one length ≥ 2, more of them than are held out.
-fn check_rows(rows: &[Vec<u32>], holdout: usize) -> Result<()> {
-    if rows.len() <= holdout || rows.iter().any(|r| r.len() != rows[0].len() || r.len() < 2) {
-        return Err(Error::Config(format!(
-            "calibration needs more than {holdout} rows of one length ≥ 2 (got {})",
-            rows.len()
-        )));
-    }
-    Ok(())
 }
 
 /// The `batch` training rows of `step`, cycling through `train`.
@@ -370,21 +362,18 @@ impl MaskRun<'_> {
                 message: "another model, calibration text or mask settings".into(),
             });
         }
-        let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
-        for (name, var) in &self.named {
-            let t =
-                tensors
-                    .get(&format!("var/{name}"))
-                    .ok_or_else(|| Error::CheckpointMismatch {
-                        path: dir.to_path_buf(),
-                        message: format!("mask {name} is missing"),
-                    })?;
-            var.set(t)?;
-        }
-        self.opt.restore("adam/", &tensors, saved.step);
+        load_run(dir, &self.named, &mut self.opt, saved.step)?;
         self.state.step = saved.step;
         self.state.lambda = saved.lambda;
         Ok(())
+    }
+
+    /// The size the penalty aims at after `done` steps: from the whole model down to the
+    /// target over the first `anneal` of the steps, then the target.
+    fn aim(&self, done: usize) -> f64 {
+        let span = (self.config.anneal * self.config.steps as f64).max(1.0);
+        let progress = (done as f64 / span).min(1.0);
+        1.0 - (1.0 - self.config.target) * progress
     }
 
     /// The non-embedding fraction the current masks keep at |m| ≥ ½.
@@ -417,12 +406,9 @@ impl Trainer for MaskRun<'_> {
             0.0,
         )?;
         let kept = self.kept()?;
-        let factor = self.config.lambda_step;
-        self.state.lambda = if kept > self.config.target {
-            (self.state.lambda * factor).min(1e6)
-        } else {
-            (self.state.lambda / factor).max(1e-6)
-        };
+        let gap = kept - self.aim(step + 1);
+        let factor = self.config.lambda_step.powf((gap / 0.05).clamp(-1.0, 1.0));
+        self.state.lambda = (self.state.lambda * factor).clamp(1e-6, 1e6);
         self.state.step = step + 1;
         (self.on_event)(&PruneEvent::MaskStep {
             step: step + 1,
@@ -445,29 +431,42 @@ impl Trainer for MaskRun<'_> {
         let Some(dir) = self.checkpoint else {
             return Ok(());
         };
-        let mut tensors = HashMap::new();
-        self.opt.moments("adam/", &mut tensors);
-        for (name, var) in &self.named {
-            tensors.insert(format!("var/{name}"), var.as_tensor().clone());
-        }
         let state = MaskState {
             step: done,
             ..self.state.clone()
         };
-        save_checkpoint(dir, &state, &tensors)
+        save_run(dir, &state, &self.named, &self.opt)
     }
 }
 
-/// Writes a checkpoint (state JSON and tensors) into `dir`, replacing the last one atomically.
-fn save_checkpoint(
-    dir: &Path,
-    state: &impl Serialize,
-    tensors: &HashMap<String, Tensor>,
-) -> Result<()> {
+/// Writes a checkpoint into `dir` — `state` as JSON, the variables and their Adam moments as
+/// tensors — replacing the last one atomically.
+fn save_run(dir: &Path, state: &impl Serialize, named: &NamedVars, opt: &AdamW) -> Result<()> {
+    let mut tensors = HashMap::new();
+    opt.moments("adam/", &mut tensors);
+    for (name, var) in named {
+        tensors.insert(format!("var/{name}"), var.as_tensor().clone());
+    }
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    candle_core::safetensors::save(tensors, tmp.join("state.safetensors"))?;
+    candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
     write_json(&tmp.join("state.json"), state)?;
     swap_in(&tmp, dir)
+}
+
+/// Reads back what [`save_run`] wrote at `step` into the variables and the optimizer.
+fn load_run(dir: &Path, named: &NamedVars, opt: &mut AdamW, step: usize) -> Result<()> {
+    let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
+    for (name, var) in named {
+        let t = tensors
+            .get(&format!("var/{name}"))
+            .ok_or_else(|| Error::CheckpointMismatch {
+                path: dir.to_path_buf(),
+                message: format!("variable {name} is missing"),
+            })?;
+        var.set(t)?;
+    }
+    opt.restore("adam/", &tensors, step);
+    Ok(())
 }

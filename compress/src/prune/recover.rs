@@ -120,15 +120,12 @@ pub fn recover(
         heldout_kl: initial_kl,
         start_step: start,
     });
-    let cadence = Cadence {
-        steps: config.steps,
-        eval_every: config.eval_every,
-        checkpoint_every: if checkpoint.is_some() {
-            config.checkpoint_every
-        } else {
-            usize::MAX
-        },
-    };
+    let cadence = Cadence::of_run(
+        config.steps,
+        config.eval_every,
+        config.checkpoint_every,
+        checkpoint.is_some(),
+    );
     optim::run(&mut run, start, cadence)?;
     let final_kl = run.final_kl;
     let trained = run
@@ -181,18 +178,7 @@ impl RecoverRun<'_> {
                 message: "another model, size, calibration text or recovery settings".into(),
             });
         }
-        let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
-        for (name, var) in &self.named {
-            let t =
-                tensors
-                    .get(&format!("var/{name}"))
-                    .ok_or_else(|| Error::CheckpointMismatch {
-                        path: dir.to_path_buf(),
-                        message: format!("weight {name} is missing"),
-                    })?;
-            var.set(t)?;
-        }
-        self.opt.restore("adam/", &tensors, saved.step);
+        load_run(dir, &self.named, &mut self.opt, saved.step)?;
         self.state.step = saved.step;
         Ok(())
     }
@@ -240,15 +226,10 @@ impl Trainer for RecoverRun<'_> {
         let Some(dir) = self.checkpoint else {
             return Ok(());
         };
-        let mut tensors = HashMap::new();
-        self.opt.moments("adam/", &mut tensors);
-        for (name, var) in &self.named {
-            tensors.insert(format!("var/{name}"), var.as_tensor().clone());
-        }
         let state = RecoverState {
             step: done,
             ..self.state.clone()
         };
-        save_checkpoint(dir, &state, &tensors)
+        save_run(dir, &state, &self.named, &self.opt)
     }
 }

@@ -409,16 +409,13 @@ impl LearnedArgs {
                 eval_every: self.eval_every,
                 ..LearnedConfig::default()
             },
-            calibration: CalibrationText {
-                files: if self.calib.is_empty() {
-                    CalibrationText::default_files(data_dir)
-                } else {
-                    self.calib.clone()
-                },
-                rows: self.calib_rows,
-                seq_len: self.seq_len,
-                seed: self.seed,
-            },
+            calibration: CalibrationText::new(
+                &self.calib,
+                data_dir,
+                self.calib_rows,
+                self.seq_len,
+                self.seed,
+            ),
             out,
         }
     }

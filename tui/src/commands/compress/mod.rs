@@ -87,7 +87,7 @@ fn show_train(bar: &ProgressBar, e: &TrainEvent, offset: u64, seq_len: usize) {
             start_step,
         } => {
             let resume = resuming_note(*start_step);
-            bar.println(format!(
+            crate::progress::note(bar, format!(
                 "{trainable} trainable weights; {rows} rows of {seq_len} tokens per epoch ({cut} examples cut to fit){resume}"
             ));
             bar.set_position(offset + *start_step as u64);
@@ -108,7 +108,7 @@ fn show_train(bar: &ProgressBar, e: &TrainEvent, offset: u64, seq_len: usize) {
             }
         }
         TrainEvent::Heldout { step, loss } => {
-            bar.println(format!("step {step}: held-out loss {loss:.4}"))
+            crate::progress::note(bar, format!("step {step}: held-out loss {loss:.4}"))
         }
         TrainEvent::Checkpoint { step } => tracing::info!(step, "checkpoint"),
     }
@@ -123,13 +123,13 @@ fn show_learn(bar: &ProgressBar, e: &LearnEvent, offset: u64) {
             start_step,
         } => {
             let resume = resuming_note(*start_step);
-            bar.println(format!(
+            crate::progress::note(bar, format!(
                 "{learnable} learnable numbers; {rows} calibration rows; held-out KL {heldout_kl:.4}{resume}"
             ));
             bar.set_position(offset + *start_step as u64);
         }
         LearnEvent::Heldout { step, kl } => {
-            bar.println(format!("step {step}: held-out KL {kl:.4}"));
+            crate::progress::note(bar, format!("step {step}: held-out KL {kl:.4}"));
         }
         LearnEvent::Step {
             step,

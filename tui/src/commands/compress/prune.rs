@@ -84,16 +84,13 @@ impl PruneArgs {
                 lr: self.recover_lr,
                 ..RecoverConfig::default()
             },
-            calibration: CalibrationText {
-                files: if self.calib.is_empty() {
-                    CalibrationText::default_files(data_dir)
-                } else {
-                    self.calib.clone()
-                },
-                rows: self.calib_rows,
-                seq_len: self.seq_len,
-                seed: self.seed,
-            },
+            calibration: CalibrationText::new(
+                &self.calib,
+                data_dir,
+                self.calib_rows,
+                self.seq_len,
+                self.seed,
+            ),
             out: self.out.clone(),
         }
     }
@@ -188,10 +185,13 @@ pub(super) fn show(bar: &ProgressBar, e: &PruneEvent, base: u64, offset: &mut u6
             rows,
             start_step,
         } => {
-            bar.println(format!(
-                "{masks} masks; {rows} calibration rows{}",
-                super::resuming_note(*start_step)
-            ));
+            crate::progress::note(
+                bar,
+                format!(
+                    "{masks} masks; {rows} calibration rows{}",
+                    super::resuming_note(*start_step)
+                ),
+            );
             bar.set_position(base + *start_step as u64);
         }
         PruneEvent::MaskStep {
@@ -212,28 +212,34 @@ pub(super) fn show(bar: &ProgressBar, e: &PruneEvent, base: u64, offset: &mut u6
             }
         }
         PruneEvent::MaskHeldout { step, kl } => {
-            bar.println(format!("mask step {step}: held-out KL {kl:.4}"))
+            crate::progress::note(bar, format!("mask step {step}: held-out KL {kl:.4}"))
         }
         PruneEvent::Extracted { keep, kept, full } => {
             *offset = base
                 + mask_steps
                 + job.keeps.iter().position(|k| k == keep).unwrap_or(0) as u64
                     * job.recover.steps as u64;
-            bar.println(format!(
-                "keep {keep}: {} of {} non-embedding parameters",
-                kept.non_embedding(),
-                full.non_embedding()
-            ));
+            crate::progress::note(
+                bar,
+                format!(
+                    "keep {keep}: {} of {} non-embedding parameters",
+                    kept.non_embedding(),
+                    full.non_embedding()
+                ),
+            );
         }
         PruneEvent::RecoverStarted {
             weights,
             heldout_kl,
             start_step,
         } => {
-            bar.println(format!(
-                "recovering {weights} weights; held-out KL {heldout_kl:.4}{}",
-                super::resuming_note(*start_step)
-            ));
+            crate::progress::note(
+                bar,
+                format!(
+                    "recovering {weights} weights; held-out KL {heldout_kl:.4}{}",
+                    super::resuming_note(*start_step)
+                ),
+            );
             bar.set_position(*offset + *start_step as u64);
         }
         PruneEvent::RecoverStep {
@@ -249,7 +255,7 @@ pub(super) fn show(bar: &ProgressBar, e: &PruneEvent, base: u64, offset: &mut u6
             }
         }
         PruneEvent::RecoverHeldout { step, kl } => {
-            bar.println(format!("recovery step {step}: held-out KL {kl:.4}"))
+            crate::progress::note(bar, format!("recovery step {step}: held-out KL {kl:.4}"))
         }
     }
 }
