@@ -37,6 +37,17 @@ pub enum Error {
         /// Version this build writes and reads.
         expected: u32,
     },
+    /// An encoder model (config, weights, tokenizer) is missing or malformed.
+    #[error("encoder model {path}: {reason}")]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor operation of the encoder failed.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
     /// tantivy failed.
     #[error("search index")]
     Index(#[from] tantivy::TantivyError),

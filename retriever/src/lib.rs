@@ -13,6 +13,7 @@
 
 mod bm25;
 pub mod corpus;
+pub mod dense;
 mod error;
 mod html;
 mod hybrid;

