@@ -14,6 +14,8 @@ geek="${CARGO_TARGET_DIR:-target}/release/geek"
 "$geek" model pull >/dev/null
 # The test suite's small model, so that the README's second command runs as it is.
 "$geek" model pull smollm2-135m-instruct-q4_1 >/dev/null
+# The sentence encoder of dense retrieval (90 MB), which the tests check too.
+"$geek" model pull all-minilm-l6-v2 >/dev/null
 index="${GEEK_INDEX:-$HOME/.local/share/geek/index}"
 if [ ! -f "$index/geek-index.json" ]; then
   "$geek" index build --index "$index"
