@@ -1,11 +1,11 @@
-//! `geek eval retrieval`: Recall@10 of the BM25 retriever on StrategyQA, in the StrategyQA
-//! paper's two settings — the question alone (IR-Q) and one query per gold decomposition step,
-//! merged by score (IR-ORA-D).
+//! `geek eval retrieval`: Recall@10 of a retriever (BM25, dense or hybrid) on StrategyQA, in
+//! the StrategyQA paper's two settings — the question alone (IR-Q) and one query per gold
+//! decomposition step, merged by score (IR-ORA-D) — with the latency of its queries.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use geek_retriever::Bm25Index;
+use geek_retriever::Passage;
 use serde::Serialize;
 
 use crate::recall::{mean_recall, recall_at_k};
@@ -53,7 +53,12 @@ pub struct RetrievalReport {
     pub index_documents: usize,
     /// Wall time.
     pub seconds: f64,
+    /// Median latency of one query, milliseconds.
+    pub latency_p50_ms: f64,
 }
+
+/// A search: the `k` best passages for a query, best first (BM25, dense, or both fused).
+pub type Search<'a> = dyn Fn(&str, usize) -> geek_retriever::Result<Vec<Passage>> + 'a;
 
 /// Removes `#1`-style references to earlier steps: they are not words to search for.
 fn strip_step_refs(step: &str) -> String {
@@ -71,23 +76,27 @@ fn strip_step_refs(step: &str) -> String {
     out
 }
 
-/// The ids of the top `k` passages for a question in `mode`.
+/// The ids of the top `k` passages for a question in `mode`; each query's latency is added
+/// to `latencies` (seconds).
 pub fn retrieve_ids(
-    index: &Bm25Index,
+    search: &Search,
     q: &Question,
     mode: QueryMode,
     k: usize,
+    latencies: &mut Vec<f64>,
 ) -> Result<Vec<String>> {
+    let mut timed = |query: &str| {
+        let t0 = Instant::now();
+        let hits = search(query, k);
+        latencies.push(t0.elapsed().as_secs_f64());
+        hits
+    };
     match mode {
-        QueryMode::Question => Ok(index
-            .search(&q.question, k)?
-            .into_iter()
-            .map(|p| p.id)
-            .collect()),
+        QueryMode::Question => Ok(timed(&q.question)?.into_iter().map(|p| p.id).collect()),
         QueryMode::Decomposition => {
             let mut best: HashMap<String, f32> = HashMap::new();
             for step in &q.decomposition {
-                for p in index.search(&strip_step_refs(step), k)? {
+                for p in timed(&strip_step_refs(step))? {
                     let s = best.entry(p.id).or_insert(f32::MIN);
                     *s = s.max(p.score);
                 }
@@ -99,33 +108,37 @@ pub fn retrieve_ids(
     }
 }
 
-/// Recall@k over `questions`.
+/// Recall@k over `questions` of `search` on an index of `documents` passages.
 pub fn evaluate(
-    index: &Bm25Index,
+    search: &Search,
+    documents: usize,
     questions: &[Question],
     mode: QueryMode,
     k: usize,
 ) -> Result<RetrievalReport> {
     let start = Instant::now();
+    let mut latencies = Vec::new();
     let per_question = questions
         .iter()
         .map(|q| {
             Ok(recall_at_k(
-                &retrieve_ids(index, q, mode, k)?,
+                &retrieve_ids(search, q, mode, k, &mut latencies)?,
                 &q.gold_paragraphs(),
                 k,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
     let (recall, scored) = mean_recall(&per_question);
+    latencies.sort_by(f64::total_cmp);
     Ok(RetrievalReport {
         mode,
         k,
         questions: questions.len(),
         scored,
         recall,
-        index_documents: index.meta().documents,
+        index_documents: documents,
         seconds: start.elapsed().as_secs_f64(),
+        latency_p50_ms: latencies.get(latencies.len() / 2).map_or(0.0, |s| s * 1e3),
     })
 }
 

@@ -61,6 +61,10 @@ pub struct RunSpec {
     pub model_sha256: String,
     /// Index directory (rag, geek).
     pub index: Option<PathBuf>,
+    /// The retriever when it is not BM25 (`dense:<encoder sha256>`, `hybrid:<sha256>@1,1`):
+    /// runs of other retrievers are kept apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retriever: Option<String>,
     /// Prompt versions (baselines, agent).
     pub prompts_version: String,
     /// Where results go.
@@ -70,13 +74,17 @@ pub struct RunSpec {
 impl RunSpec {
     /// A hash of what changes predictions (not `parallel` or `out_dir`).
     pub fn key(&self) -> String {
-        let identity = serde_json::json!({
+        let mut identity = serde_json::json!({
             "method": self.method, "dataset": self.dataset, "limit": self.limit,
             "explore": self.explore, "max_steps": self.max_steps, "seed": self.seed,
             "pre_answer": self.pre_answer, "passages": self.passages,
             "demonstrations": self.demonstrations, "final_reasoning": self.final_reasoning,
             "model_sha256": self.model_sha256, "index": self.index, "prompts": self.prompts_version,
         });
+        // BM25 runs keep the keys they had before other retrievers existed.
+        if let Some(r) = &self.retriever {
+            identity["retriever"] = serde_json::Value::String(r.clone());
+        }
         let digest = Sha256::digest(identity.to_string().as_bytes());
         digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
@@ -517,6 +525,7 @@ mod tests {
             model: PathBuf::from("scripted"),
             model_sha256: "0".into(),
             index: None,
+            retriever: None,
             prompts_version: "v".into(),
             out_dir: out.to_path_buf(),
         }

@@ -45,6 +45,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The dense store beside an index cannot be used as it is.
+    #[error("dense store {path}: {reason}; build it with `geek index embed`")]
+    DenseStale {
+        /// Its directory.
+        path: PathBuf,
+        /// Why (none, unfinished, another encoder, the index rebuilt).
+        reason: String,
+    },
     /// A tensor operation of the encoder failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),

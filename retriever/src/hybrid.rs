@@ -10,22 +10,45 @@ use crate::{BoxFuture, Passage, Result, Retriever};
 /// id, or the same title and text, count once.
 pub struct HybridRetriever {
     parts: Vec<Arc<dyn Retriever>>,
+    weights: Vec<f32>,
     rrf_k: f32,
 }
 
 impl HybridRetriever {
-    /// Fuses `parts` with the usual constant 60.
+    /// Fuses `parts` with equal weights and the usual constant 60.
     pub fn new(parts: Vec<Arc<dyn Retriever>>) -> Self {
-        HybridRetriever { parts, rrf_k: 60.0 }
+        HybridRetriever {
+            weights: vec![1.0; parts.len()],
+            parts,
+            rrf_k: 60.0,
+        }
+    }
+
+    /// The same, each part's reciprocal ranks multiplied by its weight (missing weights: 1).
+    pub fn with_weights(mut self, weights: Vec<f32>) -> Self {
+        self.weights = weights;
+        self
     }
 
     /// Fuses ranked lists.
     pub fn fuse(lists: Vec<Vec<Passage>>, rrf_k: f32, k: usize) -> Vec<Passage> {
+        HybridRetriever::fuse_weighted(lists, &[], rrf_k, k)
+    }
+
+    /// Fuses ranked lists, list `i` weighted by `weights[i]` (1 when missing): a passage
+    /// scores Σ weight / (`rrf_k` + rank).
+    pub fn fuse_weighted(
+        lists: Vec<Vec<Passage>>,
+        weights: &[f32],
+        rrf_k: f32,
+        k: usize,
+    ) -> Vec<Passage> {
         let mut fused: Vec<Passage> = Vec::new();
         let mut by_key: HashMap<String, usize> = HashMap::new();
-        for list in lists {
+        for (i, list) in lists.into_iter().enumerate() {
+            let weight = weights.get(i).copied().unwrap_or(1.0);
             for (rank, p) in list.into_iter().enumerate() {
-                let add = 1.0 / (rrf_k + rank as f32 + 1.0);
+                let add = weight / (rrf_k + rank as f32 + 1.0);
                 let content_key = format!("{}\u{0}{}", p.title.to_lowercase(), p.text.trim());
                 let slot = by_key
                     .get(&p.id)
@@ -61,16 +84,19 @@ impl Retriever for HybridRetriever {
         Box::pin(async move {
             let answers =
                 futures::future::join_all(self.parts.iter().map(|p| p.retrieve(query, k))).await;
-            let mut lists = Vec::new();
-            for (part, answer) in self.parts.iter().zip(answers) {
+            let (mut lists, mut weights) = (Vec::new(), Vec::new());
+            for (i, (part, answer)) in self.parts.iter().zip(answers).enumerate() {
                 match answer {
-                    Ok(list) => lists.push(list),
+                    Ok(list) => {
+                        lists.push(list);
+                        weights.push(self.weights.get(i).copied().unwrap_or(1.0));
+                    }
                     Err(e) => {
                         tracing::warn!(retriever = %part.name(), error = %e, "retriever failed; fusing the others")
                     }
                 }
             }
-            Ok(Self::fuse(lists, self.rrf_k, k))
+            Ok(Self::fuse_weighted(lists, &weights, self.rrf_k, k))
         })
     }
 }

@@ -55,6 +55,27 @@ pub struct GlobalArgs {
     /// The BM25 index directory.
     #[arg(long, global = true, env = "GEEK_INDEX")]
     pub index: Option<PathBuf>,
+    /// Where the agent's passages come from: bm25, dense (the index's sentence embeddings,
+    /// `geek index embed` first) or hybrid (both, weighted reciprocal rank fusion).
+    #[arg(long, global = true, env = "GEEK_RETRIEVER", default_value = "bm25")]
+    pub retriever: crate::passages::PassageSource,
+    /// Sentence encoder of dense retrieval: a catalogue name or a model directory.
+    #[arg(
+        long,
+        global = true,
+        env = "GEEK_ENCODER",
+        default_value = "all-minilm-l6-v2"
+    )]
+    pub encoder: String,
+    /// Weights of BM25 and dense in hybrid fusion.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "1,1",
+        num_args = 2
+    )]
+    pub hybrid_weights: Vec<f32>,
     /// Layers to offload to a GPU (needs a `cuda` build).
     #[arg(long, global = true, default_value_t = 0)]
     pub n_gpu_layers: u32,

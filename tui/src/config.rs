@@ -41,6 +41,12 @@ pub struct Resolved {
     pub lookup_draft: usize,
     /// A GGUF LoRA applied at run time, and its scale.
     pub lora: Option<crate::cli::LoraSpec>,
+    /// Where the agent's passages come from.
+    pub retriever: crate::passages::PassageSource,
+    /// The dense encoder (catalogue name or directory).
+    pub encoder: String,
+    /// RRF weights of BM25 and dense.
+    pub hybrid_weights: [f32; 2],
 }
 
 /// The model the commands run on: in process, or on a model server.
@@ -123,6 +129,12 @@ impl Resolved {
             calibration_store: paths::calibration_store(),
             lookup_draft: args.lookup_draft,
             lora: args.lora.clone(),
+            retriever: args.retriever,
+            encoder: args.encoder.clone(),
+            hybrid_weights: [
+                args.hybrid_weights.first().copied().unwrap_or(1.0),
+                args.hybrid_weights.get(1).copied().unwrap_or(1.0),
+            ],
         }
     }
 
@@ -244,6 +256,24 @@ impl Resolved {
     /// The BM25 index.
     pub fn open_index(&self) -> Result<Bm25Index> {
         Ok(Bm25Index::open(&self.index_dir)?)
+    }
+
+    /// The passages of `source` (the BM25 index, and the dense store beside it).
+    pub fn open_passages(
+        &self,
+        source: crate::passages::PassageSource,
+    ) -> Result<crate::passages::Passages> {
+        crate::passages::Passages::open(
+            source,
+            &self.index_dir,
+            || crate::passages::encoder(&self.encoder, &self.models_dir),
+            self.hybrid_weights,
+        )
+    }
+
+    /// The agent's retriever (`--retriever`).
+    pub fn open_retriever(&self) -> Result<Arc<dyn Retriever>> {
+        Ok(self.open_passages(self.retriever)?.retriever())
     }
 
     /// The excavation agent on `engine` with the options given.

@@ -4,6 +4,7 @@ mod app;
 mod cli;
 mod commands;
 mod config;
+mod passages;
 mod progress;
 mod serve;
 

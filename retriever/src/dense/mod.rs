@@ -2,12 +2,14 @@
 //! (all-MiniLM-L6-v2 by default), compared by cosine similarity.
 
 mod bert;
+mod store;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
 pub use bert::{mean_pool_normalized, Bert, BertConfig};
+pub use store::{build, store_dir, BuildProgress, DenseIndex, DenseMeta, BUILD_BATCH};
 
 use crate::{Error, Result};
 

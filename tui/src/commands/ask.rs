@@ -17,10 +17,11 @@ pub fn run(args: AskArgs, config: &Resolved) -> Result<()> {
     let retriever: Option<Arc<dyn Retriever>> = if args.no_retrieval {
         None
     } else {
-        let index = config
-            .open_index()
-            .context("retrieval needs the passage index (or pass --no-retrieval)")?;
-        Some(Arc::new(index))
+        Some(
+            config
+                .open_retriever()
+                .context("retrieval needs the passage index (or pass --no-retrieval)")?,
+        )
     };
     let options = AgentOptions {
         max_steps: args.max_steps,

@@ -12,7 +12,7 @@ use geek_evals::calibration::{self, CalibrationKey};
 use geek_evals::methods::{Answerer, Method};
 use geek_evals::run::{self, RunSpec};
 use geek_evals::{retrieval, strategyqa};
-use geek_retriever::{Bm25Index, Retriever};
+use geek_retriever::Retriever;
 
 use crate::config::{AgentOptions, Resolved, CONTEXT_PER_QUESTION};
 
@@ -33,18 +33,22 @@ pub fn run(cmd: EvalCommand, config: &Resolved) -> Result<()> {
         EvalCommand::Retrieval {
             split,
             mode,
+            source,
             k,
             json,
         } => {
             let questions = strategyqa::load(&dataset_path(&split, config)?)?;
-            let index = Bm25Index::open(&config.index_dir)?;
-            let report = retrieval::evaluate(&index, &questions, mode, k)?;
+            let source = source.unwrap_or(config.retriever);
+            let passages = config.open_passages(source)?;
+            let search = |q: &str, k: usize| passages.search(q, k);
+            let documents = passages.bm25().meta().documents;
+            let report = retrieval::evaluate(&search, documents, &questions, mode, k)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "Recall@{} ({:?} queries) = {:.4} over {} questions with gold evidence ({} in the split); index of {} passages; {:.1} s",
-                    report.k, report.mode, report.recall, report.scored, report.questions, report.index_documents, report.seconds
+                    "Recall@{} ({:?} queries, {source:?}) = {:.4} over {} questions with gold evidence ({} in the split); index of {} passages; {:.1} s, query p50 {:.1} ms",
+                    report.k, report.mode, report.recall, report.scored, report.questions, report.index_documents, report.seconds, report.latency_p50_ms
                 );
             }
             Ok(())
@@ -73,8 +77,8 @@ fn answer_questions(
     let dataset = dataset_path(split, config)?;
     // Every question is checked before any work starts.
     let questions = strategyqa::load(&dataset)?;
-    let index = if args.method.retrieves() {
-        Some(config.open_index()?)
+    let passages = if args.method.retrieves() {
+        Some(config.open_passages(config.retriever)?)
     } else {
         None
     };
@@ -96,11 +100,12 @@ fn answer_questions(
         final_reasoning: args.final_reasoning,
         model: model_file,
         model_sha256,
-        index: index.is_some().then(|| config.index_dir.clone()),
+        index: passages.is_some().then(|| config.index_dir.clone()),
+        retriever: passages.as_ref().and_then(|p| p.identity()),
         prompts_version: args.method.prompt_version().to_string(),
         out_dir: args.out.clone(),
     };
-    let retriever: Option<Arc<dyn Retriever>> = index.map(|i| Arc::new(i) as Arc<dyn Retriever>);
+    let retriever: Option<Arc<dyn Retriever>> = passages.map(|p| p.retriever());
     let agent = if args.method == Method::Geek {
         let options = AgentOptions {
             max_steps: args.max_steps,
@@ -330,6 +335,9 @@ pub enum EvalCommand {
         /// question (IR-Q) or decomposition (IR-ORA-D).
         #[arg(long, default_value = "question")]
         mode: geek_evals::retrieval::QueryMode,
+        /// bm25, dense or hybrid (default: --retriever).
+        #[arg(long)]
+        source: Option<crate::passages::PassageSource>,
         /// Cut-off.
         #[arg(short, long, default_value_t = 10)]
         k: usize,

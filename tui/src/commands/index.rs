@@ -12,11 +12,13 @@ use geek_retriever::{
 };
 
 use crate::config::Resolved;
+use crate::passages::PassageSource;
 
 pub fn build(
     corpora: Vec<PathBuf>,
     vital_only: bool,
     out: Option<PathBuf>,
+    dense: bool,
     config: &Resolved,
 ) -> Result<()> {
     let sources = if corpora.is_empty() {
@@ -37,6 +39,41 @@ pub fn build(
         dir.display(),
         start.elapsed().as_secs_f64()
     );
+    if dense {
+        embed_index(&index, config)?;
+    }
+    Ok(())
+}
+
+/// `geek index embed`: the dense store of the index.
+pub fn embed(config: &Resolved) -> Result<()> {
+    embed_index(&Bm25Index::open(&config.index_dir)?, config)
+}
+
+fn embed_index(index: &Bm25Index, config: &Resolved) -> Result<()> {
+    let encoder = crate::passages::encoder(&config.encoder, &config.models_dir)?;
+    let start = Instant::now();
+    let bar = crate::progress::steps_bar(index.meta().documents as u64);
+    let mut first: Option<usize> = None;
+    let dir = geek_retriever::dense::build(index, &encoder, &mut |p| {
+        first.get_or_insert(p.done);
+        bar.set_position(p.done as u64);
+        let rate = (p.done - first.unwrap_or(0)) as f64 / start.elapsed().as_secs_f64();
+        bar.set_message(format!("embedding passages, {rate:.1}/s"));
+        if bar.is_hidden() && p.done % 2048 < geek_retriever::dense::BUILD_BATCH {
+            eprintln!("{} of {} passages embedded", p.done, p.total);
+        }
+    });
+    bar.finish_and_clear();
+    let dir = dir?;
+    let embedded = index.meta().documents - first.unwrap_or(0);
+    println!(
+        "embedded {embedded} passages into {} in {:.1} s ({:.1} passages/s; {} already done)",
+        dir.display(),
+        start.elapsed().as_secs_f64(),
+        embedded as f64 / start.elapsed().as_secs_f64(),
+        first.unwrap_or(0)
+    );
     Ok(())
 }
 
@@ -53,11 +90,16 @@ pub fn search(args: SearchArgs, config: &Resolved) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let local = |source| -> Result<Vec<geek_retriever::Passage>> {
+        Ok(config.open_passages(source)?.search(&args.query, args.k)?)
+    };
     let hits = match args.source {
-        SearchSource::Local => Bm25Index::open(&config.index_dir)?.search(&args.query, args.k)?,
+        SearchSource::Local => local(PassageSource::Bm25)?,
+        SearchSource::Dense => local(PassageSource::Dense)?,
+        SearchSource::Hybrid => local(PassageSource::Hybrid)?,
         // Asked directly, the web provider reports why it failed instead of giving nothing.
         SearchSource::Web => runtime.block_on(web(&args)?.search(&args.query, args.k))?,
-        SearchSource::Hybrid => {
+        SearchSource::WebHybrid => {
             let hybrid = HybridRetriever::new(vec![
                 Arc::new(Bm25Index::open(&config.index_dir)?),
                 Arc::new(web(&args)?),
@@ -101,7 +143,13 @@ pub enum IndexCommand {
         /// Where to write the index (default: --index).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also embed its passages for dense retrieval (see `embed`).
+        #[arg(long)]
+        dense: bool,
     },
+    /// Embed the index's passages with the sentence encoder (`--encoder`) for dense and hybrid
+    /// retrieval: batched, saved as it goes (rerun to resume), stored beside the index.
+    Embed,
 }
 
 /// `geek search`
@@ -112,10 +160,11 @@ pub struct SearchArgs {
     /// How many passages.
     #[arg(short, long, default_value_t = 10)]
     pub k: usize,
-    /// Where to search: the local index, a web provider, or both fused.
+    /// Where to search: the local BM25 index, its dense store, both fused, a web provider, or
+    /// BM25 and the web fused.
     #[arg(long, value_enum, default_value = "local")]
     pub source: SearchSource,
-    /// Web provider for `--source web|hybrid`.
+    /// Web provider for `--source web|web-hybrid`.
     #[arg(long, default_value = "mediawiki")]
     pub web_provider: geek_retriever::WebProvider,
     /// Base URL of the web provider: a SearxNG instance, or a MediaWiki api.php.
@@ -135,8 +184,12 @@ pub struct SearchArgs {
 pub enum SearchSource {
     /// The BM25 index.
     Local,
+    /// The dense store beside it (`geek index embed` first).
+    Dense,
+    /// BM25 and dense, fused by weighted reciprocal rank fusion (`--hybrid-weights`).
+    Hybrid,
     /// The web provider.
     Web,
-    /// Both, fused by reciprocal rank fusion.
-    Hybrid,
+    /// BM25 and the web provider, fused by reciprocal rank fusion.
+    WebHybrid,
 }

@@ -247,10 +247,11 @@ fn server_state(args: &ServeArgs, config: &Resolved) -> Result<ServerState> {
     let retriever: Option<Arc<dyn Retriever>> = if args.no_retrieval {
         None
     } else {
-        let index = config
-            .open_index()
-            .context("/v1/ask retrieves from the passage index (or pass --no-retrieval)")?;
-        Some(Arc::new(index))
+        Some(
+            config
+                .open_retriever()
+                .context("/v1/ask retrieves from the passage index (or pass --no-retrieval)")?,
+        )
     };
     let options = AgentOptions {
         max_steps: args.max_steps,
