@@ -489,3 +489,69 @@ fn calibration_is_fitted_on_train_questions_only() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not StrategyQA train questions"));
 }
+
+#[test]
+fn dense_and_hybrid_search_over_an_embedded_index() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    let passages = [
+        (
+            "Llama",
+            "The llama is a South American camelid whose gestation lasts about 11.5 months.",
+        ),
+        (
+            "Vietnam War",
+            "The Vietnam War was fought from 1955 to 1975.",
+        ),
+        ("Paris", "Paris is the capital of France."),
+        (
+            "Everest",
+            "Mount Everest is the highest mountain above sea level.",
+        ),
+    ];
+    let lines: Vec<String> = passages
+        .iter()
+        .enumerate()
+        .map(|(i, (t, x))| {
+            serde_json::json!({"id": format!("p{i}"), "title": t, "text": x}).to_string()
+        })
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let index = dir.path().join("index");
+    let with_index = |extra: &[&str]| {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend_from_slice(&["--index", index.to_str().unwrap()]);
+        geek(&args)
+    };
+    // Dense search before embedding: refused, with the command that fixes it.
+    stdout_of(&with_index(&[
+        "index",
+        "build",
+        "--corpus",
+        corpus.to_str().unwrap(),
+    ]));
+    let refused = with_index(&["search", "camel pregnancy", "--source", "dense"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("geek index embed"));
+    let out = stdout_of(&with_index(&["index", "embed"]));
+    assert!(out.contains("embedded 4 passages"), "{out}");
+    // Rerun: nothing left to do.
+    assert!(stdout_of(&with_index(&["index", "embed"])).contains("4 already done"));
+    for (source, expected_source) in [("dense", "dense"), ("hybrid", "hybrid:")] {
+        let hits: serde_json::Value = serde_json::from_str(&stdout_of(&with_index(&[
+            "search",
+            "How long is a camel-like animal pregnant?",
+            "--source",
+            source,
+            "-k",
+            "2",
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(hits[0]["title"], "Llama", "{source}: {hits}");
+        assert!(hits[0]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with(expected_source));
+    }
+}
