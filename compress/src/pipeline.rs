@@ -360,7 +360,7 @@ pub struct PruneJob {
     pub method: PruneMethod,
     /// Fractions of the non-embedding parameters to keep, one model each.
     pub keeps: Vec<f64>,
-    /// Mask learning (learned method; its `target` is set to the smallest keep).
+    /// Mask learning (learned method; its `target` is replaced by the smallest keep).
     pub masks: MaskConfig,
     /// Recovery of each size.
     pub recover: RecoverConfig,
@@ -410,15 +410,24 @@ pub fn prune(
         return Err(Error::Config("keep ratios must lie in (0, 1]".into()));
     }
     std::fs::create_dir_all(&job.out).map_err(Error::io(&job.out))?;
-    let settings = serde_json::to_value(job).map_err(|source| Error::Json {
-        path: job.out.clone(),
-        source,
-    })?;
+    // What a size depends on: the method, the masks (their target is the smallest keep) and
+    // the recovery — not which other sizes are asked for.
+    let masks = MaskConfig {
+        target: job.keeps.iter().copied().fold(1.0, f64::min),
+        ..job.masks.clone()
+    };
+    let settings = serde_json::json!({
+        "method": job.method,
+        "masks": (job.method == PruneMethod::Learned).then_some(&masks),
+        "recover": job.recover,
+        "calibration": [job.calibration.rows, job.calibration.seq_len, job.calibration.seed],
+        "base": base.path,
+    });
     events(PipelineEvent::Stage("tokenizing calibration text"));
     let rows = job.calibration.rows(tokenizer)?;
     let scores = match job.method {
-        PruneMethod::Magnitude => None,
-        PruneMethod::Learned => Some(masks_of(base, job, &rows, &settings, events)?),
+        PruneMethod::Magnitude => Scores::magnitude(base)?,
+        PruneMethod::Learned => masks_of(base, &masks, &job.out, &rows, &settings, events)?,
     };
     let full_plan = Plan::full(&base.config);
     let mut sizes = Vec::new();
@@ -436,12 +445,9 @@ pub fn prune(
             sizes.push(done);
             continue;
         }
-        let (plan, masks) = match &scores {
-            Some(s) => (Plan::for_keep(s, &base.config, keep), Some(s)),
-            None => {
-                let m = Scores::magnitude(base)?;
-                (Plan::uniform_for_keep(&m, &base.config, keep), None)
-            }
+        let (plan, masks) = match job.method {
+            PruneMethod::Learned => (Plan::for_keep(&scores, &base.config, keep), Some(&scores)),
+            PruneMethod::Magnitude => (Plan::uniform_for_keep(&scores, &base.config, keep), None),
         };
         let pruned = extract(base, &plan, masks)?;
         let (kept, full) = (
@@ -476,11 +482,12 @@ pub fn prune(
     Ok(sizes)
 }
 
-/// The learned masks of `job`: read from `masks.json` when a finished run of the same
-/// settings left it, else learned (resuming from `masks.ckpt`) and saved there.
+/// The masks `config` learns on `base`: read from `out/masks.json` when a finished run of the
+/// same settings left it, else learned (resuming from `out/masks.ckpt`) and saved there.
 fn masks_of(
     base: &BaseWeights,
-    job: &PruneJob,
+    config: &MaskConfig,
+    out: &Path,
     rows: &[Vec<u32>],
     settings: &serde_json::Value,
     events: &mut dyn FnMut(PipelineEvent),
@@ -490,11 +497,10 @@ fn masks_of(
         settings: serde_json::Value,
         scores: Scores,
     }
-    let path = job.out.join("masks.json");
-    let mask_settings = serde_json::json!({ "masks": settings["masks"], "base": base.path });
+    let path = out.join("masks.json");
     if path.is_file() {
         let saved: SavedMasks = read_json(&path)?;
-        if saved.settings == mask_settings {
+        if saved.settings == *settings {
             return Ok(saved.scores);
         }
         return Err(Error::CheckpointMismatch {
@@ -502,17 +508,13 @@ fn masks_of(
             message: "masks learned with other settings: choose another --out".into(),
         });
     }
-    let config = MaskConfig {
-        target: job.keeps.iter().copied().fold(1.0, f64::min),
-        ..job.masks.clone()
-    };
     events(PipelineEvent::Stage("learning masks"));
-    let ckpt = job.out.join("masks.ckpt");
-    let scores = learn_masks(base, rows, &config, Some(&ckpt), &mut |e| {
+    let ckpt = out.join("masks.ckpt");
+    let scores = learn_masks(base, rows, config, Some(&ckpt), &mut |e| {
         events(PipelineEvent::Prune(e))
     })?;
     let saved = SavedMasks {
-        settings: mask_settings,
+        settings: settings.clone(),
         scores,
     };
     write_json(&path, &saved)?;
