@@ -63,13 +63,7 @@ fn as_masks(s: &Scores) -> StructureMasks {
 }
 
 fn tokens(engine: &Engine, text: &str) -> Vec<u32> {
-    engine
-        .tokenize(text, true)
-        .wait()
-        .unwrap()
-        .into_iter()
-        .map(|t| t as u32)
-        .collect()
+    common::token_ids(engine, text, true)
 }
 
 #[test]

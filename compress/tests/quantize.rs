@@ -84,13 +84,7 @@ fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
         lanolin. Llamas can learn simple tasks after a few repetitions. The gestation period of \
         a llama is about eleven and a half months. The Vietnam War lasted from 1955 to 1975, \
         almost twenty years, during which a llama could give birth many times.";
-    engine
-        .tokenize(text, false)
-        .wait()
-        .unwrap()
-        .into_iter()
-        .map(|t| t as u32)
-        .collect()
+    common::token_ids(engine, text, false)
 }
 
 /// Learned Q4_0 and learned 2-bit (Q2_K with constant sub-scales on ffn_down, learned Q4_0

@@ -34,7 +34,8 @@ mod model;
 mod saved;
 
 pub use model::LearnedModel;
-use saved::{resume, rows_fingerprint, save, snapshot, take_prefixed, Best, CheckpointState};
+pub(crate) use saved::rows_fingerprint;
+use saved::{resume, save, snapshot, take_prefixed, Best, CheckpointState};
 
 /// How a learned quantization runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -53,7 +53,8 @@ pub(super) struct Saved {
     pub(super) bank: Option<Tensor>,
 }
 
-pub(super) fn rows_fingerprint(rows: &[Vec<u32>]) -> String {
+/// A fingerprint of calibration rows (a checkpoint of other rows is refused).
+pub(crate) fn rows_fingerprint(rows: &[Vec<u32>]) -> String {
     fingerprint(rows.iter().map(Vec::as_slice), Some(u32::MAX))
 }
 

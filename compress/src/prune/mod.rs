@@ -35,10 +35,10 @@ use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, read_json, swap_in, write_json};
-use crate::distill::{batch_of, check_rows, mean_kl, teacher_view};
+use crate::distill::{batch_of, check_rows, mean_kl, rows_fingerprint, teacher_view};
 use crate::fused::soft_cross_entropy;
 use crate::model::StructureMasks;
-use crate::optim::{self, fingerprint, grads_of, AdamW, Cadence, NamedVars, Trainer};
+use crate::optim::{self, grads_of, AdamW, Cadence, NamedVars, Trainer};
 use crate::{AdaptedModel, BaseWeights, Error, Result};
 
 mod extract;
@@ -283,23 +283,25 @@ pub fn learn_masks(
     let vars = MaskVars::ones(&base.config)?;
     let (train, heldout) = rows.split_at(rows.len() - config.holdout);
     let mut run = MaskRun {
+        t: Training {
+            teacher: &teacher,
+            named: vars.named(),
+            opt: AdamW::new(),
+            train,
+            heldout,
+            checkpoint,
+            on_event,
+        },
         base,
-        teacher: &teacher,
         vars: &vars,
-        named: vars.named(),
         config,
-        train,
-        heldout,
-        opt: AdamW::new(),
         state: MaskState {
             step: 0,
             lambda: config.sparsity,
             config: config.clone(),
             base: base.path.display().to_string(),
-            data: fingerprint(rows.iter().map(Vec::as_slice), Some(u32::MAX)),
+            data: rows_fingerprint(rows),
         },
-        checkpoint,
-        on_event,
     };
     if let Some(dir) = checkpoint {
         if checkpoint::exists(dir)? {
@@ -307,8 +309,8 @@ pub fn learn_masks(
         }
     }
     let start = run.state.step;
-    (run.on_event)(&PruneEvent::MasksStarted {
-        masks: run.named.iter().map(|(_, v)| v.elem_count()).sum(),
+    (run.t.on_event)(&PruneEvent::MasksStarted {
+        masks: run.t.named.iter().map(|(_, v)| v.elem_count()).sum(),
         rows: train.len(),
         start_step: start,
     });
@@ -331,15 +333,22 @@ fn rows_of_step(train: &[Vec<u32>], step: usize, batch: usize) -> Vec<Vec<u32>> 
 
 /// A mask-learning run in progress.
 struct MaskRun<'a> {
+    t: Training<'a>,
     base: &'a BaseWeights,
-    teacher: &'a AdaptedModel,
     vars: &'a MaskVars,
-    named: NamedVars,
     config: &'a MaskConfig,
+    state: MaskState,
+}
+
+/// What both trainings of pruning hold: the unpruned teacher, the trained variables and their
+/// optimizer, the calibration rows (trained on, held out), where checkpoints go and who hears
+/// of progress.
+struct Training<'a> {
+    teacher: &'a AdaptedModel,
+    named: NamedVars,
+    opt: AdamW,
     train: &'a [Vec<u32>],
     heldout: &'a [Vec<u32>],
-    opt: AdamW,
-    state: MaskState,
     checkpoint: Option<&'a Path>,
     on_event: &'a mut dyn FnMut(&PruneEvent),
 }
@@ -362,7 +371,7 @@ impl MaskRun<'_> {
                 message: "another model, calibration text or mask settings".into(),
             });
         }
-        load_run(dir, &self.named, &mut self.opt, saved.step)?;
+        load_run(dir, &self.t.named, &mut self.t.opt, saved.step)?;
         self.state.step = saved.step;
         self.state.lambda = saved.lambda;
         Ok(())
@@ -388,10 +397,10 @@ impl MaskRun<'_> {
 impl Trainer for MaskRun<'_> {
     fn step(&mut self, step: usize) -> Result<()> {
         let t0 = Instant::now();
-        let picked = rows_of_step(self.train, step, self.config.batch);
+        let picked = rows_of_step(self.t.train, step, self.config.batch);
         let batch = batch_of(&picked)?;
-        let view = teacher_view(self.teacher, &batch)?;
-        let student = self.teacher.with_masks(self.vars.masks()?);
+        let view = teacher_view(self.t.teacher, &batch)?;
+        let student = self.t.teacher.with_masks(self.vars.masks()?);
         let h = student.hidden(&batch)?;
         let (b, t, e) = h.dims3()?;
         let kd = soft_cross_entropy(&student.logits(&h.reshape((b * t, e))?)?, &view.probs)?;
@@ -399,9 +408,9 @@ impl Trainer for MaskRun<'_> {
         let loss = (&kd + (&penalty * self.state.lambda)?)?;
         let grads = loss.backward()?;
         let warm = ((step + 1) as f64 / self.config.warmup.max(1) as f64).min(1.0);
-        self.opt.step(
-            &self.named,
-            &grads_of(&grads, &self.named),
+        self.t.opt.step(
+            &self.t.named,
+            &grads_of(&grads, &self.t.named),
             self.config.lr * warm,
             0.0,
         )?;
@@ -410,7 +419,7 @@ impl Trainer for MaskRun<'_> {
         let factor = self.config.lambda_step.powf((gap / 0.05).clamp(-1.0, 1.0));
         self.state.lambda = (self.state.lambda * factor).clamp(1e-6, 1e6);
         self.state.step = step + 1;
-        (self.on_event)(&PruneEvent::MaskStep {
+        (self.t.on_event)(&PruneEvent::MaskStep {
             step: step + 1,
             kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
             lambda: self.state.lambda,
@@ -421,21 +430,21 @@ impl Trainer for MaskRun<'_> {
     }
 
     fn evaluate(&mut self, done: usize) -> Result<()> {
-        let student = self.teacher.with_masks(self.vars.masks()?);
-        let kl = mean_kl(&student, self.teacher, self.heldout, self.config.batch)?;
-        (self.on_event)(&PruneEvent::MaskHeldout { step: done, kl });
+        let student = self.t.teacher.with_masks(self.vars.masks()?);
+        let kl = mean_kl(&student, self.t.teacher, self.t.heldout, self.config.batch)?;
+        (self.t.on_event)(&PruneEvent::MaskHeldout { step: done, kl });
         Ok(())
     }
 
     fn checkpoint(&mut self, done: usize) -> Result<()> {
-        let Some(dir) = self.checkpoint else {
+        let Some(dir) = self.t.checkpoint else {
             return Ok(());
         };
         let state = MaskState {
             step: done,
             ..self.state.clone()
         };
-        save_run(dir, &state, &self.named, &self.opt)
+        save_run(dir, &state, &self.t.named, &self.t.opt)
     }
 }
 

@@ -91,23 +91,25 @@ pub fn recover(
         .join(",");
     let initial_kl = mean_kl(&student, &teacher, heldout, config.batch)?;
     let mut run = RecoverRun {
-        teacher: &teacher,
+        t: Training {
+            teacher: &teacher,
+            named,
+            opt: AdamW::new(),
+            train,
+            heldout,
+            checkpoint,
+            on_event,
+        },
         student: &student,
-        named,
         config,
-        train,
-        heldout,
-        opt: AdamW::new(),
         state: RecoverState {
             step: 0,
             config: config.clone(),
             base: teacher_base.path.display().to_string(),
-            data: fingerprint(rows.iter().map(Vec::as_slice), Some(u32::MAX)),
+            data: rows_fingerprint(rows),
             shapes,
         },
         final_kl: initial_kl,
-        checkpoint,
-        on_event,
     };
     if let Some(dir) = checkpoint {
         if checkpoint::exists(dir)? {
@@ -115,8 +117,8 @@ pub fn recover(
         }
     }
     let start = run.state.step;
-    (run.on_event)(&PruneEvent::RecoverStarted {
-        weights: run.named.iter().map(|(_, v)| v.elem_count()).sum(),
+    (run.t.on_event)(&PruneEvent::RecoverStarted {
+        weights: run.t.named.iter().map(|(_, v)| v.elem_count()).sum(),
         heldout_kl: initial_kl,
         start_step: start,
     });
@@ -129,6 +131,7 @@ pub fn recover(
     optim::run(&mut run, start, cadence)?;
     let final_kl = run.final_kl;
     let trained = run
+        .t
         .named
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().copy()))
@@ -145,17 +148,11 @@ pub fn recover(
 
 /// A recovery run in progress.
 struct RecoverRun<'a> {
-    teacher: &'a AdaptedModel,
+    t: Training<'a>,
     student: &'a AdaptedModel,
-    named: NamedVars,
     config: &'a RecoverConfig,
-    train: &'a [Vec<u32>],
-    heldout: &'a [Vec<u32>],
-    opt: AdamW,
     state: RecoverState,
     final_kl: f64,
-    checkpoint: Option<&'a Path>,
-    on_event: &'a mut dyn FnMut(&PruneEvent),
 }
 
 impl RecoverRun<'_> {
@@ -178,7 +175,7 @@ impl RecoverRun<'_> {
                 message: "another model, size, calibration text or recovery settings".into(),
             });
         }
-        load_run(dir, &self.named, &mut self.opt, saved.step)?;
+        load_run(dir, &self.t.named, &mut self.t.opt, saved.step)?;
         self.state.step = saved.step;
         Ok(())
     }
@@ -187,9 +184,9 @@ impl RecoverRun<'_> {
 impl Trainer for RecoverRun<'_> {
     fn step(&mut self, step: usize) -> Result<()> {
         let t0 = Instant::now();
-        let picked = rows_of_step(self.train, step, self.config.batch);
+        let picked = rows_of_step(self.t.train, step, self.config.batch);
         let batch = batch_of(&picked)?;
-        let view = teacher_view(self.teacher, &batch)?;
+        let view = teacher_view(self.t.teacher, &batch)?;
         let h = self.student.hidden(&batch)?;
         let (b, t, e) = h.dims3()?;
         let kd = soft_cross_entropy(&self.student.logits(&h.reshape((b * t, e))?)?, &view.probs)?;
@@ -200,14 +197,14 @@ impl Trainer for RecoverRun<'_> {
             steps: self.config.steps,
             min_ratio: 0.1,
         };
-        self.opt.step(
-            &self.named,
-            &grads_of(&grads, &self.named),
+        self.t.opt.step(
+            &self.t.named,
+            &grads_of(&grads, &self.t.named),
             schedule.lr_at(step),
             0.0,
         )?;
         self.state.step = step + 1;
-        (self.on_event)(&PruneEvent::RecoverStep {
+        (self.t.on_event)(&PruneEvent::RecoverStep {
             step: step + 1,
             kl: kd.to_scalar::<f32>()? as f64 - view.entropy,
             tokens_per_sec: (b * t) as f64 / t0.elapsed().as_secs_f64(),
@@ -216,20 +213,25 @@ impl Trainer for RecoverRun<'_> {
     }
 
     fn evaluate(&mut self, done: usize) -> Result<()> {
-        let kl = mean_kl(self.student, self.teacher, self.heldout, self.config.batch)?;
+        let kl = mean_kl(
+            self.student,
+            self.t.teacher,
+            self.t.heldout,
+            self.config.batch,
+        )?;
         self.final_kl = kl;
-        (self.on_event)(&PruneEvent::RecoverHeldout { step: done, kl });
+        (self.t.on_event)(&PruneEvent::RecoverHeldout { step: done, kl });
         Ok(())
     }
 
     fn checkpoint(&mut self, done: usize) -> Result<()> {
-        let Some(dir) = self.checkpoint else {
+        let Some(dir) = self.t.checkpoint else {
             return Ok(());
         };
         let state = RecoverState {
             step: done,
             ..self.state.clone()
         };
-        save_run(dir, &state, &self.named, &self.opt)
+        save_run(dir, &state, &self.t.named, &self.t.opt)
     }
 }

@@ -72,3 +72,14 @@ pub fn agreement_by_position(
     }
     out
 }
+
+/// Token ids of `text` by the model's own tokenizer (with BOS etc. when `add_special`).
+pub fn token_ids(engine: &geek_backend::Engine, text: &str, add_special: bool) -> Vec<u32> {
+    engine
+        .tokenize(text, add_special)
+        .wait()
+        .unwrap()
+        .into_iter()
+        .map(|t| t as u32)
+        .collect()
+}
