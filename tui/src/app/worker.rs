@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use geek_agent::Excavator;
 use geek_backend::catalog;
-use geek_retriever::Bm25Index;
 
 use super::state::{Report, Request, Settings};
 use crate::cli::{BackendKind, RemoteArgs};
@@ -14,7 +13,8 @@ use crate::config::{AgentOptions, LoadedModel, Resolved};
 
 struct Loaded {
     model: LoadedModel,
-    index: Option<Arc<Bm25Index>>,
+    /// The passages of `--retriever` (BM25, dense or hybrid).
+    index: Option<Arc<crate::passages::Passages>>,
     /// The agent for the settings it was built with (it caches the system prompt).
     agent: Option<(Settings, Arc<Excavator>)>,
 }
@@ -61,11 +61,11 @@ fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> 
             return None;
         }
     };
-    let index = match Bm25Index::open(&config.index_dir) {
+    let index = match config.open_passages(config.retriever) {
         Ok(i) => Some(Arc::new(i)),
         Err(e) => {
             let _ = out.send(Report::Problem(format!(
-                "{e}. Until then questions are answered without retrieval (settings: s)."
+                "{e:#}. Until then questions are answered without retrieval (settings: s)."
             )));
             None
         }
@@ -79,7 +79,7 @@ fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> 
     };
     let _ = out.send(Report::Ready {
         model: name,
-        index_documents: index.as_ref().map_or(0, |i| i.meta().documents),
+        index_documents: index.as_ref().map_or(0, |i| i.bm25().meta().documents),
     });
     Some(Loaded {
         model: loaded,
@@ -109,10 +109,7 @@ fn build_agent(
         demonstrations: 0,
         final_reasoning: false,
     };
-    let retriever = loaded
-        .index
-        .clone()
-        .map(|i| i as Arc<dyn geek_retriever::Retriever>);
+    let retriever = loaded.index.as_ref().map(|i| i.retriever());
     let agent = config.excavator(loaded.model.clone(), retriever, &options)?;
     runtime.block_on(config.calibrate_agent(&loaded.model, agent))
 }
@@ -188,7 +185,7 @@ fn serve(config: Resolved, settings: Settings, requests: Receiver<Request>, out:
                 let found = loaded
                     .as_ref()
                     .and_then(|l| l.index.as_ref())
-                    .map(|i| i.get(&id));
+                    .map(|i| i.bm25().get(&id));
                 let _ = out.send(match found {
                     Some(Ok(Some(p))) => Report::Passage {
                         title: format!("{} ({})", p.title, p.id),
