@@ -344,6 +344,20 @@ impl Bm25Index {
         terms
     }
 
+    /// Every passage the index holds (id, title, section and text; score 0), in index order:
+    /// what the index itself stored, so no corpus file is read again.
+    pub fn passages(&self) -> Result<Vec<Passage>> {
+        let searcher = self.reader.searcher();
+        let mut out = Vec::with_capacity(searcher.num_docs() as usize);
+        for (ord, segment) in searcher.segment_readers().iter().enumerate() {
+            for doc in segment.doc_ids_alive() {
+                let addr = tantivy::DocAddress::new(ord as u32, doc);
+                out.push(self.passage(&searcher, addr, 0.0)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The passage with this id, if the index has it.
     pub fn get(&self, id: &str) -> Result<Option<Passage>> {
         let query = TermQuery::new(

@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::Encoder;
-use crate::corpus::load_all;
 use crate::{Bm25Index, BoxFuture, Error, Passage, Result, Retriever};
 
 /// Passages encoded per batch (and per saved step of a build).
@@ -94,8 +93,10 @@ pub fn build(
     let lock_path = dir.join(".build.lock");
     let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
     lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-    let mut docs = load_all(&index.meta().corpora)?;
-    docs.sort_by_key(|d| d.title.len() + d.text.len());
+    let mut docs = index.passages()?;
+    docs.sort_by(|a, b| {
+        (a.title.len() + a.text.len(), &a.id).cmp(&(b.title.len() + b.text.len(), &b.id))
+    });
     let fresh = DenseMeta {
         encoder_sha256: encoder.sha256.clone(),
         index_data: index.meta().data.clone(),
