@@ -437,14 +437,20 @@ impl Trainer for MaskRun<'_> {
     }
 
     fn checkpoint(&mut self, done: usize) -> Result<()> {
-        let Some(dir) = self.t.checkpoint else {
-            return Ok(());
-        };
-        let state = MaskState {
+        self.t.save(&MaskState {
             step: done,
             ..self.state.clone()
-        };
-        save_run(dir, &state, &self.t.named, &self.t.opt)
+        })
+    }
+}
+
+impl Training<'_> {
+    /// Saves `state`, the variables and the optimizer into the checkpoint directory, if any.
+    fn save(&self, state: &impl Serialize) -> Result<()> {
+        match self.checkpoint {
+            Some(dir) => save_run(dir, state, &self.named, &self.opt),
+            None => Ok(()),
+        }
     }
 }
 

@@ -225,13 +225,9 @@ impl Trainer for RecoverRun<'_> {
     }
 
     fn checkpoint(&mut self, done: usize) -> Result<()> {
-        let Some(dir) = self.t.checkpoint else {
-            return Ok(());
-        };
-        let state = RecoverState {
+        self.t.save(&RecoverState {
             step: done,
             ..self.state.clone()
-        };
-        save_run(dir, &state, &self.t.named, &self.t.opt)
+        })
     }
 }
