@@ -427,7 +427,12 @@ pub fn prune(
     let rows = job.calibration.rows(tokenizer)?;
     let scores = match job.method {
         PruneMethod::Magnitude => Scores::magnitude(base)?,
-        PruneMethod::Learned => masks_of(base, &masks, &job.out, &rows, &settings, events)?,
+        PruneMethod::Learned => {
+            // Masks do not depend on the recovery: a longer recovery reuses them.
+            let mut mask_settings = settings.clone();
+            mask_settings["recover"] = serde_json::Value::Null;
+            masks_of(base, &masks, &job.out, &rows, &mask_settings, events)?
+        }
     };
     let full_plan = Plan::full(&base.config);
     let mut sizes = Vec::new();
