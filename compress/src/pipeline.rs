@@ -400,12 +400,7 @@ pub fn prune(
     tokenizer: &Engine,
     events: &mut dyn FnMut(PipelineEvent),
 ) -> Result<Vec<PrunedSize>> {
-    if base.config.architecture != crate::Architecture::Llama {
-        return Err(Error::Config(format!(
-            "pruning reads llama models (this one is {}): prune the unpruned model",
-            base.config.architecture.name()
-        )));
-    }
+    crate::prune::check_prunable(base)?;
     if job.keeps.is_empty() || job.keeps.iter().any(|k| !(*k > 0.0 && *k <= 1.0)) {
         return Err(Error::Config("keep ratios must lie in (0, 1]".into()));
     }

@@ -23,11 +23,18 @@ pub enum PassageSource {
 
 /// The retrievers of one source, opened.
 pub struct Passages {
-    source: PassageSource,
     bm25: Arc<Bm25Index>,
-    dense: Option<Arc<DenseIndex>>,
-    /// RRF weights of BM25 and dense in `hybrid`.
-    weights: [f32; 2],
+    /// The dense store, with whether it is fused with BM25 (`None`: BM25 alone).
+    dense: Option<(Arc<DenseIndex>, Fusion)>,
+}
+
+/// How the dense store's passages are used.
+#[derive(Debug, Clone, Copy)]
+enum Fusion {
+    /// Alone.
+    Alone,
+    /// Fused with BM25's by weighted reciprocal rank fusion (weights of BM25 and dense).
+    Hybrid([f32; 2]),
 }
 
 /// The encoder named `spec`: a directory, or a catalogue encoder that has been pulled.
@@ -66,19 +73,19 @@ impl Passages {
         weights: [f32; 2],
     ) -> Result<Passages> {
         let bm25 = Arc::new(Bm25Index::open(index_dir)?);
-        let dense = match source {
+        let fusion = match source {
             PassageSource::Bm25 => None,
-            PassageSource::Dense | PassageSource::Hybrid => Some(Arc::new(DenseIndex::open(
-                bm25.clone(),
-                Arc::new(encoder()?),
-            )?)),
+            PassageSource::Dense => Some(Fusion::Alone),
+            PassageSource::Hybrid => Some(Fusion::Hybrid(weights)),
         };
-        Ok(Passages {
-            source,
-            bm25,
-            dense,
-            weights,
-        })
+        let dense = match fusion {
+            None => None,
+            Some(f) => Some((
+                Arc::new(DenseIndex::open(bm25.clone(), Arc::new(encoder()?))?),
+                f,
+            )),
+        };
+        Ok(Passages { bm25, dense })
     }
 
     /// The BM25 index.
@@ -86,23 +93,14 @@ impl Passages {
         &self.bm25
     }
 
-    fn dense(&self) -> geek_retriever::Result<&DenseIndex> {
-        Ok(self.dense.as_deref().expect("opened for dense retrieval"))
-    }
-
     /// The `k` best passages for `query`.
     pub fn search(&self, query: &str, k: usize) -> geek_retriever::Result<Vec<Passage>> {
-        match self.source {
-            PassageSource::Bm25 => self.bm25.search(query, k),
-            PassageSource::Dense => self.dense()?.search(query, k),
-            PassageSource::Hybrid => {
-                let lists = vec![self.bm25.search(query, k)?, self.dense()?.search(query, k)?];
-                Ok(HybridRetriever::fuse_weighted(
-                    lists,
-                    &self.weights,
-                    60.0,
-                    k,
-                ))
+        match &self.dense {
+            None => self.bm25.search(query, k),
+            Some((dense, Fusion::Alone)) => dense.search(query, k),
+            Some((dense, Fusion::Hybrid(weights))) => {
+                let lists = vec![self.bm25.search(query, k)?, dense.search(query, k)?];
+                Ok(HybridRetriever::fuse_weighted(lists, weights, 60.0, k))
             }
         }
     }
@@ -110,27 +108,23 @@ impl Passages {
     /// What keys evaluation runs apart: `None` for BM25 (as before dense existed), else the
     /// source, the encoder's sha256 and (hybrid) the weights.
     pub fn identity(&self) -> Option<String> {
-        let sha = self
-            .dense
-            .as_ref()
-            .map(|d| d.encoder_sha256().to_string())?;
-        Some(match self.source {
-            PassageSource::Hybrid => {
-                format!("hybrid:{sha}@{},{}", self.weights[0], self.weights[1])
-            }
-            _ => format!("dense:{sha}"),
+        let (dense, fusion) = self.dense.as_ref()?;
+        let sha = dense.encoder_sha256();
+        Some(match fusion {
+            Fusion::Alone => format!("dense:{sha}"),
+            Fusion::Hybrid([a, b]) => format!("hybrid:{sha}@{a},{b}"),
         })
     }
 
     /// The agent's retriever.
     pub fn retriever(&self) -> Arc<dyn Retriever> {
-        match (self.source, &self.dense) {
-            (PassageSource::Dense, Some(d)) => d.clone(),
-            (PassageSource::Hybrid, Some(d)) => Arc::new(
-                HybridRetriever::new(vec![self.bm25.clone(), d.clone()])
-                    .with_weights(self.weights.to_vec()),
+        match &self.dense {
+            None => self.bm25.clone(),
+            Some((dense, Fusion::Alone)) => dense.clone(),
+            Some((dense, Fusion::Hybrid(weights))) => Arc::new(
+                HybridRetriever::new(vec![self.bm25.clone(), dense.clone()])
+                    .with_weights(weights.to_vec()),
             ),
-            _ => self.bm25.clone(),
         }
     }
 }

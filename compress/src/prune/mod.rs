@@ -279,6 +279,7 @@ pub fn learn_masks(
         ));
     }
     check_rows(rows, config.holdout)?;
+    check_prunable(base)?;
     let teacher = AdaptedModel::new(base, None)?;
     let vars = MaskVars::ones(&base.config)?;
     let (train, heldout) = rows.split_at(rows.len() - config.holdout);
@@ -322,6 +323,18 @@ pub fn learn_masks(
     );
     optim::run(&mut run, start, cadence)?;
     vars.scores()
+}
+
+/// Pruning reads llama models: one head count and width for every layer (the masks' shape),
+/// no q/k/v biases (deci, what pruning writes, has none).
+pub fn check_prunable(base: &BaseWeights) -> Result<()> {
+    if base.config.architecture != crate::Architecture::Llama {
+        return Err(Error::Config(format!(
+            "pruning reads llama models (this one is {}): prune the unpruned model",
+            base.config.architecture.name()
+        )));
+    }
+    Ok(())
 }
 
 /// The `batch` training rows of `step`, cycling through `train`.
