@@ -2,7 +2,8 @@
 # Installs what building and running geek needs and is missing (Debian/Ubuntu, as root or
 # with sudo): cmake and clang/libclang for llama.cpp and its bindings, pip for fetching the
 # default model, a font for report plots, tmux for the terminal UI's end-to-end test, and the
-# openai Python client and curl for the server's tests. Idempotent: installs nothing when everything is
+# openai Python client and curl for the server's tests, kiwix-tools and zim-tools for the
+# kiwix provider's test. Idempotent: installs nothing when everything is
 # there.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# kiwix-serve and zimwriterfs: the kiwix provider's test serves a ZIM it builds.
+command -v kiwix-serve >/dev/null 2>&1 || missing+=(kiwix-tools)
+command -v zimwriterfs >/dev/null 2>&1 || missing+=(zim-tools)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2

@@ -40,7 +40,7 @@ pub fn html_to_text(html: &str) -> String {
 
 /// Byte offset of the first occurrence of the ASCII `needle` in `haystack`, ignoring ASCII
 /// case, without copying the haystack (a page with many `<script>` tags stays linear).
-fn find_ignoring_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
+pub(crate) fn find_ignoring_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
     let (h, n) = (haystack.as_bytes(), needle.as_bytes());
     if n.is_empty() {
         return Some(0);
@@ -48,7 +48,7 @@ fn find_ignoring_ascii_case(haystack: &str, needle: &str) -> Option<usize> {
     h.windows(n.len()).position(|w| w.eq_ignore_ascii_case(n))
 }
 
-fn decode_entities(s: &str) -> String {
+pub(crate) fn decode_entities(s: &str) -> String {
     if !s.contains('&') {
         return s.to_string();
     }

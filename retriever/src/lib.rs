@@ -17,6 +17,7 @@ pub mod dense;
 mod error;
 mod html;
 mod hybrid;
+mod kiwix;
 mod web;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
-//! Web retrieval over HTTP: a SearxNG instance's JSON API, or a MediaWiki site's search and
-//! extracts API (Wikipedia's, or a mirror's).
+//! Web retrieval over HTTP: a SearxNG instance's JSON API, a MediaWiki site's search and
+//! extracts API (Wikipedia's, or a mirror's), or kiwix-serve's full-text search over offline
+//! ZIM files (Wikipedia kept offline).
 //!
 //! Every request has a connect and a total timeout, failed requests (connection errors,
 //! timeouts, 5xx) are retried a bounded number of times with exponential backoff, bodies are
@@ -24,14 +25,19 @@ pub enum WebProvider {
     SearxNg,
     /// `GET {base}?action=query&list=search…` then `prop=extracts` of a MediaWiki `api.php`.
     MediaWiki,
+    /// `GET {base}/search?pattern=…&format=xml` of kiwix-serve, then each hit's article page
+    /// (its lead is the passage). To search one book of several, the base URL carries
+    /// `?books.name=NAME`.
+    Kiwix,
 }
 
 impl WebProvider {
-    /// `searxng` or `mediawiki`.
+    /// `searxng`, `mediawiki` or `kiwix`.
     pub fn name(self) -> &'static str {
         match self {
             WebProvider::SearxNg => "searxng",
             WebProvider::MediaWiki => "mediawiki",
+            WebProvider::Kiwix => "kiwix",
         }
     }
 }
@@ -42,8 +48,9 @@ impl std::str::FromStr for WebProvider {
         match s {
             "searxng" => Ok(WebProvider::SearxNg),
             "mediawiki" => Ok(WebProvider::MediaWiki),
+            "kiwix" => Ok(WebProvider::Kiwix),
             other => Err(format!(
-                "web provider must be searxng or mediawiki, not {other:?}"
+                "web provider must be searxng, mediawiki or kiwix, not {other:?}"
             )),
         }
     }
@@ -52,7 +59,7 @@ impl std::str::FromStr for WebProvider {
 /// Limits and endpoint of a web retriever.
 #[derive(Debug, Clone)]
 pub struct WebConfig {
-    /// Base URL: the SearxNG instance, or the MediaWiki `api.php` URL.
+    /// Base URL: the SearxNG instance, the MediaWiki `api.php` URL, or kiwix-serve's root.
     pub base_url: String,
     /// Time to establish a connection.
     pub connect_timeout: Duration,
@@ -147,6 +154,7 @@ impl WebRetriever {
         let passages = match self.provider {
             WebProvider::SearxNg => self.searxng(query, k).await?,
             WebProvider::MediaWiki => self.mediawiki(query, k).await?,
+            WebProvider::Kiwix => self.kiwix(query, k).await?,
         };
         if let Some(path) = cache_path {
             let write = path
@@ -312,16 +320,70 @@ impl WebRetriever {
             .collect())
     }
 
+    async fn kiwix(&self, query: &str, k: usize) -> Result<Vec<Passage>> {
+        let base = reqwest::Url::parse(&self.config.base_url).map_err(|e| {
+            self.error(format!("bad kiwix-serve URL {}: {e}", self.config.base_url))
+        })?;
+        let mut search = base.clone();
+        search.set_path(&format!("{}/search", base.path().trim_end_matches('/')));
+        let limit = k.to_string();
+        let body = self
+            .get_bytes(
+                search.as_str(),
+                &[
+                    ("pattern", query),
+                    ("format", "xml"),
+                    ("pageLength", &limit),
+                ],
+            )
+            .await?;
+        let hits = crate::kiwix::parse_results(&String::from_utf8_lossy(&body))
+            .map_err(|e| self.error(format!("kiwix-serve search: {e}")))?;
+        let pages = hits.iter().take(k).map(|h| async {
+            // The article's lead is the passage; without the page the snippet still answers.
+            let raw = crate::kiwix::raw_path(base.path(), &h.link);
+            let page = match raw.as_deref().map(|p| base.join(p)) {
+                Some(Ok(url)) => self.get_bytes(url.as_str(), &[]).await,
+                _ => Err(self.error(format!("no raw page for the link {}", h.link))),
+            };
+            match page {
+                Ok(html) => crate::kiwix::article_lead(&String::from_utf8_lossy(&html)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kiwix article page failed; using the snippet");
+                    String::new()
+                }
+            }
+        });
+        let leads = futures::future::join_all(pages).await;
+        Ok(hits
+            .into_iter()
+            .zip(leads)
+            .enumerate()
+            .map(|(rank, (h, lead))| Passage {
+                id: format!("kiwix:{}", h.link),
+                title: h.title,
+                section: String::new(),
+                text: if lead.is_empty() { h.snippet } else { lead },
+                score: 1.0 / (rank as f32 + 1.0),
+                source: "kiwix".into(),
+            })
+            .collect())
+    }
+
     /// GET with retries; the body must be JSON of type `T` and fit in `max_bytes`.
     async fn get_json<T: DeserializeOwned>(&self, url: &str, query: &[(&str, &str)]) -> Result<T> {
+        let body = self.get_bytes(url, query).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| self.error(format!("malformed JSON from {url}: {e}")))
+    }
+
+    /// GET with retries; the body must fit in `max_bytes`.
+    async fn get_bytes(&self, url: &str, query: &[(&str, &str)]) -> Result<Vec<u8>> {
         let mut delay = self.config.backoff;
         let mut attempt = 0;
         loop {
             match self.get_once(url, query).await {
-                Ok(body) => {
-                    return serde_json::from_slice(&body)
-                        .map_err(|e| self.error(format!("malformed JSON from {url}: {e}")))
-                }
+                Ok(body) => return Ok(body),
                 Err(a) if a.retry && attempt < self.config.retries => {
                     tracing::debug!(reason = %a.reason, attempt, "retrying web request");
                     attempt += 1;

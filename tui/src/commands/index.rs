@@ -164,10 +164,11 @@ pub struct SearchArgs {
     /// BM25 and the web fused.
     #[arg(long, value_enum, default_value = "local")]
     pub source: SearchSource,
-    /// Web provider for `--source web|web-hybrid`.
+    /// Web provider for `--source web|web-hybrid`: mediawiki, searxng or kiwix.
     #[arg(long, default_value = "mediawiki")]
     pub web_provider: geek_retriever::WebProvider,
-    /// Base URL of the web provider: a SearxNG instance, or a MediaWiki api.php.
+    /// Base URL of the web provider: a SearxNG instance, a MediaWiki api.php, or kiwix-serve's
+    /// root (`http://127.0.0.1:8080`; add `?books.name=NAME` to search one book of several).
     #[arg(
         long,
         env = "GEEK_WEB_URL",
