@@ -6,8 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
+use candle_core::Device;
 use serde::Serialize;
 
+use crate::optim::{AdamW, NamedVars};
 use crate::{Error, Result};
 
 fn old_dir(dir: &Path) -> PathBuf {
@@ -59,6 +63,43 @@ pub(crate) fn swap_in(tmp: &Path, dir: &Path) -> Result<()> {
     }
     std::fs::rename(tmp, dir).map_err(Error::io(dir))?;
     let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Writes a checkpoint into `dir` — `state` as JSON, the variables and their Adam moments as
+/// tensors — replacing the last one atomically.
+pub(crate) fn save_run(
+    dir: &Path,
+    state: &impl Serialize,
+    named: &NamedVars,
+    opt: &AdamW,
+) -> Result<()> {
+    let mut tensors = HashMap::new();
+    opt.moments("adam/", &mut tensors);
+    for (name, var) in named {
+        tensors.insert(format!("var/{name}"), var.as_tensor().clone());
+    }
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+    write_json(&tmp.join("state.json"), state)?;
+    swap_in(&tmp, dir)
+}
+
+/// Reads back what [`save_run`] wrote at `step` into the variables and the optimizer.
+pub(crate) fn load_run(dir: &Path, named: &NamedVars, opt: &mut AdamW, step: usize) -> Result<()> {
+    let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
+    for (name, var) in named {
+        let t = tensors
+            .get(&format!("var/{name}"))
+            .ok_or_else(|| Error::CheckpointMismatch {
+                path: dir.to_path_buf(),
+                message: format!("variable {name} is missing"),
+            })?;
+        var.set(t)?;
+    }
+    opt.restore("adam/", &tensors, step);
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub enum Error {
     /// The tokenizer (the llama.cpp backend) failed.
     #[error(transparent)]
     Backend(#[from] geek_backend::Error),
+    /// The encoder (retriever crate) failed to load or tokenize.
+    #[error(transparent)]
+    Retriever(#[from] geek_retriever::Error),
     /// A checkpoint does not belong to this run (other base model, adapter or data).
     #[error("checkpoint {path} does not match this run: {message}")]
     CheckpointMismatch {

@@ -62,6 +62,7 @@ pub mod prune;
 pub mod quantize;
 pub mod train;
 pub mod weights;
+pub mod wid;
 
 pub use adapter::{AdapterConfig, AdapterKind, MixerInit, Target};
 pub use error::{Error, Result};

@@ -76,6 +76,32 @@ fn strip_step_refs(step: &str) -> String {
     out
 }
 
+/// (query, gold paragraph id) pairs of `questions`, for training a retriever: the question
+/// with every paragraph of its evidence, and each decomposition step (references to earlier
+/// steps removed) with the paragraphs given for it. Question by question, in order, each
+/// pair once.
+pub fn evidence_pairs(questions: &[Question]) -> Vec<(String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for q in questions {
+        let mut add = |query: String, id: &String| {
+            let query = query.split_whitespace().collect::<Vec<_>>().join(" ");
+            if !query.is_empty() && seen.insert((query.clone(), id.clone())) {
+                out.push((query, id.clone()));
+            }
+        };
+        for id in q.gold_paragraphs().iter().flatten() {
+            add(q.question.clone(), id);
+        }
+        for (step, ids) in q.decomposition.iter().zip(q.step_paragraphs()) {
+            for id in &ids {
+                add(strip_step_refs(step), id);
+            }
+        }
+    }
+    out
+}
+
 /// The ids of the top `k` passages for a question in `mode`; each query's latency is added
 /// to `latencies` (seconds).
 pub fn retrieve_ids(
@@ -145,6 +171,32 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evidence_pairs_join_questions_and_steps_to_their_paragraphs() {
+        let q: Question = serde_json::from_value(serde_json::json!({
+            "qid": "a", "question": "Did X do Y?",
+            "decomposition": ["Who is X?", "Did #1 do Y?"],
+            "evidence": [
+                [[["X-1"]], [["Y-2", "X-1"]]],
+                [[["X-1"], "operation"], ["no_evidence"]]
+            ]
+        }))
+        .unwrap();
+        let pairs = evidence_pairs(&[q.clone(), q]);
+        let want = [
+            ("Did X do Y?", "X-1"),
+            ("Did X do Y?", "Y-2"),
+            ("Who is X?", "X-1"),
+            ("Did do Y?", "X-1"),
+            ("Did do Y?", "Y-2"),
+        ];
+        let got: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn step_references_are_removed() {

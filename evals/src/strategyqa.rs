@@ -57,6 +57,21 @@ impl Question {
             })
             .collect()
     }
+
+    /// Per decomposition step, the gold paragraph ids any annotator gave it (sorted).
+    pub fn step_paragraphs(&self) -> Vec<Vec<String>> {
+        let mut steps = vec![Vec::new(); self.decomposition.len()];
+        for annotator in &self.evidence {
+            for (i, step) in annotator.iter().enumerate().take(steps.len()) {
+                collect_ids(step, &mut steps[i]);
+            }
+        }
+        for ids in &mut steps {
+            ids.sort();
+            ids.dedup();
+        }
+        steps
+    }
 }
 
 /// Paragraph ids inside one step's evidence: nested lists of strings, markers skipped.

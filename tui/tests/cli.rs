@@ -555,3 +555,97 @@ fn dense_and_hybrid_search_over_an_embedded_index() {
             .starts_with(expected_source));
     }
 }
+
+#[test]
+fn wid_compresses_the_encoder_into_a_student_that_dense_search_loads() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_dir();
+    let paragraphs = data.join("strategyqa/strategyqa_train_paragraphs.json");
+    let index = dir.path().join("index");
+    let student = dir.path().join("student");
+    let global = |extra: &[&str], index: &std::path::Path| {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.extend_from_slice(&["--index", index.to_str().unwrap()]);
+        args.extend_from_slice(&["--data-dir", data.to_str().unwrap()]);
+        geek(&args)
+    };
+    // Train evidence pairs need their paragraphs' text: an index of the StrategyQA paragraphs.
+    stdout_of(&global(
+        &["index", "build", "--corpus", paragraphs.to_str().unwrap()],
+        &index,
+    ));
+    let out = stdout_of(&global(
+        &[
+            "compress",
+            "wid",
+            "--steps",
+            "3",
+            "--batch",
+            "4",
+            "--holdout",
+            "32",
+            "--max-tokens",
+            "24",
+            "--eval-every",
+            "0",
+            "--out",
+            student.to_str().unwrap(),
+        ],
+        &index,
+    ));
+    assert!(
+        out.contains("Wid student: 10646784 -> 3260544 layer parameters"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(student.join("wid.json")).unwrap()).unwrap();
+    assert!(
+        report["fold_max_error"].as_f64().unwrap() < 1e-4,
+        "{report}"
+    );
+    assert!(
+        !student.join("checkpoint").exists(),
+        "the finished run's checkpoint is removed"
+    );
+
+    // The student is an encoder like any other: a small index embedded and searched with it.
+    let corpus = dir.path().join("corpus.jsonl");
+    let lines = [
+        r#"{"id":"a","title":"Llama","text":"The llama is a South American camelid; gestation lasts 11.5 months."}"#,
+        r#"{"id":"b","title":"Paris","text":"Paris is the capital of France."}"#,
+    ];
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let small = dir.path().join("small");
+    stdout_of(&global(
+        &["index", "build", "--corpus", corpus.to_str().unwrap()],
+        &small,
+    ));
+    let encoder = ["--encoder", student.to_str().unwrap()];
+    let out = stdout_of(&global(
+        &[&["index", "embed"][..], &encoder].concat(),
+        &small,
+    ));
+    assert!(
+        out.contains("embedded 2 passages") && out.contains("dense-student"),
+        "{out}"
+    );
+    let hits: serde_json::Value = serde_json::from_str(&stdout_of(&global(
+        &[
+            &[
+                "search",
+                "capital of France",
+                "--source",
+                "dense",
+                "-k",
+                "1",
+                "--json",
+            ][..],
+            &encoder,
+        ]
+        .concat(),
+        &small,
+    )))
+    .unwrap();
+    assert_eq!(hits[0]["title"], "Paris", "{hits}");
+}

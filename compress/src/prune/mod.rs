@@ -34,7 +34,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, read_json, swap_in, write_json};
+use crate::checkpoint::{self, load_run, read_json, save_run};
 use crate::distill::{batch_of, check_rows, mean_kl, rows_fingerprint, teacher_view};
 use crate::fused::soft_cross_entropy;
 use crate::model::StructureMasks;
@@ -465,36 +465,4 @@ impl Training<'_> {
             None => Ok(()),
         }
     }
-}
-
-/// Writes a checkpoint into `dir` — `state` as JSON, the variables and their Adam moments as
-/// tensors — replacing the last one atomically.
-fn save_run(dir: &Path, state: &impl Serialize, named: &NamedVars, opt: &AdamW) -> Result<()> {
-    let mut tensors = HashMap::new();
-    opt.moments("adam/", &mut tensors);
-    for (name, var) in named {
-        tensors.insert(format!("var/{name}"), var.as_tensor().clone());
-    }
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
-    candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-    write_json(&tmp.join("state.json"), state)?;
-    swap_in(&tmp, dir)
-}
-
-/// Reads back what [`save_run`] wrote at `step` into the variables and the optimizer.
-fn load_run(dir: &Path, named: &NamedVars, opt: &mut AdamW, step: usize) -> Result<()> {
-    let tensors = candle_core::safetensors::load(dir.join("state.safetensors"), &Device::Cpu)?;
-    for (name, var) in named {
-        let t = tensors
-            .get(&format!("var/{name}"))
-            .ok_or_else(|| Error::CheckpointMismatch {
-                path: dir.to_path_buf(),
-                message: format!("variable {name} is missing"),
-            })?;
-        var.set(t)?;
-    }
-    opt.restore("adam/", &tensors, step);
-    Ok(())
 }

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
 /// The shape of a BERT model (Hugging Face's `config.json`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
     /// Width of the hidden states.
     pub hidden_size: usize,
@@ -30,7 +30,7 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     /// Width of one attention head, when not `hidden_size / num_attention_heads` (a
     /// compressed model keeps its heads' width while its hidden size shrinks).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_head_size: Option<usize>,
 }
 
@@ -123,78 +123,104 @@ impl Bert {
         &self.tensors
     }
 
-    fn get(&self, name: &str) -> candle_core::Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} is missing")))
-    }
-
-    /// `x·Wᵀ + b` of the linear map `name` on `x` `[n, in]`.
-    fn linear(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.get(&format!("{name}.weight"))?;
-        let b = self.get(&format!("{name}.bias"))?;
-        x.matmul(&w.t()?)?.broadcast_add(b)
-    }
-
-    /// LayerNorm `name` over the last dimension of `x`.
-    fn layer_norm(&self, name: &str, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.get(&format!("{name}.weight"))?;
-        let b = self.get(&format!("{name}.bias"))?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.config.layer_norm_eps)?.sqrt()?)?;
-        normed.broadcast_mul(w)?.broadcast_add(b)
-    }
-
     /// Final hidden states `[b, t, hidden]` of token ids `[b, t]` (u32) where `mask`
     /// `[b, t]` (f32) is 1 on real tokens and 0 on padding.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let c = &self.config;
-        let (b, t) = ids.dims2()?;
-        let (nh, hs) = (c.num_attention_heads, c.head_size());
-        let words = self
-            .get("embeddings.word_embeddings.weight")?
-            .index_select(&ids.flatten_all()?, 0)?;
-        let positions = self
-            .get("embeddings.position_embeddings.weight")?
-            .narrow(0, 0, t)?;
-        let segment = self
-            .get("embeddings.token_type_embeddings.weight")?
-            .narrow(0, 0, 1)?;
-        let h = words.reshape((b, t, ()))?;
-        let h = h.broadcast_add(&positions)?.broadcast_add(&segment)?;
-        let mut x = self
-            .layer_norm("embeddings.LayerNorm", &h)?
-            .reshape((b * t, ()))?;
-        // 0 where a key is a real token, a large negative number where it is padding.
-        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
-        let scale = 1.0 / (hs as f64).sqrt();
-        for i in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            let heads = |name: &str| -> candle_core::Result<Tensor> {
-                self.linear(&format!("{p}.attention.self.{name}"), &x)?
-                    .reshape((b, t, nh, hs))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let att = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b * t, nh * hs))?;
-            let att = self.linear(&format!("{p}.attention.output.dense"), &att)?;
-            x = self.layer_norm(&format!("{p}.attention.output.LayerNorm"), &(att + &x)?)?;
-            let inner = self
-                .linear(&format!("{p}.intermediate.dense"), &x)?
-                .gelu_erf()?;
-            let out = self.linear(&format!("{p}.output.dense"), &inner)?;
-            x = self.layer_norm(&format!("{p}.output.LayerNorm"), &(out + &x)?)?;
-        }
-        x.reshape((b, t, ()))
+        forward_with(&self.config, &self.tensors, None, ids, mask)
     }
+}
+
+/// The tensor `name` of `tensors`.
+fn get<'a>(tensors: &'a HashMap<String, Tensor>, name: &str) -> candle_core::Result<&'a Tensor> {
+    tensors
+        .get(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} is missing")))
+}
+
+/// `x·Wᵀ + b` of the linear map `name` on `x` `[n, in]`.
+fn linear(
+    tensors: &HashMap<String, Tensor>,
+    name: &str,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let w = get(tensors, &format!("{name}.weight"))?;
+    let b = get(tensors, &format!("{name}.bias"))?;
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// LayerNorm `name` over the last dimension of `x`; with `weights` `[hidden]`, mean and
+/// variance are weighted means (a dimension of weight 0 is left out of both).
+fn layer_norm(
+    tensors: &HashMap<String, Tensor>,
+    name: &str,
+    x: &Tensor,
+    weights: Option<&Tensor>,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let w = get(tensors, &format!("{name}.weight"))?;
+    let b = get(tensors, &format!("{name}.bias"))?;
+    let mean_of = |v: &Tensor| match weights {
+        None => v.mean_keepdim(D::Minus1),
+        Some(m) => v.broadcast_mul(m)?.sum_keepdim(D::Minus1)?.affine(
+            1.0 / m.sum_all()?.to_scalar::<f32>()?.max(1e-12) as f64,
+            0.0,
+        ),
+    };
+    let mean = mean_of(x)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = mean_of(&centred.sqr()?)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// [`Bert::forward`] over `tensors` by Hugging Face name, of shape `config`. With
+/// `norm_weights` `[hidden]`, every LayerNorm weighs its statistics by them: a student whose
+/// hidden dimensions are being removed (weight going to 0) computes at the end exactly what
+/// the smaller model without them computes.
+pub fn forward_with(
+    config: &BertConfig,
+    tensors: &HashMap<String, Tensor>,
+    norm_weights: Option<&Tensor>,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let c = config;
+    let (b, t) = ids.dims2()?;
+    let (nh, hs) = (c.num_attention_heads, c.head_size());
+    let norm =
+        |name: &str, x: &Tensor| layer_norm(tensors, name, x, norm_weights, c.layer_norm_eps);
+    let words =
+        get(tensors, "embeddings.word_embeddings.weight")?.index_select(&ids.flatten_all()?, 0)?;
+    let positions = get(tensors, "embeddings.position_embeddings.weight")?.narrow(0, 0, t)?;
+    let segment = get(tensors, "embeddings.token_type_embeddings.weight")?.narrow(0, 0, 1)?;
+    let h = words.reshape((b, t, ()))?;
+    let h = h.broadcast_add(&positions)?.broadcast_add(&segment)?;
+    let mut x = norm("embeddings.LayerNorm", &h)?.reshape((b * t, ()))?;
+    // 0 where a key is a real token, a large negative number where it is padding.
+    let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+    let scale = 1.0 / (hs as f64).sqrt();
+    for i in 0..c.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        let heads = |name: &str| -> candle_core::Result<Tensor> {
+            linear(tensors, &format!("{p}.attention.self.{name}"), &x)?
+                .reshape((b, t, nh, hs))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let att = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hs))?;
+        let att = linear(tensors, &format!("{p}.attention.output.dense"), &att)?;
+        x = norm(&format!("{p}.attention.output.LayerNorm"), &(att + &x)?)?;
+        let inner = linear(tensors, &format!("{p}.intermediate.dense"), &x)?.gelu_erf()?;
+        let out = linear(tensors, &format!("{p}.output.dense"), &inner)?;
+        x = norm(&format!("{p}.output.LayerNorm"), &(out + &x)?)?;
+    }
+    x.reshape((b, t, ()))
 }
 
 /// Mean of the hidden states `[b, t, h]` over the real tokens of `mask` `[b, t]`, scaled to

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-pub use bert::{mean_pool_normalized, Bert, BertConfig};
-pub use store::{build, store_dir, BuildProgress, DenseIndex, DenseMeta, BUILD_BATCH};
+pub use bert::{forward_with, mean_pool_normalized, Bert, BertConfig};
+pub use store::{
+    build, passage_text, store_dir, BuildProgress, DenseIndex, DenseMeta, BUILD_BATCH,
+};
 
 use crate::{Error, Result};
 

@@ -74,7 +74,7 @@ fn read_meta(dir: &Path) -> Result<Option<DenseMeta>> {
 }
 
 /// The text of a passage as it is embedded.
-fn passage_text(title: &str, text: &str) -> String {
+pub fn passage_text(title: &str, text: &str) -> String {
     format!("{title}. {text}")
 }
 

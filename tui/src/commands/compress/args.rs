@@ -30,6 +30,9 @@ pub enum CompressCommand {
     /// Structured pruning (SIMPLE's learned masks, or magnitude) into smaller GGUFs, each
     /// recovered by distillation.
     Prune(super::PruneArgs),
+    /// Compress the retriever's sentence encoder by weight-inherited distillation (or the
+    /// plain-distillation baseline), on StrategyQA train evidence.
+    Wid(super::WidArgs),
     /// Write a model dequantized to f32 or f16 (the reference for quantization).
     Dequantize {
         /// Output GGUF.

@@ -3,6 +3,7 @@
 
 mod args;
 mod prune;
+mod wid;
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,6 +24,7 @@ pub use args::{
     CompressCommand, ExportArgs, FinetuneArgs, LearnedArgs, PipelineArgs, QuantizeArgs,
 };
 pub use prune::PruneArgs;
+pub use wid::WidArgs;
 
 use crate::config::Resolved;
 
@@ -34,6 +36,7 @@ pub fn run(cmd: CompressCommand, config: &Resolved) -> Result<()> {
         CompressCommand::Quantize(args) => quantize(args, config),
         CompressCommand::Pipeline(args) => run_pipeline(args, config),
         CompressCommand::Prune(args) => prune::run(args, config),
+        CompressCommand::Wid(args) => wid::run(args, config),
         CompressCommand::Dequantize { out, r#type } => dequantize(&out, r#type, config),
     }
 }
