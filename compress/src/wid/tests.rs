@@ -1,7 +1,12 @@
+use super::run::batches;
+use super::student::{fold, truncation};
 use super::student::{Compactors, Removal};
 use super::*;
 use crate::init::Rng;
 use candle_core::Device;
+use candle_core::Tensor;
+use geek_retriever::dense::{forward_with, mean_pool_normalized};
+use std::collections::{HashMap, HashSet};
 
 /// A small BERT with random weights (2 layers, hidden 8, 2 heads of 4, MLP 16).
 fn tiny_bert(seed: u64) -> Bert {
