@@ -60,7 +60,8 @@ fn config() -> WidConfig {
         Method::Wid,
         Widths {
             hidden: 192,
-            head: 16,
+            heads: 6,
+            head: 32,
             ffn: 1024,
         },
     );
@@ -107,7 +108,8 @@ fn a_few_wid_steps_fold_into_a_smaller_encoder_that_embeds_the_same() {
     );
     assert_eq!(student.config.hidden_size, 192);
     assert_eq!(student.config.intermediate_size, 1024);
-    assert_eq!(student.config.head_size(), 16);
+    assert_eq!(student.config.head_size(), 32);
+    assert_eq!(student.config.num_attention_heads, 6);
     assert!(
         summary.fold_max_error < 1e-4,
         "folding changed the embeddings by {}",

@@ -10,8 +10,9 @@
 //!    first-order importance (`|Σᵢ gᵢⱼ·cᵢⱼ|`, the loss change its removal would cause) is
 //!    summed over the steps;
 //! 2. the columns of least importance in each compactor are chosen to reach the target
-//!    widths (per head for attention, so heads keep one width), and their scale falls
-//!    linearly to 0 until `removed_by` of the steps, while training goes on;
+//!    widths (for attention: the least important heads whole, then the same number of
+//!    dimensions in each kept head), and their scale falls linearly to 0 until `removed_by`
+//!    of the steps, while training goes on;
 //! 3. training at the final structure.
 //!
 //! Then the compactors are folded into the weights (structural re-parameterization): a
@@ -100,6 +101,9 @@ pub struct WidConfig {
     pub max_tokens: usize,
     /// Scale of the contrastive logits (cosine × scale; sentence-transformers uses 20).
     pub scale: f64,
+    /// Weight of the teacher's in-batch ranking as soft labels beside the gold passage (WID;
+    /// 0: the task's hard labels alone).
+    pub soft_labels: f64,
     /// Pairs held out (from the end) for the held-out loss.
     pub holdout: usize,
     /// Evaluate every N steps (0: at the end only).
@@ -128,6 +132,7 @@ impl WidConfig {
             removed_by: 0.6,
             max_tokens: 128,
             scale: 20.0,
+            soft_labels: 0.0,
             holdout: 256,
             eval_every: 100,
             checkpoint_every: 25,
@@ -142,10 +147,11 @@ impl WidConfig {
             && self.max_tokens >= 2
             && (0.0..1.0).contains(&self.select_at)
             && self.select_at < self.removed_by
-            && self.removed_by <= 1.0;
+            && self.removed_by <= 1.0
+            && self.soft_labels >= 0.0;
         if !ok {
             return Err(Error::Config(
-                "WID needs steps ≥ 1, a batch ≥ 2, max tokens ≥ 2 and 0 ≤ select_at < removed_by ≤ 1".into(),
+                "WID needs steps ≥ 1, a batch ≥ 2, max tokens ≥ 2, 0 ≤ select_at < removed_by ≤ 1 and soft labels ≥ 0".into(),
             ));
         }
         if pairs < self.holdout + 2 * self.batch || self.holdout < self.batch {

@@ -384,7 +384,12 @@ impl Run<'_> {
                 compactors,
                 removal,
             } => {
-                let task = contrastive(&q, &p, self.config.scale)?;
+                let mut task = contrastive(&q, &p, self.config.scale)?;
+                if self.config.soft_labels > 0.0 {
+                    let (tq, tp, _) = self.embed_pairs(&Embedder::Teacher, self.train, batch)?;
+                    let soft = soft_contrastive(&q, &p, &tq, &tp, self.config.scale)?;
+                    task = (task + (soft * self.config.soft_labels)?)?;
+                }
                 let loss = match removal {
                     None => (task + (compactors.penalty()? * self.config.penalty)?)?,
                     Some(_) => task,
@@ -469,6 +474,23 @@ fn contrastive(q: &Tensor, p: &Tensor, scale: f64) -> Result<Tensor> {
     let n = q.dim(0)?;
     let targets = Tensor::arange(0u32, n as u32, q.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// The teacher's in-batch ranking as soft labels: KL divergence from the teacher's softmax
+/// over each query's passages (its scaled cosines) to the student's.
+pub(super) fn soft_contrastive(
+    q: &Tensor,
+    p: &Tensor,
+    tq: &Tensor,
+    tp: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let student = candle_nn::ops::log_softmax(&(q.matmul(&p.t()?)? * scale)?, 1)?;
+    let teacher = candle_nn::ops::log_softmax(&(tq.matmul(&tp.t()?)? * scale)?, 1)?;
+    let kl = (teacher.exp()? * (&teacher - &student)?)?
+        .sum(1)?
+        .mean_all()?;
+    Ok(kl)
 }
 
 /// The batches of one pass over `pairs` in the order of `seed`: full batches in which no

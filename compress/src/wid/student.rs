@@ -30,7 +30,9 @@ use crate::{Error, Result};
 pub struct Widths {
     /// Hidden size.
     pub hidden: usize,
-    /// Width of each attention head (the head count is kept).
+    /// Attention heads kept per layer.
+    pub heads: usize,
+    /// Width of each kept head.
     pub head: usize,
     /// MLP width.
     pub ffn: usize,
@@ -41,6 +43,7 @@ impl Widths {
     pub fn of(config: &BertConfig) -> Widths {
         Widths {
             hidden: config.hidden_size,
+            heads: config.num_attention_heads,
             head: config.head_size(),
             ffn: config.intermediate_size,
         }
@@ -50,7 +53,10 @@ impl Widths {
     pub fn check(&self, config: &BertConfig) -> Result<()> {
         let full = Widths::of(config);
         let fits = |w: usize, f: usize| w >= 1 && w <= f;
-        if fits(self.hidden, full.hidden) && fits(self.head, full.head) && fits(self.ffn, full.ffn)
+        if fits(self.hidden, full.hidden)
+            && fits(self.heads, full.heads)
+            && fits(self.head, full.head)
+            && fits(self.ffn, full.ffn)
         {
             Ok(())
         } else {
@@ -65,6 +71,7 @@ impl Widths {
         BertConfig {
             hidden_size: self.hidden,
             intermediate_size: self.ffn,
+            num_attention_heads: self.heads,
             attention_head_size: Some(self.head),
             ..teacher.clone()
         }
@@ -84,7 +91,8 @@ pub fn layer_parameters(config: &BertConfig) -> usize {
 }
 
 /// The dimensions chosen for removal: hidden indices, and per layer query–key and value
-/// indices (`head · head_size + j`, the same count in every head) and MLP channels.
+/// indices (`head · head_size + j`: every dimension of a removed head, and the same count of
+/// every kept head; query–key and value keep the same heads) and MLP channels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removal {
     /// Hidden dimensions.
@@ -280,21 +288,36 @@ impl Compactors {
             .iter()
             .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1()?))
             .collect::<Result<_>>()?;
-        let per_head = |s: &Vec<f32>| -> Vec<usize> {
-            (0..nh)
-                .flat_map(|h| {
-                    smallest(&s[h * hs..(h + 1) * hs], hs - widths.head)
-                        .into_iter()
-                        .map(move |j| h * hs + j)
-                })
-                .collect()
+        // Per layer: the heads of least importance (query-key and value-output columns
+        // together) go whole; within the others, the least important dimensions.
+        let attention = |qk: &Vec<f32>, vo: &Vec<f32>| -> (Vec<usize>, Vec<usize>) {
+            let head_score: Vec<f32> = (0..nh)
+                .map(|h| (h * hs..(h + 1) * hs).map(|j| qk[j] + vo[j]).sum())
+                .collect();
+            let gone = smallest(&head_score, nh - widths.heads);
+            let within = |s: &Vec<f32>| -> Vec<usize> {
+                (0..nh)
+                    .flat_map(|h| {
+                        let dims = if gone.contains(&h) {
+                            (0..hs).collect()
+                        } else {
+                            smallest(&s[h * hs..(h + 1) * hs], hs - widths.head)
+                        };
+                        dims.into_iter().map(move |j| h * hs + j)
+                    })
+                    .collect()
+            };
+            (within(qk), within(vo))
         };
         let layer = |i: usize, k: usize| &scores[1 + 3 * i + k];
         let layers = c.num_hidden_layers;
+        let heads: Vec<(Vec<usize>, Vec<usize>)> = (0..layers)
+            .map(|i| attention(layer(i, 0), layer(i, 1)))
+            .collect();
         Ok(Removal {
             hidden: smallest(&scores[0], d - widths.hidden),
-            qk: (0..layers).map(|i| per_head(layer(i, 0))).collect(),
-            vo: (0..layers).map(|i| per_head(layer(i, 1))).collect(),
+            qk: heads.iter().map(|(qk, _)| qk.clone()).collect(),
+            vo: heads.into_iter().map(|(_, vo)| vo).collect(),
             ffn: (0..layers)
                 .map(|i| smallest(layer(i, 2), f - widths.ffn))
                 .collect(),
@@ -440,8 +463,8 @@ pub(crate) fn fold(teacher: &Bert, compactors: &Compactors, removal: &Removal) -
     let hidden = kept(d, &removal.hidden)?;
     let widths = Widths {
         hidden: hidden.elem_count(),
-        head: hs - removal.qk.first().map_or(0, |r| r.len() / nh),
         ffn: f - removal.ffn.first().map_or(0, |r| r.len()),
+        ..attention_widths(removal, nh, hs)?
     };
     let scale = (widths.head as f64 / hs as f64).sqrt();
     let mut out = HashMap::new();
@@ -498,12 +521,51 @@ pub(crate) fn fold(teacher: &Bert, compactors: &Compactors, removal: &Removal) -
     Bert::from_tensors(widths.config(c), tensors).map_err(Error::Config)
 }
 
+/// The heads and head width `removal` leaves, the same in every layer for query-key and
+/// value (what one BERT configuration can hold).
+fn attention_widths(removal: &Removal, nh: usize, hs: usize) -> Result<Widths> {
+    // The heads a removal keeps, and their width if it is one for all.
+    let shape = |removed: &Vec<usize>| {
+        let gone: std::collections::HashSet<usize> = removed.iter().copied().collect();
+        let kept = |h: usize| (0..hs).filter(|j| !gone.contains(&(h * hs + j))).count();
+        let heads: Vec<usize> = (0..nh).filter(|&h| kept(h) > 0).collect();
+        let head = heads.first().map_or(0, |&h| kept(h));
+        (head > 0 && heads.iter().all(|&h| kept(h) == head)).then_some((heads, head))
+    };
+    let mut found: Option<(usize, usize)> = None;
+    for (qk, vo) in removal.qk.iter().zip(&removal.vo) {
+        let (q, v) = (shape(qk), shape(vo));
+        let layer = match (q, v) {
+            (Some(q), Some(v)) if q == v => Some((q.0.len(), q.1)),
+            _ => None,
+        };
+        if layer.is_none() || (found.is_some() && found != layer) {
+            return Err(Error::Config(
+                "a removal must keep the same heads for query-key and value in a layer, as many \
+                 and each as wide in every layer"
+                    .into(),
+            ));
+        }
+        found = layer;
+    }
+    let (heads, head) = found.unwrap_or((nh, hs));
+    Ok(Widths {
+        hidden: 0,
+        heads,
+        head,
+        ffn: 0,
+    })
+}
+
 /// The student of `truncated` widths that keeps the first dimensions of every group (the
-/// plain-distillation baseline's starting point).
+/// first heads, the first dimensions of each: the plain-distillation baseline's start).
 pub(crate) fn truncation(config: &BertConfig, widths: &Widths) -> Removal {
     let (nh, hs) = (config.num_attention_heads, config.head_size());
     let heads: Vec<usize> = (0..nh)
-        .flat_map(|h| (widths.head..hs).map(move |j| h * hs + j))
+        .flat_map(|h| {
+            let from = if h < widths.heads { widths.head } else { 0 };
+            (from..hs).map(move |j| h * hs + j)
+        })
         .collect();
     let layers = config.num_hidden_layers;
     Removal {

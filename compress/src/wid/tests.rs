@@ -169,6 +169,7 @@ fn selection_removes_the_weakest_columns_evenly_per_head() {
     }
     let widths = Widths {
         hidden: 7,
+        heads: 2,
         head: 2,
         ffn: 10,
     };
@@ -230,6 +231,7 @@ fn the_truncated_start_keeps_the_first_dimensions() {
     let teacher = tiny_bert(5);
     let widths = Widths {
         hidden: 6,
+        heads: 2,
         head: 3,
         ffn: 8,
     };
@@ -244,4 +246,65 @@ fn the_truncated_start_keeps_the_first_dimensions() {
         .narrow(1, 0, 6)
         .unwrap();
     assert_eq!(max_gap(&word, &full), 0.0);
+}
+
+#[test]
+fn whole_heads_go_first_and_fold_exactly() {
+    let teacher = tiny_bert(7);
+    let c = Compactors::identity(&teacher).unwrap();
+    // Head 1 of every layer matters least.
+    for (name, score) in c.importance() {
+        let n = score.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|j| match name.as_str() {
+                n if n.starts_with("importance.qk") || n.starts_with("importance.vo") => {
+                    if j >= 4 {
+                        0.1
+                    } else {
+                        1.0 + j as f32
+                    }
+                }
+                _ => 1.0 + j as f32,
+            })
+            .collect();
+        score
+            .set(&Tensor::from_vec(v, score.as_tensor().dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let widths = Widths {
+        hidden: 8,
+        heads: 1,
+        head: 3,
+        ffn: 16,
+    };
+    let r = c.select(&widths).unwrap();
+    assert_eq!(
+        r.qk[0],
+        vec![0, 4, 5, 6, 7],
+        "head 1 whole, the weakest of head 0"
+    );
+    assert_eq!(r.vo[1], vec![0, 4, 5, 6, 7]);
+    let masks = c.masks(Some(&r), 0.0).unwrap();
+    let t = c.effective(&teacher, &masks).unwrap();
+    let before = embeddings(&teacher.config, &t, Some(Compactors::norm_weights(&masks)));
+    let folded = fold(&teacher, &c, &r).unwrap();
+    assert_eq!(folded.config.num_attention_heads, 1);
+    assert_eq!(folded.config.head_size(), 3);
+    let after = embeddings(&folded.config, folded.tensors(), None);
+    assert!(max_gap(&before, &after) < 1e-5);
+    // Query-key and value keeping different heads cannot be one BERT.
+    let mut crossed = r.clone();
+    crossed.vo[0] = vec![0, 1, 2, 3, 4];
+    assert!(fold(&teacher, &c, &crossed).is_err());
+}
+
+#[test]
+fn soft_labels_cost_nothing_when_the_student_ranks_as_the_teacher() {
+    let q = Tensor::from_vec(vec![1f32, 0., 0.6, 0.8], (2, 2), &Device::Cpu).unwrap();
+    let p = Tensor::from_vec(vec![0.8f32, 0.6, 0., 1.], (2, 2), &Device::Cpu).unwrap();
+    let same = super::run::soft_contrastive(&q, &p, &q, &p, 20.0).unwrap();
+    assert!(same.to_scalar::<f32>().unwrap().abs() < 1e-6);
+    let swapped = Tensor::from_vec(vec![0f32, 1., 0.8, 0.6], (2, 2), &Device::Cpu).unwrap();
+    let other = super::run::soft_contrastive(&q, &p, &q, &swapped, 20.0).unwrap();
+    assert!(other.to_scalar::<f32>().unwrap() > 1.0);
 }

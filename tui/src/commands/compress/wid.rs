@@ -19,7 +19,11 @@ pub struct WidArgs {
     /// The student's hidden size.
     #[arg(long, default_value_t = 192)]
     pub width: usize,
-    /// Width of each attention head (default: width / the teacher's head count).
+    /// Attention heads kept per layer (default: all the teacher's); the least important go
+    /// whole (fewer heads also mean less attention work per token).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Width of each kept attention head (default: width / heads).
     #[arg(long)]
     pub head_size: Option<usize>,
     /// MLP width (1024: with --width 192, about a third of the teacher's layer parameters).
@@ -42,6 +46,10 @@ pub struct WidArgs {
     /// Peak learning rate (default: 5e-4 for wid, 1e-4 for kd).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Weight of the teacher's in-batch ranking as soft labels beside the gold passage (wid;
+    /// 0: the gold passage alone).
+    #[arg(long, default_value_t = 0.0)]
+    pub soft_labels: f64,
     /// Tokens a text is cut to in training.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -58,11 +66,11 @@ pub struct WidArgs {
 
 impl WidArgs {
     fn config(&self, teacher: &geek_retriever::dense::BertConfig) -> WidConfig {
+        let heads = self.heads.unwrap_or(teacher.num_attention_heads);
         let widths = Widths {
             hidden: self.width,
-            head: self
-                .head_size
-                .unwrap_or(self.width / teacher.num_attention_heads.max(1)),
+            heads,
+            head: self.head_size.unwrap_or(self.width / heads.max(1)),
             ffn: self.ffn,
         };
         let mut config = WidConfig::new(self.method, widths);
@@ -70,6 +78,7 @@ impl WidArgs {
         config.batch = self.batch;
         config.lr = self.lr.unwrap_or(config.lr);
         config.max_tokens = self.max_tokens;
+        config.soft_labels = self.soft_labels;
         config.holdout = self.holdout;
         config.eval_every = self.eval_every;
         config.seed = self.seed;
