@@ -55,6 +55,17 @@ fn pairs() -> Vec<TextPair> {
         .collect()
 }
 
+fn max_gap(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn config() -> WidConfig {
     let mut c = WidConfig::new(
         Method::Wid,
@@ -134,15 +145,7 @@ fn a_few_wid_steps_fold_into_a_smaller_encoder_that_embeds_the_same() {
         .unwrap()
         .encode(&texts)
         .unwrap();
-    let gap: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(gap, 0.0);
+    assert_eq!(max_gap(&a, &b), 0.0);
 
     // A rerun of the finished run resumes at its end: no step is trained again.
     let mut events = Vec::new();
@@ -161,14 +164,7 @@ fn a_few_wid_steps_fold_into_a_smaller_encoder_that_embeds_the_same() {
         .unwrap()
         .encode(&texts)
         .unwrap();
-    let gap: f32 = (c - d)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let gap = max_gap(&c, &d);
     assert!(
         gap < 1e-6,
         "the resumed run folds to the same student ({gap})"

@@ -78,6 +78,16 @@ impl Widths {
     }
 }
 
+/// Hidden size, heads, head width and MLP width of `config`.
+fn dims(config: &BertConfig) -> (usize, usize, usize, usize) {
+    (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.head_size(),
+        config.intermediate_size,
+    )
+}
+
 /// Non-embedding parameters (weights and biases of the layers, LayerNorms included) of a
 /// BERT of `config`.
 pub fn layer_parameters(config: &BertConfig) -> usize {
@@ -174,12 +184,7 @@ impl Compactors {
     /// Identity compactors and the teacher's LayerNorms: the student is the teacher.
     pub(crate) fn identity(teacher: &Bert) -> Result<Compactors> {
         let c = &teacher.config;
-        let (d, nh, hs, f) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.head_size(),
-            c.intermediate_size,
-        );
+        let (d, nh, hs, f) = dims(c);
         let eye = |n: usize| Tensor::eye(n, DType::F32, &Device::Cpu);
         let heads = || -> Result<Var> {
             Ok(Var::from_tensor(
@@ -273,16 +278,11 @@ impl Compactors {
     }
 
     /// The dimensions to remove to reach `widths`: in every compactor, the columns of least
-    /// accumulated importance (per head for the attention compactors, so every head keeps
-    /// the same width).
+    /// accumulated importance (for attention, the least important heads whole, then the
+    /// same number of dimensions in each kept head).
     pub(crate) fn select(&self, widths: &Widths) -> Result<Removal> {
         let c = &self.config;
-        let (d, nh, hs, f) = (
-            c.hidden_size,
-            c.num_attention_heads,
-            c.head_size(),
-            c.intermediate_size,
-        );
+        let (d, nh, hs, f) = dims(c);
         let scores: Vec<Vec<f32>> = self
             .importance
             .iter()
@@ -452,12 +452,7 @@ fn head_columns(w: &Tensor, a: &Tensor, m: &Tensor, nh: usize, hs: usize) -> Res
 /// temperature (`1/√head`).
 pub(crate) fn fold(teacher: &Bert, compactors: &Compactors, removal: &Removal) -> Result<Bert> {
     let c = &teacher.config;
-    let (d, nh, hs, f) = (
-        c.hidden_size,
-        c.num_attention_heads,
-        c.head_size(),
-        c.intermediate_size,
-    );
+    let (d, nh, hs, f) = dims(c);
     let a = nh * hs;
     let tensors = compactors.effective(teacher, &compactors.masks(Some(removal), 0.0)?)?;
     let hidden = kept(d, &removal.hidden)?;
