@@ -91,11 +91,24 @@ impl AdamW {
         lr: f64,
         wd: f64,
     ) -> Result<()> {
+        self.step_scaled(vars, grads, lr, wd, &|_| 1.0)
+    }
+
+    /// [`AdamW::step`] with the learning rate of each variable multiplied by `scale(name)`.
+    pub(crate) fn step_scaled(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        wd: f64,
+        scale: &dyn Fn(&str) -> f64,
+    ) -> Result<()> {
         self.t += 1;
         let c1 = 1.0 - Self::B1.powi(self.t as i32);
         let c2 = 1.0 - Self::B2.powi(self.t as i32);
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
+            let lr = lr * scale(name);
             let m = match self.m.get(name) {
                 Some(m) => ((m * Self::B1)? + (g * (1.0 - Self::B1))?)?,
                 None => (g * (1.0 - Self::B1))?,

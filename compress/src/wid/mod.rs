@@ -89,6 +89,8 @@ pub struct WidConfig {
     pub batch: usize,
     /// Peak learning rate (warm-up, then cosine to a tenth).
     pub lr: f64,
+    /// The shared hidden compactor's learning rate, as a multiple of `lr` (WID).
+    pub hidden_lr: f64,
     /// Warm-up steps.
     pub warmup: usize,
     /// Weight of the group-lasso penalty on compactor columns (WID's first phase).
@@ -126,6 +128,7 @@ impl WidConfig {
                 Method::Wid => 5e-5,
                 Method::Kd => 1e-4,
             },
+            hidden_lr: 1.0,
             warmup: 20,
             penalty: 1e-2,
             select_at: 0.25,
@@ -148,10 +151,11 @@ impl WidConfig {
             && (0.0..1.0).contains(&self.select_at)
             && self.select_at < self.removed_by
             && self.removed_by <= 1.0
-            && self.soft_labels >= 0.0;
+            && self.soft_labels >= 0.0
+            && self.hidden_lr >= 0.0;
         if !ok {
             return Err(Error::Config(
-                "WID needs steps ≥ 1, a batch ≥ 2, max tokens ≥ 2, 0 ≤ select_at < removed_by ≤ 1 and soft labels ≥ 0".into(),
+                "WID needs steps ≥ 1, a batch ≥ 2, max tokens ≥ 2, 0 ≤ select_at < removed_by ≤ 1 and soft labels and the hidden rate ≥ 0".into(),
             ));
         }
         if pairs < self.holdout + 2 * self.batch || self.holdout < self.batch {

@@ -427,8 +427,11 @@ impl Trainer for Run<'_> {
         {
             compactors.accumulate(&grads)?;
         }
+        // The shared hidden compactor acts on every matrix at once: its own rate.
+        let hidden_lr = self.config.hidden_lr;
+        let scale = move |name: &str| if name == "hidden" { hidden_lr } else { 1.0 };
         self.opt
-            .step(&self.named, &grads, schedule.lr_at(step), 0.0)?;
+            .step_scaled(&self.named, &grads, schedule.lr_at(step), 0.0, &scale)?;
         self.step = step + 1;
         let (select, _) = self.config.removal_steps();
         if let Student::Wid {

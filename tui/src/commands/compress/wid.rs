@@ -50,6 +50,10 @@ pub struct WidArgs {
     /// 0: the gold passage alone).
     #[arg(long, default_value_t = 0.0)]
     pub soft_labels: f64,
+    /// The shared hidden compactor's learning rate as a multiple of --lr (wid): it changes
+    /// every matrix of every layer at once.
+    #[arg(long, default_value_t = 1.0)]
+    pub hidden_lr: f64,
     /// Tokens a text is cut to in training.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -79,6 +83,7 @@ impl WidArgs {
         config.lr = self.lr.unwrap_or(config.lr);
         config.max_tokens = self.max_tokens;
         config.soft_labels = self.soft_labels;
+        config.hidden_lr = self.hidden_lr;
         config.holdout = self.holdout;
         config.eval_every = self.eval_every;
         config.seed = self.seed;
