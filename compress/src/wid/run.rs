@@ -172,6 +172,18 @@ enum Embedder<'a> {
     },
 }
 
+/// Token ids and attention mask `[b, t]` of a batch of texts.
+struct Tokens {
+    ids: Tensor,
+    mask: Tensor,
+}
+
+/// The queries and the passages of a batch of pairs, tokenized.
+struct PairTokens {
+    queries: Tokens,
+    passages: Tokens,
+}
+
 /// A training or evaluation run in progress.
 struct Run<'a> {
     teacher: &'a Encoder,
@@ -205,8 +217,8 @@ impl Run<'_> {
 
     fn restore(&mut self, dir: &Path) -> Result<()> {
         let saved: WidState = read_json(&dir.join("state.json"))?;
+        // Only the cadence may change: the removal schedule depends on the step count too.
         let settings = |c: &WidConfig| WidConfig {
-            steps: 0,
             eval_every: 0,
             checkpoint_every: 0,
             ..c.clone()
@@ -217,16 +229,7 @@ impl Run<'_> {
         {
             return Err(Error::CheckpointMismatch {
                 path: dir.to_path_buf(),
-                message: "another teacher, other pairs or other settings".into(),
-            });
-        }
-        if saved.config.steps != self.config.steps {
-            return Err(Error::CheckpointMismatch {
-                path: dir.to_path_buf(),
-                message: format!(
-                    "the run was started for {} steps (the removal schedule depends on it)",
-                    saved.config.steps
-                ),
+                message: "another teacher, other pairs or other settings (steps included)".into(),
             });
         }
         load_run(dir, &self.saved(), &mut self.opt, saved.step)?;
@@ -283,42 +286,50 @@ impl Run<'_> {
         })
     }
 
-    /// Unit embeddings `[n, dim]` of `texts` (cut to `max_tokens`) and the tokens they hold.
-    fn embed(&self, by: &Embedder, texts: &[&str]) -> Result<(Tensor, usize)> {
+    /// Token ids and mask of `texts`, cut to `max_tokens`.
+    fn tokenize(&self, texts: &[&str]) -> Result<Tokens> {
         let (ids, mask) = self.teacher.batch(texts)?;
         let t = ids.dim(1)?.min(self.config.max_tokens);
-        let (ids, mask) = (ids.narrow(1, 0, t)?, mask.narrow(1, 0, t)?);
-        let tokens = mask.sum_all()?.to_scalar::<f32>()? as usize;
+        Ok(Tokens {
+            ids: ids.narrow(1, 0, t)?,
+            mask: mask.narrow(1, 0, t)?,
+        })
+    }
+
+    /// The queries and passages of the pairs `batch` of `pairs`, tokenized (once, for every
+    /// model that embeds them).
+    fn tokenize_pairs(&self, pairs: &[TextPair], batch: &[usize]) -> Result<PairTokens> {
+        let queries: Vec<&str> = batch.iter().map(|&i| pairs[i].query.as_str()).collect();
+        let passages: Vec<&str> = batch.iter().map(|&i| pairs[i].passage.as_str()).collect();
+        Ok(PairTokens {
+            queries: self.tokenize(&queries)?,
+            passages: self.tokenize(&passages)?,
+        })
+    }
+
+    /// Unit embeddings `[n, dim]` of tokenized texts.
+    fn embed(&self, by: &Embedder, t: &Tokens) -> Result<Tensor> {
         let hidden = match by {
-            Embedder::Teacher => self.teacher.bert().forward(&ids, &mask)?,
-            Embedder::Plain(bert) => bert.forward(&ids, &mask)?,
+            Embedder::Teacher => self.teacher.bert().forward(&t.ids, &t.mask)?,
+            Embedder::Plain(bert) => bert.forward(&t.ids, &t.mask)?,
             Embedder::Tensors {
                 config,
                 tensors,
                 norm_weights,
-            } => forward_with(config, tensors, norm_weights.as_ref(), &ids, &mask)?,
+            } => forward_with(config, tensors, norm_weights.as_ref(), &t.ids, &t.mask)?,
         };
-        Ok((mean_pool_normalized(&hidden, &mask)?, tokens))
+        Ok(mean_pool_normalized(&hidden, &t.mask)?)
     }
 
-    /// Query and passage embeddings of the pairs `batch` of `pairs`.
-    fn embed_pairs(
-        &self,
-        by: &Embedder,
-        pairs: &[TextPair],
-        batch: &[usize],
-    ) -> Result<(Tensor, Tensor, usize)> {
-        let queries: Vec<&str> = batch.iter().map(|&i| pairs[i].query.as_str()).collect();
-        let passages: Vec<&str> = batch.iter().map(|&i| pairs[i].passage.as_str()).collect();
-        let (q, nq) = self.embed(by, &queries)?;
-        let (p, np) = self.embed(by, &passages)?;
-        Ok((q, p, nq + np))
+    /// Query and passage embeddings of tokenized pairs.
+    fn embed_pairs(&self, by: &Embedder, t: &PairTokens) -> Result<(Tensor, Tensor)> {
+        Ok((self.embed(by, &t.queries)?, self.embed(by, &t.passages)?))
     }
 
     fn heldout_score(&self, by: &Embedder) -> Result<Heldout> {
         let (mut loss, mut hits, mut n) = (0.0, 0usize, 0usize);
         for batch in &self.heldout_batches {
-            let (q, p, _) = self.embed_pairs(by, self.heldout, batch)?;
+            let (q, p) = self.embed_pairs(by, &self.tokenize_pairs(self.heldout, batch)?)?;
             loss += contrastive(&q, &p, self.config.scale)?.to_scalar::<f32>()? as f64
                 * batch.len() as f64;
             let best: Vec<u32> = q.matmul(&p.t()?)?.argmax(1)?.to_vec1()?;
@@ -338,10 +349,9 @@ impl Run<'_> {
     /// The largest difference between the embeddings of the first held-out batch by the
     /// student as trained and by `folded`.
     fn fold_error(&self, folded: &Bert) -> Result<f64> {
-        let batch = &self.heldout_batches[0];
-        let (q, p, _) =
-            self.embed_pairs(&self.embedder(self.config.steps)?, self.heldout, batch)?;
-        let (fq, fp, _) = self.embed_pairs(&Embedder::Plain(folded), self.heldout, batch)?;
+        let tokens = self.tokenize_pairs(self.heldout, &self.heldout_batches[0])?;
+        let (q, p) = self.embed_pairs(&self.embedder(self.config.steps)?, &tokens)?;
+        let (fq, fp) = self.embed_pairs(&Embedder::Plain(folded), &tokens)?;
         // Before folding, removed hidden dimensions are (exact) zeros among the kept ones.
         let (q, p) = match &self.student {
             Student::Wid {
@@ -378,7 +388,10 @@ impl Run<'_> {
     /// similarity matching for the baseline.
     fn loss(&self, step: usize, batch: &[usize]) -> Result<(Tensor, usize)> {
         let by = self.embedder(step)?;
-        let (q, p, tokens) = self.embed_pairs(&by, self.train, batch)?;
+        let t = self.tokenize_pairs(self.train, batch)?;
+        let tokens =
+            (t.queries.mask.sum_all()? + t.passages.mask.sum_all()?)?.to_scalar::<f32>()? as usize;
+        let (q, p) = self.embed_pairs(&by, &t)?;
         match &self.student {
             Student::Wid {
                 compactors,
@@ -386,7 +399,7 @@ impl Run<'_> {
             } => {
                 let mut task = contrastive(&q, &p, self.config.scale)?;
                 if self.config.soft_labels > 0.0 {
-                    let (tq, tp, _) = self.embed_pairs(&Embedder::Teacher, self.train, batch)?;
+                    let (tq, tp) = self.embed_pairs(&Embedder::Teacher, &t)?;
                     let soft = soft_contrastive(&q, &p, &tq, &tp, self.config.scale)?;
                     task = (task + (soft * self.config.soft_labels)?)?;
                 }
@@ -397,7 +410,7 @@ impl Run<'_> {
                 Ok((loss, tokens))
             }
             Student::Kd { .. } => {
-                let (tq, tp, _) = self.embed_pairs(&Embedder::Teacher, self.train, batch)?;
+                let (tq, tp) = self.embed_pairs(&Embedder::Teacher, &t)?;
                 let s = Tensor::cat(&[&q, &p], 0)?;
                 let t = Tensor::cat(&[&tq, &tp], 0)?;
                 let gap = (s.matmul(&s.t()?)? - t.matmul(&t.t()?)?)?;

@@ -148,23 +148,23 @@ fn linear(
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
-/// LayerNorm `name` over the last dimension of `x`; with `weights` `[hidden]`, mean and
-/// variance are weighted means (a dimension of weight 0 is left out of both).
+/// LayerNorm `name` over the last dimension of `x`; with `weights` `[hidden]` and their sum,
+/// mean and variance are weighted means (a dimension of weight 0 is left out of both).
 fn layer_norm(
     tensors: &HashMap<String, Tensor>,
     name: &str,
     x: &Tensor,
-    weights: Option<&Tensor>,
+    weights: Option<(&Tensor, f64)>,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     let w = get(tensors, &format!("{name}.weight"))?;
     let b = get(tensors, &format!("{name}.bias"))?;
     let mean_of = |v: &Tensor| match weights {
         None => v.mean_keepdim(D::Minus1),
-        Some(m) => v.broadcast_mul(m)?.sum_keepdim(D::Minus1)?.affine(
-            1.0 / m.sum_all()?.to_scalar::<f32>()?.max(1e-12) as f64,
-            0.0,
-        ),
+        Some((m, total)) => v
+            .broadcast_mul(m)?
+            .sum_keepdim(D::Minus1)?
+            .affine(1.0 / total.max(1e-12), 0.0),
     };
     let mean = mean_of(x)?;
     let centred = x.broadcast_sub(&mean)?;
@@ -187,6 +187,11 @@ pub fn forward_with(
     let c = config;
     let (b, t) = ids.dims2()?;
     let (nh, hs) = (c.num_attention_heads, c.head_size());
+    // The weights' sum, read once for the 13 LayerNorms of a forward pass.
+    let norm_weights = match norm_weights {
+        Some(m) => Some((m, m.sum_all()?.to_scalar::<f32>()? as f64)),
+        None => None,
+    };
     let norm =
         |name: &str, x: &Tensor| layer_norm(tensors, name, x, norm_weights, c.layer_norm_eps);
     let words =

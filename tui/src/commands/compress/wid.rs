@@ -99,11 +99,17 @@ fn train_pairs(config: &Resolved) -> Result<Vec<TextPair>> {
     let index = config.open_index()?;
     let mut pairs = Vec::new();
     let mut missing = 0usize;
+    // A paragraph is the evidence of several pairs: read each from the index once.
+    let mut texts: std::collections::HashMap<String, Option<String>> = Default::default();
     for (query, id) in evidence_pairs(&questions) {
-        match index.get(&id)? {
-            Some(p) => pairs.push(TextPair {
+        if !texts.contains_key(&id) {
+            let text = index.get(&id)?.map(|p| passage_text(&p.title, &p.text));
+            texts.insert(id.clone(), text);
+        }
+        match &texts[&id] {
+            Some(passage) => pairs.push(TextPair {
                 query,
-                passage: passage_text(&p.title, &p.text),
+                passage: passage.clone(),
                 passage_id: id,
             }),
             None => missing += 1,
