@@ -98,6 +98,39 @@ impl CustomOp3 for AdaptedLinear {
     }
 }
 
+/// `x·Wᵀ` for `x` `[n, in]` and `w` `[out, in]`, differentiable in `x` only when `w` is frozen.
+///
+/// Candle's matmul backward computes the right-hand side's gradient whether or not anything
+/// needs it: for a frozen weight that is a weight-sized matmul and tensor per layer and step,
+/// thrown away. A `w` that tracks gradients (a fake-quantized or masked weight) keeps the plain
+/// matmul, so its own gradient still flows.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })?)
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = tensor_of(s, l)?.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(vec_of(&y)?), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.detach().matmul(&self.w)?))
+    }
+}
+
 /// RMS norm `x / √(mean(x²) + eps) · w` over the last dimension, `w` frozen.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let op = RmsNorm { w: vec_of(w)?, eps };
@@ -417,6 +450,29 @@ mod tests {
                 .unwrap())
         .unwrap();
         check(&[&x, &a, &b], fused, plain);
+    }
+
+    #[test]
+    fn linear_keeps_gradients_of_inputs_that_track_them() {
+        let mut rng = Rng::new(4);
+        let x = var(&mut rng, &[5, 8]);
+        let frozen = rng.normal_tensor(&[6, 8], 1.0).unwrap();
+        let fused = linear(&x, &frozen).unwrap();
+        let plain = x.matmul(&frozen.t().unwrap()).unwrap();
+        check(&[&x], fused, plain);
+        // The frozen weight gets no gradient (candle's matmul computes one for its transposed
+        // view: one more weight-sized tensor); a trainable one gets its own.
+        let count = |y: Tensor| y.sum_all().unwrap().backward().unwrap().get_ids().count();
+        let plain = count(x.matmul(&frozen.t().unwrap()).unwrap());
+        assert_eq!(count(linear(&x, &frozen).unwrap()), plain - 1);
+        let w = var(&mut rng, &[6, 8]);
+        let grads = linear(&x, &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(grads.get(&w).is_some() && grads.get(&x).is_some());
     }
 
     #[test]

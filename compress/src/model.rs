@@ -321,7 +321,7 @@ impl AdaptedModel {
 
     /// Logits `[n, vocab]` for hidden states `[n, n_embd]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.matmul(&self.output.t()?)?)
+        crate::fused::linear(hidden, &self.output)
     }
 
     /// Next-token logits at every position of one sequence: `[t, vocab]`.
@@ -379,7 +379,7 @@ impl Layer {
                 let (a, b) = d.lora_factors()?;
                 crate::fused::adapted_linear(x, w, &a, &b, d.scale())?
             }
-            None => x.matmul(&w.t()?)?,
+            None => crate::fused::linear(x, w)?,
         };
         Ok(match self.biases.get(&target) {
             Some(bias) => y.broadcast_add(bias)?,
