@@ -60,6 +60,7 @@ pub mod optim;
 pub mod pipeline;
 pub mod prune;
 pub mod quantize;
+mod stream_cache;
 pub mod train;
 pub mod weights;
 pub mod wid;

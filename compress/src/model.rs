@@ -125,8 +125,10 @@ impl AdaptedModel {
         let config = base.config.clone();
         let mut rng = Rng::new(adapter.map_or(0, |a| a.seed));
         let mut layers = Vec::with_capacity(config.n_layer);
+        let first = adapter.map_or(0, |a| a.first_layer(config.n_layer));
         for i in 0..config.n_layer {
             let mut linears = HashMap::new();
+            let adapter = adapter.filter(|_| i >= first);
             for target in Target::ALL {
                 let w = base
                     .get(&format!("blk.{i}.{}.weight", target.gguf()))?
@@ -233,6 +235,42 @@ impl AdaptedModel {
 
     /// Final hidden states `[b, t, n_embd]` (after the output norm).
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
+        self.hidden_from(batch, 0, self.embed(batch)?)
+    }
+
+    /// The token embeddings of `batch` as the residual stream `[b·t, n_embd]` entering layer 0.
+    pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let x = self
+            .embedding
+            .index_select(&batch.tokens.flatten_all()?, 0)?;
+        Ok(match &self.masks {
+            Some(m) => x.broadcast_mul(&m.hidden)?,
+            None => x,
+        })
+    }
+
+    /// The residual stream `[b·t, n_embd]` entering layer `layer` (`layer` = the layer count:
+    /// leaving the last one, before the output norm).
+    pub fn stream_at(&self, batch: &Batch, layer: usize) -> Result<Tensor> {
+        self.run_layers(batch, 0..layer, self.embed(batch)?)
+    }
+
+    /// Final hidden states `[b, t, n_embd]` from the residual stream `x` `[b·t, n_embd]`
+    /// entering layer `from` (as [`Self::stream_at`] returns it).
+    pub fn hidden_from(&self, batch: &Batch, from: usize, x: Tensor) -> Result<Tensor> {
+        let (b, t) = batch.tokens.dims2()?;
+        let x = self.run_layers(batch, from..self.layers.len(), x)?;
+        let c = &self.config;
+        Ok(rms_norm(&x, &self.output_norm, c.rms_eps)?.reshape((b, t, c.n_embd))?)
+    }
+
+    /// The layers `range` applied to the residual stream `x` `[b·t, n_embd]`.
+    fn run_layers(
+        &self,
+        batch: &Batch,
+        range: std::ops::Range<usize>,
+        mut x: Tensor,
+    ) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let c = &self.config;
         let hd = c.head_dim();
@@ -254,12 +292,14 @@ impl AdaptedModel {
                 None => x,
             })
         };
-        let mut x = to_stream(
-            self.embedding
-                .index_select(&batch.tokens.flatten_all()?, 0)?,
-        )?; // [b·t, h]
         let scale = 1.0 / (hd as f64).sqrt();
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(range.end)
+            .skip(range.start)
+        {
             // Head counts follow from the weights: a pruned (deci) model's differ by layer.
             let nh = layer.linears[&Target::Q].0.dim(0)? / hd;
             let nkv = layer.linears[&Target::K].0.dim(0)? / hd;
@@ -300,7 +340,7 @@ impl AdaptedModel {
             }
             x = (x + to_stream(m)?)?;
         }
-        Ok(rms_norm(&x, &self.output_norm, c.rms_eps)?.reshape((b, t, c.n_embd))?)
+        Ok(x)
     }
 
     /// This model with multipliers on its heads, MLP channels and hidden dimensions

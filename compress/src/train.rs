@@ -14,6 +14,7 @@ use crate::model::{AdaptedModel, Batch};
 use crate::optim::{
     self, accumulate, clip_global_norm, fingerprint, AdamW, Cadence, NamedVars, Schedule, Trainer,
 };
+use crate::stream_cache::StreamCache;
 use crate::{AdapterConfig, BaseWeights, Error, Result};
 
 /// Optimisation settings.
@@ -153,6 +154,9 @@ pub struct TrainSummary {
     pub tokens_per_sec: f64,
     /// Peak resident memory of the process, bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
+    /// Bytes of the lower layers' streams kept for a top-layers adapter (0 without one).
+    #[serde(default)]
+    pub stream_cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +238,9 @@ struct FinetuneRun<'a> {
     epochs: HashMap<u64, Vec<Row>>,
     rows_per_epoch: usize,
     heldout_rows: Vec<Row>,
+    /// The frozen layers' output below a top-layers adapter, by example (held-out ids follow
+    /// the training examples').
+    lower: Option<StreamCache>,
     checkpoint: PathBuf,
     tokens_done: usize,
     started: Instant,
@@ -277,8 +284,16 @@ impl<'a> FinetuneRun<'a> {
         });
         let all: Vec<usize> = (0..heldout.len()).collect();
         let heldout_rows = pack(heldout, &all, config.seq_len).0;
+        let mut lower = match adapter.first_layer(model.config().n_layer) {
+            0 => None,
+            first => Some(StreamCache::new(first)),
+        };
         if state.initial_heldout_loss.is_none() {
-            state.initial_heldout_loss = Some(mean_loss(model, &heldout_rows, config.batch)?);
+            let heldout = HeldoutRows {
+                rows: &heldout_rows,
+                first_id: train.len(),
+            };
+            state.initial_heldout_loss = Some(mean_loss(model, heldout, config.batch, &mut lower)?);
         }
         let rows_per_epoch = first.len().max(1);
         Ok(FinetuneRun {
@@ -291,6 +306,7 @@ impl<'a> FinetuneRun<'a> {
             epochs: HashMap::from([(0, first)]),
             rows_per_epoch,
             heldout_rows,
+            lower,
             checkpoint: ckpt,
             tokens_done: 0,
             started: Instant::now(),
@@ -317,10 +333,19 @@ impl<'a> FinetuneRun<'a> {
             .collect()
     }
 
-    fn summary(&self) -> Result<TrainSummary> {
+    /// Mean loss over the held-out rows, no gradients kept.
+    fn heldout_loss(&mut self) -> Result<f64> {
+        let heldout = HeldoutRows {
+            rows: &self.heldout_rows,
+            first_id: self.train.len(),
+        };
+        mean_loss(self.model, heldout, self.config.batch, &mut self.lower)
+    }
+
+    fn summary(&mut self) -> Result<TrainSummary> {
         let heldout_loss = match self.state.history.last().and_then(|p| p.heldout) {
             Some(h) => h,
-            None => mean_loss(self.model, &self.heldout_rows, self.config.batch)?,
+            None => self.heldout_loss()?,
         };
         let elapsed = self.started.elapsed().as_secs_f64();
         Ok(TrainSummary {
@@ -335,6 +360,7 @@ impl<'a> FinetuneRun<'a> {
                 0.0
             },
             peak_rss_bytes: peak_rss_bytes(),
+            stream_cache_bytes: self.lower.as_ref().map_or(0, |c| c.bytes() as u64),
         })
     }
 }
@@ -348,7 +374,7 @@ impl Trainer for FinetuneRun<'_> {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0.0;
         for micro in picked.chunks(self.config.batch) {
-            let (loss, n) = batch_loss(self.model, micro)?;
+            let (loss, n) = batch_loss(self.model, micro, 0, &mut self.lower)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let scaled = (loss * (n as f64 / total.max(1) as f64))?;
             accumulate(&mut grads, &scaled.backward()?, &self.vars)?;
@@ -379,7 +405,7 @@ impl Trainer for FinetuneRun<'_> {
     }
 
     fn evaluate(&mut self, done: usize) -> Result<()> {
-        let h = mean_loss(self.model, &self.heldout_rows, self.config.batch)?;
+        let h = self.heldout_loss()?;
         (self.on_event)(&TrainEvent::Heldout {
             step: done,
             loss: h,
@@ -406,13 +432,26 @@ fn epoch_rows(train: &[Tokenized], config: &TrainConfig, epoch: u64) -> (Vec<Row
     )
 }
 
-/// Mean token cross-entropy of `rows` and the number of target tokens.
-fn batch_loss(model: &AdaptedModel, rows: &[Row]) -> Result<(Tensor, usize)> {
+/// Mean token cross-entropy of `rows` and the number of target tokens. With a stream cache
+/// (a top-layers adapter), the rows enter at its first layer; their examples' ids start at
+/// `first_id`.
+fn batch_loss(
+    model: &AdaptedModel,
+    rows: &[Row],
+    first_id: usize,
+    lower: &mut Option<StreamCache>,
+) -> Result<(Tensor, usize)> {
     let tokens: Vec<Vec<u32>> = rows.iter().map(|r| r.tokens.clone()).collect();
     let segments: Vec<Vec<usize>> = rows.iter().map(|r| r.segments.clone()).collect();
     let batch = Batch::packed(&tokens, &segments)?;
     let t = tokens[0].len();
-    let hidden = model.hidden(&batch)?;
+    let hidden = match lower {
+        Some(cache) => {
+            let x = cache.rows_input(model, rows, first_id)?;
+            model.hidden_from(&batch, cache.first_layer(), x)?
+        }
+        None => model.hidden(&batch)?,
+    };
     let n_embd = hidden.dim(2)?;
     let hidden = hidden.reshape((rows.len() * t, n_embd))?;
     let (mut idx, mut tgt) = (Vec::new(), Vec::new());
@@ -430,11 +469,22 @@ fn batch_loss(model: &AdaptedModel, rows: &[Row]) -> Result<(Tensor, usize)> {
     Ok((loss, n))
 }
 
-/// Mean token cross-entropy over all target tokens of `rows`, no gradients kept.
-pub fn mean_loss(model: &AdaptedModel, rows: &[Row], batch: usize) -> Result<f64> {
+/// Held-out rows and the id of their first example in the stream cache.
+struct HeldoutRows<'a> {
+    rows: &'a [Row],
+    first_id: usize,
+}
+
+/// Mean token cross-entropy over all target tokens of the held-out rows, no gradients kept.
+fn mean_loss(
+    model: &AdaptedModel,
+    heldout: HeldoutRows<'_>,
+    batch: usize,
+    lower: &mut Option<StreamCache>,
+) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in rows.chunks(batch.max(1)) {
-        let (loss, k) = batch_loss(model, chunk)?;
+    for chunk in heldout.rows.chunks(batch.max(1)) {
+        let (loss, k) = batch_loss(model, chunk, heldout.first_id, lower)?;
         sum += loss.detach().to_scalar::<f32>()? as f64 * k as f64;
         n += k;
     }

@@ -205,3 +205,56 @@ fn merged_and_runtime_lora_ggufs_serve_what_candle_computes() {
         r => panic!("{:?}", r.map(|_| ())),
     }
 }
+
+/// Mean cross-entropy of the completions of `data`, each run whole through the full model.
+fn completion_loss(model: &geek_compress::model::AdaptedModel, data: &[Tokenized]) -> f64 {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for ex in data {
+        let logits: Vec<Vec<f32>> = model
+            .sequence_logits(&ex.tokens)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for p in ex.prompt_len.max(1)..ex.tokens.len() {
+            let logp = common::log_softmax(&logits[p - 1]);
+            sum -= logp[ex.tokens[p] as usize];
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn a_top_layers_adapter_trains_from_the_cached_lower_layers() {
+    let _one = common::one_model_at_a_time();
+    let (_, base, data) = setup();
+    let mut cfg = AdapterConfig::new(AdapterKind::Lora);
+    cfg.top_layers = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let config = TrainConfig {
+        eval_every: 3,
+        ..small(6)
+    };
+    let (model, summary) = finetune(&base, &cfg, &data, &config, dir.path(), &mut |_| {}).unwrap();
+    // Only the top 3 of SmolLM2's 30 layers carry adapters.
+    let vars = model.named_vars();
+    assert!(!vars.is_empty());
+    assert!(vars.iter().all(|(n, _)| ["blk.27.", "blk.28.", "blk.29."]
+        .iter()
+        .any(|p| n.starts_with(p))));
+    // The held-out losses read from the cached streams are the full model's.
+    let heldout = &data[data.len() - config.holdout..];
+    let untrained = geek_compress::model::AdaptedModel::new(&base, Some(&cfg)).unwrap();
+    let initial = summary.initial_heldout_loss.unwrap();
+    let reference = completion_loss(&untrained, heldout);
+    // (f32 sums in training, f64 here.)
+    assert!(
+        (initial - reference).abs() < 1e-3,
+        "{initial} vs {reference}"
+    );
+    assert!((summary.heldout_loss - completion_loss(&model, heldout)).abs() < 1e-3);
+    assert!(summary.stream_cache_bytes > 0);
+    let first = summary.history.first().unwrap().loss;
+    let last = summary.history.last().unwrap().loss;
+    assert!(last < first * 0.8, "loss {first} -> {last}");
+}

@@ -162,6 +162,10 @@ pub struct AdapterConfig {
     pub mixer_init: MixerInit,
     /// Seed of every random initialisation.
     pub seed: u64,
+    /// Adapters on the top N layers only (0 = every layer). Training then runs no backward
+    /// pass below them and computes the frozen lower layers' output once per example.
+    #[serde(default)]
+    pub top_layers: usize,
 }
 
 impl AdapterConfig {
@@ -175,6 +179,15 @@ impl AdapterConfig {
             tt_rank: 5,
             mixer_init: MixerInit::Kaiming,
             seed: 42,
+            top_layers: 0,
+        }
+    }
+
+    /// The first layer that carries an adapter in a model of `n_layer` layers.
+    pub fn first_layer(&self, n_layer: usize) -> usize {
+        match self.top_layers {
+            0 => 0,
+            n => n_layer.saturating_sub(n),
         }
     }
 

@@ -71,6 +71,10 @@ pub struct FinetuneArgs {
     /// Tensor-train rank of LoRETTA's cores.
     #[arg(long, default_value_t = 5)]
     pub tt_rank: usize,
+    /// Adapters on the top N layers only (0 = all): no backward pass below them, and the
+    /// frozen lower layers run once per example (kept in memory for later epochs).
+    #[arg(long, default_value_t = 0)]
+    pub top_layers: usize,
     /// MoSLoRA mixer initialisation: kaiming or orthogonal.
     #[arg(long, default_value = "kaiming")]
     pub mixer_init: MixerInit,
@@ -127,6 +131,7 @@ impl FinetuneArgs {
                 tt_rank: self.tt_rank,
                 mixer_init: self.mixer_init,
                 seed: self.seed,
+                top_layers: self.top_layers,
             },
             train: TrainConfig {
                 steps: self.steps,
@@ -278,6 +283,7 @@ impl PipelineArgs {
                 tt_rank: 5,
                 mixer_init: MixerInit::Kaiming,
                 seed: self.learned.seed,
+                top_layers: 0,
             },
             train: TrainConfig {
                 steps: self.finetune_steps,

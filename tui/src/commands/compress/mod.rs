@@ -196,6 +196,12 @@ fn save_finetune(
         summary.peak_rss_bytes as f64 / 1e9,
         started.elapsed().as_secs_f64()
     );
+    if summary.stream_cache_bytes > 0 {
+        println!(
+            "lower layers' streams kept: {:.2} GB",
+            summary.stream_cache_bytes as f64 / 1e9
+        );
+    }
     println!("adapter: {}", adapter_dir.display());
     Ok(())
 }
