@@ -131,6 +131,42 @@ impl Trajectory {
     }
 }
 
+impl Trajectory {
+    /// The (sub-question, fact) pairs the final answer reads, as the agent passes its own.
+    pub fn facts(&self) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .map(|s| {
+                let fact = match &s.answer {
+                    GoldAnswer::Retrieved { fact, .. } | GoldAnswer::SelfAnswered { fact } => fact,
+                };
+                (s.sub_question.clone(), fact.clone())
+            })
+            .collect()
+    }
+
+    /// The user turn of the final answer's own prompt (its system message is
+    /// [`prompts::FINAL_SYSTEM`]).
+    pub fn final_user_turn(&self) -> String {
+        prompts::final_user(&self.question, &self.facts())
+    }
+
+    /// The final answer as a training example: after `chat_prompt` (the model's chat of
+    /// [`prompts::FINAL_SYSTEM`] and [`Self::final_user_turn`]) and the answer prefix, the
+    /// yes/no word the agent scores — one target token, each example short.
+    pub fn render_final_answer(&self, chat_prompt: &str) -> TrainingExample {
+        TrainingExample {
+            prompt: format!("{chat_prompt}{}", prompts::ANSWER_PREFIX),
+            completion: if self.answer {
+                prompts::YES
+            } else {
+                prompts::NO
+            }
+            .to_string(),
+        }
+    }
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -186,5 +222,13 @@ mod tests {
             .1;
         let example = example.split("\n\nExample:").next().unwrap();
         assert_eq!(ex.completion, example);
+        let fin = t.render_final_answer("<final>");
+        assert_eq!(
+            (fin.prompt.as_str(), fin.completion.as_str()),
+            ("<final>Answer:", " yes")
+        );
+        assert!(t
+            .final_user_turn()
+            .starts_with("Facts:\n- How long is the gestation period of a llama? A llama's"));
     }
 }

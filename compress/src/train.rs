@@ -46,6 +46,10 @@ pub struct TrainConfig {
     pub holdout: usize,
     /// Seed of the data order.
     pub seed: u64,
+    /// Where a top-layers adapter's lower-layer streams are also kept on disk (shared by runs
+    /// on the same base model and layer); `None` keeps them in memory only.
+    #[serde(default)]
+    pub stream_cache: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -64,6 +68,7 @@ impl Default for TrainConfig {
             checkpoint_every: 10,
             holdout: 32,
             seed: 0,
+            stream_cache: None,
         }
     }
 }
@@ -286,7 +291,11 @@ impl<'a> FinetuneRun<'a> {
         let heldout_rows = pack(heldout, &all, config.seq_len).0;
         let mut lower = match adapter.first_layer(model.config().n_layer) {
             0 => None,
-            first => Some(StreamCache::new(first)),
+            first => Some(StreamCache::new(
+                first,
+                &base.path,
+                config.stream_cache.as_deref(),
+            )?),
         };
         if state.initial_heldout_loss.is_none() {
             let heldout = HeldoutRows {
@@ -534,6 +543,7 @@ fn resume(dir: &Path, fresh: &State, vars: &[(String, Var)], opt: &mut AdamW) ->
     comparable.steps = fresh.train.steps; // more steps may be asked for later
     comparable.checkpoint_every = fresh.train.checkpoint_every;
     comparable.eval_every = fresh.train.eval_every;
+    comparable.stream_cache = fresh.train.stream_cache.clone(); // where it is kept may move
     if comparable != fresh.train {
         return Err(mismatch(format!(
             "training settings {:?} vs {:?}",

@@ -1,4 +1,4 @@
-//! `geek data trajectories`.
+//! `geek data trajectories`: gold excavations, or their final answers, as training examples.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -41,13 +41,16 @@ pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
     for q in &questions {
         match gold_trajectory(q, &index, args.passages)? {
             Ok(t) => {
-                let parts = runtime.block_on(AgentModel::chat_prompt(
-                    &engine,
-                    prompts::SYSTEM,
-                    &t.user_turn(),
-                ))?;
+                let (system, user) = match args.render {
+                    Render::Trajectory => (prompts::SYSTEM, t.user_turn()),
+                    Render::FinalAnswer => (prompts::FINAL_SYSTEM, t.final_user_turn()),
+                };
+                let parts = runtime.block_on(AgentModel::chat_prompt(&engine, system, &user))?;
                 let chat: String = parts.iter().map(|p| p.text.as_str()).collect();
-                let ex = t.render(&chat);
+                let ex = match args.render {
+                    Render::Trajectory => t.render(&chat),
+                    Render::FinalAnswer => t.render_final_answer(&chat),
+                };
                 let line = serde_json::json!({
                     "qid": q.qid,
                     "prompt": ex.prompt,
@@ -94,4 +97,18 @@ pub struct TrajectoriesArgs {
     /// Passages shown per retrieval (the agent's default is 3).
     #[arg(long, default_value_t = 3)]
     pub passages: usize,
+    /// What each line holds: the whole excavation (`trajectory`), or only the final answer
+    /// from the gold facts in its own short prompt (`final-answer`: one target token, about
+    /// 150 tokens a line).
+    #[arg(long, value_enum, default_value_t = Render::Trajectory)]
+    pub render: Render,
+}
+
+/// What `geek data trajectories` renders per question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Render {
+    /// The whole gold excavation after the agent's system prompt.
+    Trajectory,
+    /// The final answer's prompt with the gold facts, then " yes" or " no".
+    FinalAnswer,
 }

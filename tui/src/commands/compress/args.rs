@@ -75,6 +75,11 @@ pub struct FinetuneArgs {
     /// frozen lower layers run once per example (kept in memory for later epochs).
     #[arg(long, default_value_t = 0)]
     pub top_layers: usize,
+    /// Where --top-layers keeps the lower layers' streams on disk (n_embd × 4 bytes a token;
+    /// default OUT/lower-streams): a resumed run reads them back, and runs of other adapters
+    /// on the same model, layer and examples share a directory given here.
+    #[arg(long)]
+    pub stream_cache: Option<PathBuf>,
     /// MoSLoRA mixer initialisation: kaiming or orthogonal.
     #[arg(long, default_value = "kaiming")]
     pub mixer_init: MixerInit,
@@ -146,6 +151,11 @@ impl FinetuneArgs {
                 checkpoint_every: self.checkpoint_every,
                 holdout: self.holdout,
                 seed: self.seed,
+                stream_cache: (self.top_layers > 0).then(|| {
+                    self.stream_cache
+                        .clone()
+                        .unwrap_or_else(|| self.out.join("lower-streams"))
+                }),
                 ..TrainConfig::default()
             },
             data: self.data.clone(),
