@@ -262,6 +262,10 @@ pub struct PipelineArgs {
     /// Finetune rows accumulated per step.
     #[arg(long, default_value_t = 4)]
     pub accumulation: usize,
+    /// Adapters on the top N layers only (0 = all), the lower layers' streams kept under the
+    /// work directory (see `finetune --top-layers`).
+    #[arg(long, default_value_t = 0)]
+    pub top_layers: usize,
     /// Examples held out of the finetune.
     #[arg(long, default_value_t = 32)]
     pub holdout: usize,
@@ -293,7 +297,7 @@ impl PipelineArgs {
                 tt_rank: 5,
                 mixer_init: MixerInit::Kaiming,
                 seed: self.learned.seed,
-                top_layers: 0,
+                top_layers: self.top_layers,
             },
             train: TrainConfig {
                 steps: self.finetune_steps,
@@ -306,6 +310,7 @@ impl PipelineArgs {
                 checkpoint_every: 10,
                 holdout: self.holdout,
                 seed: self.learned.seed,
+                stream_cache: (self.top_layers > 0).then(|| self.work().join("lower-streams")),
                 ..TrainConfig::default()
             },
             data,
