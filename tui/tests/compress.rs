@@ -68,6 +68,7 @@ fn trajectories_finetune_export_and_serve() {
         );
         assert!(l["prompt"].as_str().unwrap().contains("Question: "));
     }
+    final_answers_train_a_top_layers_adapter(&index, dir.path());
 
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
@@ -354,4 +355,75 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
         .with_extension("work")
         .join("prune/masks.json")
         .is_file());
+}
+
+/// `--render final-answer` writes the final answer's own prompt with the gold facts, completed
+/// by " yes" or " no"; a top-layers adapter trains on it and keeps the lower layers' streams on
+/// disk, which a resumed run reads back.
+fn final_answers_train_a_top_layers_adapter(index: &Path, dir: &Path) {
+    let data = dir.join("final.jsonl");
+    let f = data.to_str().unwrap();
+    let args = [
+        "data",
+        "trajectories",
+        "--render",
+        "final-answer",
+        "--limit",
+        "12",
+    ];
+    ok(geek(index, &[&args[..], &["--out", f]].concat()));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 10, "{}", lines.len());
+    for l in &lines {
+        let (p, c) = (
+            l["prompt"].as_str().unwrap(),
+            l["completion"].as_str().unwrap(),
+        );
+        assert!(p.contains("Facts:\n- ") && p.ends_with("Answer:"), "{p}");
+        assert!(c == " yes" || c == " no", "{c}");
+    }
+    let out = dir.join("final-run");
+    let o = out.to_str().unwrap();
+    let train = |steps: &str| {
+        let args = [
+            "compress",
+            "finetune",
+            "--data",
+            f,
+            "--out",
+            o,
+            "--top-layers",
+            "2",
+            "--steps",
+            steps,
+            "--batch",
+            "2",
+            "--accumulation",
+            "1",
+            "--seq-len",
+            "256",
+            "--holdout",
+            "2",
+            "--checkpoint-every",
+            "1",
+        ];
+        ok(geek(index, &args))
+    };
+    let first = train("1");
+    assert!(first.contains("lower layers' streams kept"), "{first}");
+    let streams = |d: &Path| -> usize {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| std::fs::read_dir(e.unwrap().path()).unwrap().count())
+            .sum()
+    };
+    let written = streams(&out.join("lower-streams"));
+    assert!(written >= 4, "{written}");
+    let second = train("2");
+    assert!(second.contains("2 steps"), "{second}");
+    assert!(streams(&out.join("lower-streams")) >= written);
 }
