@@ -65,6 +65,11 @@ def main():
     folder, name = os.path.split(os.path.abspath(args.gguf))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32)
+    from gguf import GGUFReader
+
+    if not any(t.name == "output.weight" for t in GGUFReader(args.gguf).tensors):
+        # A tied output layer (SmolLM2): transformers leaves lm_head random when reading GGUF.
+        model.lm_head.weight = model.model.embed_tokens.weight
     n_layer = model.config.num_hidden_layers
     layers = list(range(n_layer - args.top_layers, n_layer)) if args.top_layers else None
     config = LoraConfig(
