@@ -168,7 +168,7 @@ pub struct QuantizeJob {
     pub calibration: CalibrationText,
     /// The GGUF written.
     pub out: PathBuf,
-    /// llama-quantize's `_M` mix (rtn only; see [`Mix::medium`]).
+    /// llama-quantize's `_M` mix (see [`Mix::medium`]; learned: its q6_k layers by rtn).
     pub medium: bool,
 }
 
@@ -202,15 +202,11 @@ pub fn quantize(
         };
         return Ok((quantize_rtn(base, mix, &job.out)?, None));
     }
-    if job.medium {
-        return Err(Error::Config(
-            "the _M mix is written by the rtn method only".into(),
-        ));
-    }
     events(PipelineEvent::Stage("tokenizing calibration text"));
     let rows = job.calibration.rows(tokenizer)?;
     let config = LearnedConfig {
         ty: job.ty,
+        medium: job.medium,
         ..job.learned.clone()
     };
     let checkpoint = job.out.with_extension("ckpt");

@@ -75,24 +75,95 @@ pub struct BlockFormat {
     pub qmax: i32,
     /// Whether blocks carry an offset `m`.
     pub offset: bool,
+    /// Blocks per super-block whose scales and minimums are themselves quantized to 6 bits
+    /// against the super-block's f16 `d` and `dmin` (Q4_K: 8 blocks of 32); 1 for the types
+    /// whose blocks store f16 parameters directly.
+    pub sub_blocks: usize,
 }
 
-/// The scale and offset of one block, as stored (f16).
-type BlockParams = (f16, f16);
+/// The scale and offset of one block as the file's dequantization computes them: f16 values,
+/// or for k-quants the super-block's f16 scale times the block's 6-bit one.
+type BlockParams = (f32, f32);
+
+/// One Q4_K super-block's stored parameters: `d`, `dmin` and the 6-bit scale and minimum of
+/// each of its 8 blocks; block `j`'s weights are `d·sc[j]·q − dmin·mn[j]`.
+struct SuperParams {
+    d: f16,
+    dmin: f16,
+    scales: [u8; 8],
+    mins: [u8; 8],
+}
+
+impl SuperParams {
+    /// The k-quant encoding of 8 blocks' real scales and offsets: the largest scale (and the
+    /// largest minimum, offsets being ≤ 0) maps to 63, the others round to the nearest step.
+    fn of(blocks: &[(f32, f32)]) -> SuperParams {
+        let max_d = blocks.iter().map(|b| b.0).fold(0f32, f32::max);
+        let max_min = blocks.iter().map(|b| -b.1).fold(0f32, f32::max);
+        let (d, dmin) = (f16::from_f32(max_d / 63.0), f16::from_f32(max_min / 63.0));
+        let step = |v: f32, unit: f16| -> u8 {
+            let unit = unit.to_f32();
+            if unit > 0.0 {
+                (v / unit).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            }
+        };
+        let mut out = SuperParams {
+            d,
+            dmin,
+            scales: [0; 8],
+            mins: [0; 8],
+        };
+        for (j, &(bd, bm)) in blocks.iter().enumerate() {
+            out.scales[j] = step(bd, d);
+            out.mins[j] = step(-bm, dmin);
+        }
+        out
+    }
+
+    /// Block `j`'s (scale, offset) as ggml's dequantization computes them.
+    fn block(&self, j: usize) -> BlockParams {
+        (
+            self.d.to_f32() * self.scales[j] as f32,
+            -(self.dmin.to_f32() * self.mins[j] as f32),
+        )
+    }
+
+    /// ggml's 12-byte packing of the eight 6-bit scales and minimums.
+    fn packed_scales(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        for j in 0..8 {
+            let (ls, lm) = (self.scales[j], self.mins[j]);
+            if j < 4 {
+                out[j] = ls;
+                out[j + 4] = lm;
+            } else {
+                out[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+                out[j - 4] |= (ls >> 4) << 6;
+                out[j] |= (lm >> 4) << 6;
+            }
+        }
+        out
+    }
+}
 
 impl BlockFormat {
     /// The grid of `ty`. Q2_K is written with constant sub-block scales and mins (one `d` and
     /// one offset per 256 weights, 2-bit codes), so the learned grid is exactly what it holds.
+    /// Q4_K keeps its real layout: a learned scale and offset per 32 weights, stored as 6-bit
+    /// multiples of the 256-weight super-block's f16 `d` and `dmin`.
     pub fn of(ty: QuantType) -> Result<BlockFormat> {
-        let (width, qmin, qmax, offset) = match ty {
-            QuantType::Q8_0 => (32, -128, 127, false),
-            QuantType::Q4_0 => (32, -8, 7, false),
-            QuantType::Q5_0 => (32, -16, 15, false),
-            QuantType::Q4_1 => (32, 0, 15, true),
-            QuantType::Q2K => (256, 0, 3, true),
+        let (width, qmin, qmax, offset, sub_blocks) = match ty {
+            QuantType::Q8_0 => (32, -128, 127, false, 1),
+            QuantType::Q4_0 => (32, -8, 7, false, 1),
+            QuantType::Q5_0 => (32, -16, 15, false, 1),
+            QuantType::Q4_1 => (32, 0, 15, true, 1),
+            QuantType::Q2K => (256, 0, 3, true, 1),
+            QuantType::Q4K => (32, 0, 15, true, 8),
             other => {
                 return Err(Error::Config(format!(
-                    "learned quantization writes q8_0, q4_0, q4_1, q5_0 or q2_k, not {}",
+                    "learned quantization writes q8_0, q4_0, q4_1, q5_0, q4_k or q2_k, not {}",
                     other.name()
                 )))
             }
@@ -103,6 +174,7 @@ impl BlockFormat {
             qmin,
             qmax,
             offset,
+            sub_blocks,
         })
     }
 
@@ -147,7 +219,11 @@ impl BlockFormat {
 
     /// Squared error of a block under (f16-rounded) parameters.
     fn block_error(&self, x: &[f32], d: f32, m: f32) -> (f32, f32, f32) {
-        let (d, m) = (f16::from_f32(d).to_f32(), f16::from_f32(m).to_f32());
+        let (d, m) = if self.sub_blocks > 1 {
+            (d, m.min(0.0)) // k-quant offsets are minimums ≤ 0; their rounding is the super-block's
+        } else {
+            (f16::from_f32(d).to_f32(), f16::from_f32(m).to_f32())
+        };
         let e = x
             .iter()
             .map(|&v| {
@@ -212,10 +288,11 @@ impl QuantGrid {
         rows: usize,
         cols: usize,
     ) -> Result<QuantGrid> {
-        if !cols.is_multiple_of(format.width) {
+        let span = format.width * format.sub_blocks;
+        if !cols.is_multiple_of(span) {
             return Err(Error::Config(format!(
-                "rows of {cols} do not split into blocks of {}",
-                format.width
+                "rows of {cols} do not split into {} blocks of {span}",
+                format.ty.name()
             )));
         }
         Ok(QuantGrid {
@@ -294,8 +371,8 @@ impl QuantGrid {
         ))
     }
 
-    /// Stored (f16) scale and offset of every block.
-    fn params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<BlockParams> {
+    /// Each block's scale and offset before storage rounding.
+    fn real_params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<(f32, f32)> {
         let means = self.group_means(w);
         (0..self.blocks())
             .map(|b| {
@@ -306,8 +383,32 @@ impl QuantGrid {
                 } else {
                     0.0
                 };
-                (f16::from_f32(d), f16::from_f32(m))
+                (d, m)
             })
+            .collect()
+    }
+
+    /// The k-quant super-blocks' stored parameters, in order.
+    fn super_params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<SuperParams> {
+        self.real_params(w, gamma, beta)
+            .chunks(self.format.sub_blocks)
+            .map(SuperParams::of)
+            .collect()
+    }
+
+    /// The scale and offset of every block as stored.
+    fn params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<BlockParams> {
+        if self.format.sub_blocks > 1 {
+            let n = self.format.sub_blocks;
+            return self
+                .super_params(w, gamma, beta)
+                .iter()
+                .flat_map(|sp| (0..n).map(|j| sp.block(j)))
+                .collect();
+        }
+        self.real_params(w, gamma, beta)
+            .into_iter()
+            .map(|(d, m)| (f16::from_f32(d).to_f32(), f16::from_f32(m).to_f32()))
             .collect()
     }
 
@@ -332,25 +433,54 @@ impl QuantGrid {
     /// The matrix as a GGUF tensor of the grid's type, holding exactly `fake_quant`'s values.
     pub fn encode(&self, w: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<QTensor> {
         let data = w.flatten_all()?.to_vec1::<f32>()?;
-        let params = self.params(&data, &gamma.to_vec1::<f32>()?, &beta.to_vec1::<f32>()?);
+        let (gamma, beta) = (gamma.to_vec1::<f32>()?, beta.to_vec1::<f32>()?);
         let f = self.format;
         let mut bytes = Vec::new();
-        let mut codes = vec![0i32; f.width];
-        for (block, &(d, m)) in data.chunks(f.width).zip(&params) {
-            for (c, &x) in codes.iter_mut().zip(block) {
-                *c = f.code(x, d.to_f32(), m.to_f32());
+        if f.sub_blocks > 1 {
+            let span = f.width * f.sub_blocks;
+            let supers = self.super_params(&data, &gamma, &beta);
+            for (weights, sp) in data.chunks(span).zip(&supers) {
+                write_q4_k(&f, sp, weights, &mut bytes);
             }
-            write_block(f.ty, d, m, &codes, &mut bytes);
+        } else {
+            let params = self.params(&data, &gamma, &beta);
+            let mut codes = vec![0i32; f.width];
+            for (block, &(d, m)) in data.chunks(f.width).zip(&params) {
+                for (c, &x) in codes.iter_mut().zip(block) {
+                    *c = f.code(x, d, m);
+                }
+                write_block(f.ty, f16::from_f32(d), f16::from_f32(m), &codes, &mut bytes);
+            }
         }
         let ggml = match f.ty {
             QuantType::Q8_0 => GgmlDType::Q8_0,
             QuantType::Q4_0 => GgmlDType::Q4_0,
             QuantType::Q4_1 => GgmlDType::Q4_1,
             QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q4K => GgmlDType::Q4K,
             _ => GgmlDType::Q2K,
         };
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, ggml)?;
         Ok(QTensor::new(storage, (self.rows, self.cols))?)
+    }
+}
+
+/// Appends one Q4_K super-block (256 weights) in ggml's layout: `d`, `dmin`, the packed 6-bit
+/// scales and minimums, then the 4-bit codes, two 32-weight blocks interleaved per 32 bytes.
+fn write_q4_k(f: &BlockFormat, sp: &SuperParams, weights: &[f32], out: &mut Vec<u8>) {
+    out.extend_from_slice(&sp.d.to_le_bytes());
+    out.extend_from_slice(&sp.dmin.to_le_bytes());
+    out.extend_from_slice(&sp.packed_scales());
+    let codes: Vec<i32> = weights
+        .chunks(f.width)
+        .enumerate()
+        .flat_map(|(j, block)| {
+            let (d, m) = sp.block(j);
+            block.iter().map(move |&x| f.code(x, d, m))
+        })
+        .collect();
+    for pair in codes.chunks(64) {
+        out.extend((0..32).map(|l| (pair[l] | (pair[l + 32] << 4)) as u8));
     }
 }
 
@@ -431,7 +561,6 @@ impl CustomOp3 for FakeQuant {
         let params = self.grid.params(w, gamma, beta);
         let mut out = Vec::with_capacity(w.len());
         for (block, &(d, m)) in w.chunks(f.width).zip(&params) {
-            let (d, m) = (d.to_f32(), m.to_f32());
             out.extend(block.iter().map(|&x| d * f.code(x, d, m) as f32 + m));
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -463,7 +592,6 @@ impl CustomOp3 for FakeQuant {
             Vec::new()
         };
         for (b, &(d, m)) in params.iter().enumerate() {
-            let (d, m) = (d.to_f32(), m.to_f32());
             let span = b * f.width..(b + 1) * f.width;
             let (mut sum_d, mut sum_m) = (0f32, 0f32);
             for i in span {

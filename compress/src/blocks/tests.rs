@@ -10,12 +10,13 @@ fn weights(rows: usize, cols: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
 }
 
-const TYPES: [QuantType; 5] = [
+const TYPES: [QuantType; 6] = [
     QuantType::Q8_0,
     QuantType::Q4_0,
     QuantType::Q4_1,
     QuantType::Q5_0,
     QuantType::Q2K,
+    QuantType::Q4K,
 ];
 
 #[test]
@@ -203,4 +204,41 @@ fn gradients_match_the_straight_through_estimator_in_plain_ops() {
             }
         }
     }
+}
+
+#[test]
+fn q4_k_grid_starts_about_as_close_as_ggmls_q4_k() {
+    // Real sub-block scales and minimums: the MSE start is within a few percent of ggml's own
+    // Q4_K quantizer (which searches each block's range more finely).
+    let w = weights(8, 512, 13);
+    let f = BlockFormat::of(QuantType::Q4K).unwrap();
+    let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
+    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+    let sq = |t: Tensor| -> f32 {
+        (t - &w)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let ours = sq(grid.fake_quant(&w, &g, &b, false).unwrap());
+    let ggml = sq(QTensor::quantize(&w, GgmlDType::Q4K)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap());
+    let q4_1 = {
+        let f = BlockFormat::of(QuantType::Q4_1).unwrap();
+        let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
+        let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+        sq(grid.fake_quant(&w, &g, &b, false).unwrap())
+    };
+    assert!(
+        ours < 1.25 * ggml,
+        "ours {ours} vs ggml {ggml} (q4_1 {q4_1})"
+    );
+    // Rows of 512 split into super-blocks of 256; 480 do not.
+    assert!(QuantGrid::new(f, Granularity::Block, 1, 480).is_err());
 }

@@ -40,8 +40,12 @@ use saved::{resume, save, snapshot, take_prefixed, Best, CheckpointState};
 /// How a learned quantization runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LearnedConfig {
-    /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q2_k).
+    /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q4_k, q2_k).
     pub ty: QuantType,
+    /// llama-quantize's `_M` mix (q4_k): the layers it widens to q6_k are quantized by
+    /// round-to-nearest and kept fixed; the others learn their scales.
+    #[serde(default)]
+    pub medium: bool,
     /// Type of the token embedding and output layer, quantized by round-to-nearest and kept
     /// fixed (default: llama-quantize's choice, Q8_0).
     pub embedding: Option<QuantType>,
@@ -82,7 +86,7 @@ impl LearnedConfig {
         Mix {
             ty: self.ty,
             embedding: self.embedding,
-            medium: false,
+            medium: self.medium,
         }
     }
 }
@@ -91,6 +95,7 @@ impl Default for LearnedConfig {
     fn default() -> Self {
         LearnedConfig {
             ty: QuantType::Q4_0,
+            medium: false,
             embedding: None,
             granularity: Granularity::Block,
             init: ScaleInit::Mse,

@@ -19,6 +19,9 @@ pub(super) struct QuantLinear {
 pub struct LearnedModel {
     pub(super) config: LearnedConfig,
     pub(super) linears: Vec<QuantLinear>,
+    /// Linear weights the mix gives a type learned scales do not cover (the `_M` mix's
+    /// q6_k), dequantized from their round-to-nearest blocks.
+    pub(super) fixed_linears: HashMap<String, Tensor>,
     /// The token embedding (and tied output) as written, and dequantized.
     pub(super) embedding: (QTensor, Tensor),
     /// A separate output matrix, when the model has one.
@@ -40,12 +43,25 @@ impl LearnedModel {
     /// embedding takes Q8_0 by round-to-nearest, as llama-quantize's mixes do.
     pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
         BlockFormat::of(config.ty)?;
+        if config.medium && config.ty != QuantType::Q4K {
+            return Err(Error::Config(format!(
+                "the learned _M mix is Q4_K_M's: --type q4_k, not {}",
+                config.ty.name()
+            )));
+        }
+        let n_layer = base.config.n_layer;
         let mut linears = Vec::new();
-        for layer in 0..base.config.n_layer {
+        let mut fixed_linears = HashMap::new();
+        for layer in 0..n_layer {
             for target in Target::ALL {
                 let name = format!("blk.{layer}.{}.weight", target.gguf());
                 let w = base.get(&name)?;
-                let (ty, fell_back) = config.mix().tensor_type(&name, w.dims());
+                let (ty, fell_back) = config.mix().tensor_type_in(&name, w.dims(), n_layer);
+                if config.medium && ty != config.ty && BlockFormat::of(ty).is_err() {
+                    let q = QTensor::quantize(w, ty.ggml())?;
+                    fixed_linears.insert(name, q.dequantize(&Device::Cpu)?);
+                    continue;
+                }
                 let (rows, cols) = w.dims2()?;
                 let mut grid =
                     QuantGrid::new(BlockFormat::of(ty)?, config.granularity, rows, cols)?;
@@ -64,7 +80,7 @@ impl LearnedModel {
         }
         let fixed = |name: &str| -> Result<(QTensor, Tensor)> {
             let t = base.get(name)?;
-            let (ty, _) = config.mix().tensor_type(name, t.dims());
+            let (ty, _) = config.mix().tensor_type_in(name, t.dims(), n_layer);
             let q = QTensor::quantize(t, ty.ggml())?;
             let d = q.dequantize(&Device::Cpu)?;
             Ok((q, d))
@@ -78,6 +94,7 @@ impl LearnedModel {
         Ok(LearnedModel {
             config: config.clone(),
             linears,
+            fixed_linears,
             embedding,
             output,
         })
@@ -136,6 +153,10 @@ impl LearnedModel {
         teacher.with_weights(
             Some((self.embedding.1.clone(), output)),
             |layer, target, _| {
+                let name = format!("blk.{layer}.{}.weight", target.gguf());
+                if let Some(dequantized) = self.fixed_linears.get(&name) {
+                    return Ok(dequantized.clone());
+                }
                 let l = by_slot.get(&(layer, target)).ok_or_else(|| {
                     Error::Config(format!("no grid for blk.{layer}.{}", target.gguf()))
                 })?;
@@ -166,7 +187,11 @@ impl LearnedModel {
                     fell_back: l.fell_back,
                 }
             } else {
-                let (ty, fell_back) = self.config.mix().tensor_type(name, t.dims());
+                // Round-to-nearest, deterministic: a fixed linear is written as the student saw it.
+                let (ty, fell_back) =
+                    self.config
+                        .mix()
+                        .tensor_type_in(name, t.dims(), base.config.n_layer);
                 let tensor = match (name.as_str(), &self.output) {
                     ("token_embd.weight", _) => QTensor::quantize(t, self.embedding.0.dtype())?,
                     ("output.weight", Some((o, _))) => QTensor::quantize(t, o.dtype())?,

@@ -347,8 +347,9 @@ pub struct LearnedArgs {
     /// Type of the token embedding and output layer (default: llama-quantize's, q8_0 here).
     #[arg(long)]
     pub embedding_type: Option<QuantType>,
-    /// llama-quantize's `_M` mix with --type q4_k or q5_k (rtn): the output layer and the
-    /// attn_v / ffn_down of the layers it picks in q6_k, the embedding in the base type.
+    /// llama-quantize's `_M` mix with --type q4_k or q5_k: the output layer and the
+    /// attn_v / ffn_down of the layers it picks in q6_k, the embedding in the base type
+    /// (learned, q4_k only: the q6_k tensors by round-to-nearest, the others learned).
     #[arg(long)]
     pub medium: bool,
     /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
