@@ -136,11 +136,15 @@ impl AgentModel for Engine {
     fn state_key(&self) -> Option<String> {
         let info = self.info();
         let sha = geek_backend::catalog::sha256_cached(&info.path).ok()?;
-        Some(format!(
-            "{sha}:{:?}:{}",
-            info.kv_type,
-            info.lora_adapters.len()
-        ))
+        // The KV state depends on the weights: the active LoRA's file and scale, if any.
+        let lora = match self.active_lora() {
+            Some((path, scale)) => {
+                let lora_sha = geek_backend::catalog::sha256_cached(&path).ok()?;
+                format!("lora:{lora_sha}@{scale}")
+            }
+            None => "base".to_string(),
+        };
+        Some(format!("{sha}:{:?}:{lora}", info.kv_type))
     }
 }
 

@@ -198,6 +198,7 @@ fn trajectories_finetune_export_and_serve() {
         serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
     let sha = results["config"]["model_sha256"].as_str().unwrap();
     assert!(sha.contains("+lora:") && sha.ends_with("@1"), "{sha}");
+    saved_system_prompts_are_keyed_by_the_lora(&index, dir.path(), &lora_arg);
 
     // The same data through the one-command pipeline: finetune → merge → learned Q4_0.
     let quantized = dir.path().join("pipeline-q4_0.gguf");
@@ -426,4 +427,37 @@ fn final_answers_train_a_top_layers_adapter(index: &Path, dir: &Path) {
     let second = train("2");
     assert!(second.contains("2 steps"), "{second}");
     assert!(streams(&out.join("lower-streams")) >= written);
+}
+
+/// The agent saves its decoded system prompt per model: the base model, a LoRA and the same
+/// LoRA at another scale compute different KV states, so each gets a file of its own.
+fn saved_system_prompts_are_keyed_by_the_lora(index: &Path, dir: &Path, lora: &str) {
+    let cache = dir.join("xdg-cache");
+    let ask = |lora: Option<String>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_geek"));
+        cmd.args(["ask", "Is water wet?", "--max-steps", "1", "--model"])
+            .arg(model_path())
+            .arg("--data-dir")
+            .arg(data_dir())
+            .arg("--index")
+            .arg(index)
+            .env("XDG_CACHE_HOME", &cache)
+            .env("GEEK_THREADS", "2");
+        if let Some(lora) = lora {
+            cmd.args(["--lora", &lora]);
+        }
+        ok(cmd.output().unwrap());
+    };
+    ask(None);
+    ask(Some(lora.to_string()));
+    ask(Some(format!("{lora}:0.5")));
+    ask(Some(lora.to_string()));
+    let saved = std::fs::read_dir(cache.join("geek").join("kv"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("prefix-")
+        })
+        .count();
+    assert_eq!(saved, 3);
 }
