@@ -22,6 +22,15 @@ fn geek(index: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The lines of a JSONL file.
+fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn ok(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
@@ -53,11 +62,7 @@ fn trajectories_finetune_export_and_serve() {
         &["data", "trajectories", "--limit", "12", "--out", t],
     ));
     assert!(out.contains("trajectories"), "{out}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&traj)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&traj);
     assert!(lines.len() >= 10, "{}", lines.len());
     for l in &lines {
         let c = l["completion"].as_str().unwrap();
@@ -373,11 +378,7 @@ fn final_answers_train_a_top_layers_adapter(index: &Path, dir: &Path) {
         "12",
     ];
     ok(geek(index, &[&args[..], &["--out", f]].concat()));
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&data)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&data);
     assert!(lines.len() >= 10, "{}", lines.len());
     for l in &lines {
         let (p, c) = (

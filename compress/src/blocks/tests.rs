@@ -10,6 +10,17 @@ fn weights(rows: usize, cols: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
 }
 
+fn squared_error(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 const TYPES: [QuantType; 6] = [
     QuantType::Q8_0,
     QuantType::Q4_0,
@@ -89,15 +100,7 @@ fn mse_init_never_loses_to_rtn() {
         let err = |how| {
             let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
             let (g, b) = grid.init(&w, how).unwrap();
-            let fq = grid.fake_quant(&w, &g, &b, false).unwrap();
-            (fq - &w)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            squared_error(&grid.fake_quant(&w, &g, &b, false).unwrap(), &w)
         };
         let (rtn, mse) = (err(ScaleInit::Rtn), err(ScaleInit::Mse));
         assert!(mse <= rtn, "{ty:?}: mse {mse} > rtn {rtn}");
@@ -214,16 +217,7 @@ fn q4_k_grid_starts_about_as_close_as_ggmls_q4_k() {
     let f = BlockFormat::of(QuantType::Q4K).unwrap();
     let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
     let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
-    let sq = |t: Tensor| -> f32 {
-        (t - &w)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let sq = |t: Tensor| squared_error(&t, &w);
     let ours = sq(grid.fake_quant(&w, &g, &b, false).unwrap());
     let ggml = sq(QTensor::quantize(&w, GgmlDType::Q4K)
         .unwrap()
