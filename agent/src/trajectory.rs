@@ -54,8 +54,38 @@ pub struct Trajectory {
 pub struct TrainingExample {
     /// Text the loss does not cover.
     pub prompt: String,
-    /// Text the loss covers.
+    /// Text the loss covers, but for its `context` spans.
     pub completion: String,
+    /// Byte ranges of `completion` the agent writes itself rather than the model (line
+    /// prefixes, passage blocks): context, not targets. Tokenized apart, as the agent appends
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<(usize, usize)>,
+}
+
+/// A completion built piece by piece: what the model writes, and what the agent writes
+/// (recorded as context spans).
+#[derive(Default)]
+struct Transcript {
+    text: String,
+    context: Vec<(usize, usize)>,
+}
+
+impl Transcript {
+    /// Text the agent appends itself.
+    fn agent(&mut self, piece: &str) {
+        let start = self.text.len();
+        self.text.push_str(piece);
+        match self.context.last_mut() {
+            Some(last) if last.1 == start => last.1 = self.text.len(),
+            _ => self.context.push((start, self.text.len())),
+        }
+    }
+
+    /// Text the model generates.
+    fn model(&mut self, piece: &str) {
+        self.text.push_str(piece);
+    }
 }
 
 impl Trajectory {
@@ -68,19 +98,16 @@ impl Trajectory {
     /// Renders the trajectory after `chat_prompt`, the model's chat-templated system and user
     /// turns (as [`crate::AgentModel::chat_prompt`] returns them).
     pub fn render(&self, chat_prompt: &str) -> TrainingExample {
-        let mut out = String::new();
-        let action = |out: &mut String, a: Action| {
-            out.push_str(prompts::ACTION_PREFIX);
-            out.push_str(&prompts::action_line(a));
+        let mut out = Transcript::default();
+        let action = |out: &mut Transcript, a: Action| {
+            out.agent(prompts::ACTION_PREFIX);
+            out.model(&prompts::action_line(a));
         };
         for (i, step) in self.steps.iter().enumerate() {
             let k = i + 1;
             action(&mut out, Action::AddDecomp);
-            out.push_str(&format!(
-                "{} {}\n",
-                prompts::sub_question_prefix(k),
-                one_line(&step.sub_question)
-            ));
+            out.agent(&prompts::sub_question_prefix(k));
+            out.model(&format!(" {}\n", one_line(&step.sub_question)));
             match &step.answer {
                 GoldAnswer::Retrieved {
                     passages,
@@ -97,36 +124,35 @@ impl Trajectory {
                             )
                         })
                         .collect();
-                    out.push_str(&prompts::passages_block(&shown, k));
-                    out.push(' ');
-                    out.push_str(&one_line(fact));
+                    out.agent(&prompts::passages_block(&shown, k));
+                    let mut line = format!(" {}", one_line(fact));
                     if !passages.is_empty() {
                         let refs: Vec<String> = cited.iter().map(|c| format!("P{c}")).collect();
-                        out.push_str(&format!(" [{}]", refs.join(", ")));
+                        line.push_str(&format!(" [{}]", refs.join(", ")));
                     }
-                    out.push('\n');
+                    line.push('\n');
+                    out.model(&line);
                 }
                 GoldAnswer::SelfAnswered { fact } => {
                     action(&mut out, Action::SelfAnswer);
-                    out.push_str(&format!("{} {}\n", prompts::fact_prefix(k), one_line(fact)));
+                    out.agent(&prompts::fact_prefix(k));
+                    out.model(&format!(" {}\n", one_line(fact)));
                 }
             }
         }
         action(&mut out, Action::FinalAnswer);
-        out.push_str(&format!(
-            "{} {}\n{}{}",
-            prompts::SUMMARY_PREFIX,
-            one_line(&self.summary),
-            prompts::ANSWER_PREFIX,
-            if self.answer {
-                prompts::YES
-            } else {
-                prompts::NO
-            }
-        ));
+        out.agent(prompts::SUMMARY_PREFIX);
+        out.model(&format!(" {}\n", one_line(&self.summary)));
+        out.agent(prompts::ANSWER_PREFIX);
+        out.model(if self.answer {
+            prompts::YES
+        } else {
+            prompts::NO
+        });
         TrainingExample {
             prompt: chat_prompt.to_string(),
-            completion: out,
+            completion: out.text,
+            context: out.context,
         }
     }
 }
@@ -163,6 +189,7 @@ impl Trajectory {
                 prompts::NO
             }
             .to_string(),
+            context: Vec::new(),
         }
     }
 }
@@ -222,6 +249,20 @@ mod tests {
             .1;
         let example = example.split("\n\nExample:").next().unwrap();
         assert_eq!(ex.completion, example);
+        // The loss covers what the model writes: action keywords, sub-questions, facts.
+        let targets: String = {
+            let mut kept = String::new();
+            let mut at = 0;
+            for &(s, e) in &ex.context {
+                kept.push_str(&ex.completion[at..s]);
+                at = e;
+            }
+            kept.push_str(&ex.completion[at..]);
+            kept
+        };
+        assert!(targets.starts_with(" AddDecomp\n How long is the gestation period of a llama?\n Retrieve\n A llama's gestation period is about 11.5 months. [P1]\n"), "{targets}");
+        assert!(!targets.contains("Passages:") && !targets.contains("Sub-question"));
+        assert!(targets.ends_with(" yes"));
         let fin = t.render_final_answer("<final>");
         assert_eq!(
             (fin.prompt.as_str(), fin.completion.as_str()),

@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| Example {
             prompt: format!("Question: Is {i} even?\nAnswer:"),
             completion: if i % 2 == 0 { " yes" } else { " no" }.into(),
+            context: Vec::new(),
         })
         .collect();
     let tokenizer = Engine::load(EngineConfig::new(&model).with_n_ctx(512).with_threads(2))?;

@@ -9,13 +9,37 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// One training example; the loss covers the completion only.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// One training example; the loss covers the completion only, but for its context spans.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct Example {
     /// Context the loss does not cover.
     pub prompt: String,
     /// Text the loss covers.
     pub completion: String,
+    /// Byte ranges of the completion the loss skips (text the agent writes itself, as
+    /// `geek data trajectories` marks it); each piece is tokenized apart.
+    #[serde(default)]
+    pub context: Vec<(usize, usize)>,
+}
+
+impl Example {
+    /// The completion in pieces, each with whether the loss covers it.
+    fn pieces(&self) -> Vec<(&str, bool)> {
+        let c = &self.completion;
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &(start, end) in &self.context {
+            if at < start {
+                out.push((&c[at..start], true));
+            }
+            out.push((&c[start..end], false));
+            at = end;
+        }
+        if at < c.len() {
+            out.push((&c[at..], true));
+        }
+        out
+    }
 }
 
 /// Reads JSONL examples; a malformed line is an [`Error::Data`] with its line number, and no
@@ -40,6 +64,23 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
                 message: "empty completion".into(),
             });
         }
+        let mut at = 0;
+        for &(start, end) in &ex.context {
+            let fits = at <= start && start < end && end <= ex.completion.len();
+            if !fits
+                || !ex.completion.is_char_boundary(start)
+                || !ex.completion.is_char_boundary(end)
+            {
+                return Err(Error::Data {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: format!(
+                        "context span {start}..{end} is not an ordered range of character boundaries of the completion"
+                    ),
+                });
+            }
+            at = end;
+        }
         out.push(ex);
     }
     if out.is_empty() {
@@ -53,29 +94,45 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
 }
 
 /// An example as token ids: the first `prompt_len` are prompt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tokenized {
     /// Prompt then completion tokens.
     pub tokens: Vec<u32>,
     /// How many leading tokens are prompt.
     pub prompt_len: usize,
+    /// Token ranges of the completion that are context, not targets.
+    pub context: Vec<(usize, usize)>,
+}
+
+impl Tokenized {
+    /// Whether the token at `p` is a target.
+    fn is_target(&self, p: usize) -> bool {
+        p >= self.prompt_len.max(1) && !self.context.iter().any(|&(s, e)| s <= p && p < e)
+    }
 }
 
 /// Tokenizes with the model's own llama.cpp tokenizer: the prompt with the model's special
-/// prefix (BOS, when it has one), the completion without, as the agent appends them.
+/// prefix (BOS, when it has one), the completion without, as the agent appends them — each
+/// context piece apart, as the agent appends its own text between the model's.
 pub fn tokenize(engine: &Engine, examples: &[Example]) -> Result<Vec<Tokenized>> {
     examples
         .iter()
         .map(|ex| {
             let prompt = engine.tokenize(ex.prompt.clone(), true).wait()?;
-            let completion = engine.tokenize(ex.completion.clone(), false).wait()?;
-            let prompt_len = prompt.len();
-            let tokens = prompt
-                .into_iter()
-                .chain(completion)
-                .map(|t| t as u32)
-                .collect();
-            Ok(Tokenized { tokens, prompt_len })
+            let mut out = Tokenized {
+                prompt_len: prompt.len(),
+                tokens: prompt.into_iter().map(|t| t as u32).collect(),
+                context: Vec::new(),
+            };
+            for (piece, target) in ex.pieces() {
+                let ids = engine.tokenize(piece.to_string(), false).wait()?;
+                let start = out.tokens.len();
+                out.tokens.extend(ids.into_iter().map(|t| t as u32));
+                if !target && out.tokens.len() > start {
+                    out.context.push((start, out.tokens.len()));
+                }
+            }
+            Ok(out)
         })
         .collect()
 }
@@ -124,19 +181,17 @@ pub fn pack(examples: &[Tokenized], order: &[usize], seq_len: usize) -> (Vec<Row
     };
     for &i in order {
         let ex = &examples[i];
-        let (tokens, prompt_len) = if ex.tokens.len() > seq_len {
-            cut += 1;
-            let drop = ex.tokens.len() - seq_len;
-            (&ex.tokens[drop..], ex.prompt_len.saturating_sub(drop))
-        } else {
-            (&ex.tokens[..], ex.prompt_len)
-        };
+        let drop = ex.tokens.len().saturating_sub(seq_len);
+        cut += usize::from(drop > 0);
+        let tokens = &ex.tokens[drop..];
         if current.tokens.len() + tokens.len() > seq_len {
             finish(&mut current, &mut rows);
         }
         let start = current.tokens.len();
-        for (p, &next) in tokens.iter().enumerate().skip(prompt_len.max(1)) {
-            current.targets.push((start + p - 1, next));
+        for (p, &next) in tokens.iter().enumerate().skip(1) {
+            if ex.is_target(p + drop) {
+                current.targets.push((start + p - 1, next));
+            }
         }
         current.tokens.extend_from_slice(tokens);
         current.segments.push(tokens.len());
@@ -167,14 +222,17 @@ mod tests {
             Tokenized {
                 tokens: vec![1, 2, 3, 4],
                 prompt_len: 2,
+                ..Tokenized::default()
             },
             Tokenized {
                 tokens: vec![5, 6, 7],
                 prompt_len: 1,
+                ..Tokenized::default()
             },
             Tokenized {
                 tokens: vec![8, 9, 10, 11, 12, 13],
                 prompt_len: 3,
+                ..Tokenized::default()
             },
         ];
         let (rows, cut) = pack(&ex, &[0, 1, 2], 8);
@@ -194,6 +252,16 @@ mod tests {
         assert_eq!(cut, 1);
         assert_eq!(rows[0].tokens, vec![10, 11, 12, 13]);
         assert_eq!(rows[0].targets, vec![(0, 11), (1, 12), (2, 13)]);
+        // Context tokens inside a completion are not targets, also in a cut example.
+        let with_context = vec![Tokenized {
+            tokens: vec![1, 2, 3, 4, 5, 6],
+            prompt_len: 1,
+            context: vec![(2, 4)],
+        }];
+        let (rows, _) = pack(&with_context, &[0], 8);
+        assert_eq!(rows[0].targets, vec![(0, 2), (3, 5), (4, 6)]);
+        let (rows, _) = pack(&with_context, &[0], 3);
+        assert_eq!(rows[0].targets, vec![(0, 5), (1, 6)]);
         let s = shuffled(10, 1);
         let mut sorted = s.clone();
         sorted.sort();
@@ -214,6 +282,23 @@ mod tests {
         match read_jsonl(&path) {
             Err(Error::Data { line, .. }) => assert_eq!(line, 2),
             other => panic!("{other:?}"),
+        }
+        // Context spans must be ordered ranges inside the completion.
+        let spans = |context: &str| {
+            let line =
+                format!("{{\"prompt\": \"a\", \"completion\": \"bcd\", \"context\": {context}}}\n");
+            std::fs::write(&path, line).unwrap();
+            read_jsonl(&path)
+        };
+        assert_eq!(
+            spans("[[0, 1], [2, 3]]").unwrap()[0].pieces(),
+            vec![("b", false), ("c", true), ("d", false)]
+        );
+        for bad in ["[[0, 4]]", "[[2, 3], [0, 1]]", "[[1, 1]]"] {
+            assert!(
+                matches!(spans(bad), Err(Error::Data { line: 1, .. })),
+                "{bad}"
+            );
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -187,6 +187,10 @@ pub fn data_fingerprint(data: &[Tokenized]) -> String {
         .map(|ex| {
             let mut r = ex.tokens.clone();
             r.push(ex.prompt_len as u32);
+            // (Examples without context spans keep the fingerprint they had before spans.)
+            for &(start, end) in &ex.context {
+                r.extend([u32::MAX, start as u32, end as u32]);
+            }
             r
         })
         .collect();

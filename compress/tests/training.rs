@@ -30,6 +30,7 @@ fn examples(engine: &Engine) -> Vec<Tokenized> {
         .map(|(q, a)| Example {
             prompt: format!("Question: {q}\n"),
             completion: format!("Action: FinalAnswer\nSummary: The facts settle it.\nAnswer: {a}"),
+            context: Vec::new(),
         })
         .collect();
     tokenize(engine, &ex).unwrap()

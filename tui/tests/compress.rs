@@ -67,6 +67,9 @@ fn trajectories_finetune_export_and_serve() {
     for l in &lines {
         let c = l["completion"].as_str().unwrap();
         assert!(c.starts_with("Action: AddDecomp\nSub-question 1:"), "{c}");
+        // What the agent writes itself (prefixes, passages) is marked as context.
+        let context = l["context"].as_array().unwrap();
+        assert_eq!(context[0], serde_json::json!([0, "Action:".len()]));
         assert!(
             c.ends_with("Answer: yes") || c.ends_with("Answer: no"),
             "{c}"

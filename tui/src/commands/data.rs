@@ -51,11 +51,14 @@ pub fn trajectories(args: TrajectoriesArgs, config: &Resolved) -> Result<()> {
                     Render::Trajectory => t.render(&chat),
                     Render::FinalAnswer => t.render_final_answer(&chat),
                 };
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "qid": q.qid,
                     "prompt": ex.prompt,
                     "completion": ex.completion,
                 });
+                if !ex.context.is_empty() {
+                    line["context"] = serde_json::json!(ex.context);
+                }
                 writeln!(out, "{line}")?;
                 written += 1;
             }
