@@ -13,7 +13,7 @@ use geek_retriever::CorpusSource;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{read_json, write_json};
-use crate::data::{read_jsonl, shuffled, tokenize};
+use crate::data::{read_jsonl, shuffled, tokenize, Tokenized};
 use crate::distill::{calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig};
 use crate::export::merge;
 use crate::prune::{
@@ -241,15 +241,35 @@ pub fn finetune(
     tokenizer: &Engine,
     events: &mut dyn FnMut(PipelineEvent),
 ) -> Result<(BaseWeights, AdaptedModel, TrainSummary)> {
+    let data = finetune_data(job, tokenizer, events)?;
+    finetune_tokenized(base_path, job, &data, events)
+}
+
+/// The finetune's examples read and tokenized (the first half of [`finetune`]: a caller that
+/// holds the tokenizer only for this can drop it before the weights are loaded).
+pub fn finetune_data(
+    job: &FinetuneJob,
+    tokenizer: &Engine,
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<Vec<Tokenized>> {
     job.adapter.validate()?;
     let mut examples = read_jsonl(&job.data)?;
     if let Some(n) = job.limit {
         examples.truncate(n);
     }
     events(PipelineEvent::Stage("tokenizing the training data"));
-    let data = tokenize(tokenizer, &examples)?;
+    tokenize(tokenizer, &examples)
+}
+
+/// The finetune on examples [`finetune_data`] tokenized: the base loaded, the adapter trained.
+pub fn finetune_tokenized(
+    base_path: &Path,
+    job: &FinetuneJob,
+    data: &[Tokenized],
+    events: &mut dyn FnMut(PipelineEvent),
+) -> Result<(BaseWeights, AdaptedModel, TrainSummary)> {
     let base = BaseWeights::load(base_path)?;
-    let (model, summary) = train(&base, &job.adapter, &data, &job.train, &job.out, &mut |e| {
+    let (model, summary) = train(&base, &job.adapter, data, &job.train, &job.out, &mut |e| {
         events(PipelineEvent::Finetune(e))
     })?;
     Ok((base, model, summary))

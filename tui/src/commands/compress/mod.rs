@@ -53,10 +53,11 @@ fn finetune(args: FinetuneArgs, config: &Resolved) -> Result<()> {
     let job = args.job();
     let bar = crate::progress::steps_bar(job.train.steps as u64);
     let started = Instant::now();
-    let engine = tokenizer(config, &base_path)?;
-    let result = pipeline::finetune(&base_path, &job, &engine, &mut |e| {
-        show(&bar, e, 0, job.train.seq_len)
-    });
+    let mut on_event = |e: PipelineEvent<'_>| show(&bar, e, 0, job.train.seq_len);
+    // The tokenizer (a llama.cpp model) is dropped before the f32 weights are loaded.
+    let data = pipeline::finetune_data(&job, &tokenizer(config, &base_path)?, &mut on_event);
+    let result =
+        data.and_then(|data| pipeline::finetune_tokenized(&base_path, &job, &data, &mut on_event));
     bar.finish_and_clear();
     let (base, model, summary) = result?;
     save_finetune(&job.out, &args.data, &base, &model, &summary, started)
