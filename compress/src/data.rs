@@ -148,8 +148,6 @@ pub struct Row {
     /// (position, next token) pairs in the loss: completion tokens predicted from inside their
     /// own example.
     pub targets: Vec<(usize, u32)>,
-    /// Which example (its index in the packed slice) each segment is.
-    pub examples: Vec<usize>,
 }
 
 /// Packs examples (in `order`) greedily into rows of `seq_len` tokens. An example longer than
@@ -162,7 +160,6 @@ pub fn pack(examples: &[Tokenized], order: &[usize], seq_len: usize) -> (Vec<Row
         tokens: Vec::with_capacity(seq_len),
         segments: Vec::new(),
         targets: Vec::new(),
-        examples: Vec::new(),
     };
     let finish = |row: &mut Row, rows: &mut Vec<Row>| {
         if !row.segments.is_empty() {
@@ -172,7 +169,6 @@ pub fn pack(examples: &[Tokenized], order: &[usize], seq_len: usize) -> (Vec<Row
                     tokens: Vec::with_capacity(seq_len),
                     segments: Vec::new(),
                     targets: Vec::new(),
-                    examples: Vec::new(),
                 },
             );
             done.tokens.resize(seq_len, 0);
@@ -195,7 +191,6 @@ pub fn pack(examples: &[Tokenized], order: &[usize], seq_len: usize) -> (Vec<Row
         }
         current.tokens.extend_from_slice(tokens);
         current.segments.push(tokens.len());
-        current.examples.push(i);
     }
     finish(&mut current, &mut rows);
     (rows, cut)
@@ -240,10 +235,6 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].tokens, vec![1, 2, 3, 4, 5, 6, 7, 0]);
         assert_eq!(rows[0].segments, vec![4, 3]);
-        assert_eq!(
-            (&rows[0].examples, &rows[1].examples),
-            (&vec![0, 1], &vec![2])
-        );
         // 3 and 4 (after prompt [1, 2]); 6 and 7 (after prompt [5]).
         assert_eq!(rows[0].targets, vec![(1, 3), (2, 4), (4, 6), (5, 7)]);
         assert_eq!(rows[1].targets, vec![(2, 11), (3, 12), (4, 13)]);

@@ -46,8 +46,8 @@ pub struct TrainConfig {
     pub holdout: usize,
     /// Seed of the data order.
     pub seed: u64,
-    /// Where a top-layers adapter's lower-layer streams are also kept on disk (shared by runs
-    /// on the same base model and layer); `None` keeps them in memory only.
+    /// Where a top-layers adapter's lower-layer streams are also kept on disk, shared by runs
+    /// on the same base model and layer (`None`: `OUT/lower-streams`).
     #[serde(default)]
     pub stream_cache: Option<PathBuf>,
 }
@@ -247,8 +247,7 @@ struct FinetuneRun<'a> {
     epochs: HashMap<u64, Vec<Row>>,
     rows_per_epoch: usize,
     heldout_rows: Vec<Row>,
-    /// The frozen layers' output below a top-layers adapter, by example (held-out ids follow
-    /// the training examples').
+    /// The frozen layers' output below a top-layers adapter, by example.
     lower: Option<StreamCache>,
     checkpoint: PathBuf,
     tokens_done: usize,
@@ -295,18 +294,17 @@ impl<'a> FinetuneRun<'a> {
         let heldout_rows = pack(heldout, &all, config.seq_len).0;
         let mut lower = match adapter.first_layer(model.config().n_layer) {
             0 => None,
-            first => Some(StreamCache::new(
-                first,
-                &base.path,
-                config.stream_cache.as_deref(),
-            )?),
+            first => {
+                let dir = config
+                    .stream_cache
+                    .clone()
+                    .unwrap_or_else(|| out.join("lower-streams"));
+                Some(StreamCache::new(first, &base.path, &dir)?)
+            }
         };
         if state.initial_heldout_loss.is_none() {
-            let heldout = HeldoutRows {
-                rows: &heldout_rows,
-                first_id: train.len(),
-            };
-            state.initial_heldout_loss = Some(mean_loss(model, heldout, config.batch, &mut lower)?);
+            state.initial_heldout_loss =
+                Some(mean_loss(model, &heldout_rows, config.batch, &mut lower)?);
         }
         let rows_per_epoch = first.len().max(1);
         Ok(FinetuneRun {
@@ -348,11 +346,12 @@ impl<'a> FinetuneRun<'a> {
 
     /// Mean loss over the held-out rows, no gradients kept.
     fn heldout_loss(&mut self) -> Result<f64> {
-        let heldout = HeldoutRows {
-            rows: &self.heldout_rows,
-            first_id: self.train.len(),
-        };
-        mean_loss(self.model, heldout, self.config.batch, &mut self.lower)
+        mean_loss(
+            self.model,
+            &self.heldout_rows,
+            self.config.batch,
+            &mut self.lower,
+        )
     }
 
     fn summary(&mut self) -> Result<TrainSummary> {
@@ -387,7 +386,7 @@ impl Trainer for FinetuneRun<'_> {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut loss_sum = 0.0;
         for micro in picked.chunks(self.config.batch) {
-            let (loss, n) = batch_loss(self.model, micro, 0, &mut self.lower)?;
+            let (loss, n) = batch_loss(self.model, micro, &mut self.lower)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
             let scaled = (loss * (n as f64 / total.max(1) as f64))?;
             accumulate(&mut grads, &scaled.backward()?, &self.vars)?;
@@ -446,12 +445,10 @@ fn epoch_rows(train: &[Tokenized], config: &TrainConfig, epoch: u64) -> (Vec<Row
 }
 
 /// Mean token cross-entropy of `rows` and the number of target tokens. With a stream cache
-/// (a top-layers adapter), the rows enter at its first layer; their examples' ids start at
-/// `first_id`.
+/// (a top-layers adapter), the rows enter at its first layer.
 fn batch_loss(
     model: &AdaptedModel,
     rows: &[Row],
-    first_id: usize,
     lower: &mut Option<StreamCache>,
 ) -> Result<(Tensor, usize)> {
     let tokens: Vec<Vec<u32>> = rows.iter().map(|r| r.tokens.clone()).collect();
@@ -460,7 +457,7 @@ fn batch_loss(
     let t = tokens[0].len();
     let hidden = match lower {
         Some(cache) => {
-            let x = cache.rows_input(model, rows, first_id)?;
+            let x = cache.rows_input(model, rows)?;
             model.hidden_from(&batch, cache.first_layer(), x)?
         }
         None => model.hidden(&batch)?,
@@ -482,22 +479,16 @@ fn batch_loss(
     Ok((loss, n))
 }
 
-/// Held-out rows and the id of their first example in the stream cache.
-struct HeldoutRows<'a> {
-    rows: &'a [Row],
-    first_id: usize,
-}
-
-/// Mean token cross-entropy over all target tokens of the held-out rows, no gradients kept.
+/// Mean token cross-entropy over all target tokens of `rows`, no gradients kept.
 fn mean_loss(
     model: &AdaptedModel,
-    heldout: HeldoutRows<'_>,
+    rows: &[Row],
     batch: usize,
     lower: &mut Option<StreamCache>,
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in heldout.rows.chunks(batch.max(1)) {
-        let (loss, k) = batch_loss(model, chunk, heldout.first_id, lower)?;
+    for chunk in rows.chunks(batch.max(1)) {
+        let (loss, k) = batch_loss(model, chunk, lower)?;
         sum += loss.detach().to_scalar::<f32>()? as f64 * k as f64;
         n += k;
     }

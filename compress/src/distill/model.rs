@@ -21,7 +21,7 @@ pub struct LearnedModel {
     pub(super) linears: Vec<QuantLinear>,
     /// Linear weights the mix gives a type learned scales do not cover (the `_M` mix's
     /// q6_k), dequantized from their round-to-nearest blocks.
-    pub(super) fixed_linears: HashMap<String, Tensor>,
+    pub(super) fixed_linears: HashMap<(usize, Target), Tensor>,
     /// The token embedding (and tied output) as written, and dequantized.
     pub(super) embedding: (QTensor, Tensor),
     /// A separate output matrix, when the model has one.
@@ -40,7 +40,8 @@ impl std::fmt::Debug for LearnedModel {
 impl LearnedModel {
     /// Initial scales for every linear weight of `base`. Weights whose rows do not fit the
     /// type's block take llama-quantize's fallback (Q2_K → Q4_0), learned the same way; the
-    /// embedding takes Q8_0 by round-to-nearest, as llama-quantize's mixes do.
+    /// embedding takes Q8_0 by round-to-nearest, as llama-quantize's mixes do, and so do the
+    /// `_M` mix's q6_k linears (kept fixed).
     pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
         BlockFormat::of(config.ty)?;
         if config.medium && config.ty != QuantType::Q4K {
@@ -57,14 +58,14 @@ impl LearnedModel {
                 let name = format!("blk.{layer}.{}.weight", target.gguf());
                 let w = base.get(&name)?;
                 let (ty, fell_back) = config.mix().tensor_type_in(&name, w.dims(), n_layer);
-                if config.medium && ty != config.ty && BlockFormat::of(ty).is_err() {
+                let Ok(format) = BlockFormat::of(ty) else {
+                    // A type learned scales do not cover (the _M mix's q6_k): fixed, by rtn.
                     let q = QTensor::quantize(w, ty.ggml())?;
-                    fixed_linears.insert(name, q.dequantize(&Device::Cpu)?);
+                    fixed_linears.insert((layer, target), q.dequantize(&Device::Cpu)?);
                     continue;
-                }
+                };
                 let (rows, cols) = w.dims2()?;
-                let mut grid =
-                    QuantGrid::new(BlockFormat::of(ty)?, config.granularity, rows, cols)?;
+                let mut grid = QuantGrid::new(format, config.granularity, rows, cols)?;
                 let (gamma, beta) = grid.init(w, config.init)?;
                 linears.push(QuantLinear {
                     name,
@@ -153,8 +154,7 @@ impl LearnedModel {
         teacher.with_weights(
             Some((self.embedding.1.clone(), output)),
             |layer, target, _| {
-                let name = format!("blk.{layer}.{}.weight", target.gguf());
-                if let Some(dequantized) = self.fixed_linears.get(&name) {
+                if let Some(dequantized) = self.fixed_linears.get(&(layer, target)) {
                     return Ok(dequantized.clone());
                 }
                 let l = by_slot.get(&(layer, target)).ok_or_else(|| {

@@ -72,7 +72,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 5)]
     pub tt_rank: usize,
     /// Adapters on the top N layers only (0 = all): no backward pass below them, and the
-    /// frozen lower layers run once per example (kept in memory for later epochs).
+    /// frozen lower layers run once per example (kept for later epochs and resumes).
     #[arg(long, default_value_t = 0)]
     pub top_layers: usize,
     /// Where --top-layers keeps the lower layers' streams on disk (n_embd × 4 bytes a token;
@@ -151,11 +151,7 @@ impl FinetuneArgs {
                 checkpoint_every: self.checkpoint_every,
                 holdout: self.holdout,
                 seed: self.seed,
-                stream_cache: (self.top_layers > 0).then(|| {
-                    self.stream_cache
-                        .clone()
-                        .unwrap_or_else(|| self.out.join("lower-streams"))
-                }),
+                stream_cache: self.stream_cache.clone(),
                 ..TrainConfig::default()
             },
             data: self.data.clone(),
@@ -262,8 +258,8 @@ pub struct PipelineArgs {
     /// Finetune rows accumulated per step.
     #[arg(long, default_value_t = 4)]
     pub accumulation: usize,
-    /// Adapters on the top N layers only (0 = all), the lower layers' streams kept under the
-    /// work directory (see `finetune --top-layers`).
+    /// Adapters on the top N layers only (0 = all), the lower layers' streams kept in the
+    /// finetune's directory (see `finetune --top-layers`).
     #[arg(long, default_value_t = 0)]
     pub top_layers: usize,
     /// Examples held out of the finetune.
@@ -310,7 +306,6 @@ impl PipelineArgs {
                 checkpoint_every: 10,
                 holdout: self.holdout,
                 seed: self.learned.seed,
-                stream_cache: (self.top_layers > 0).then(|| self.work().join("lower-streams")),
                 ..TrainConfig::default()
             },
             data,
