@@ -212,8 +212,9 @@ impl Engine {
     }
 
     /// Switches to LoRA adapter `index` of [`EngineConfig::lora_adapters`] at `scale`, or back to
-    /// the base model with `None`. The KV caches of live sequences were computed with other
-    /// weights, so they are cleared and re-decoded on next use. Fails while requests run.
+    /// the base model with `None`, for every sequence not pinned by [`Sequence::set_lora`]. The
+    /// KV caches of those sequences were computed with other weights, so they are cleared and
+    /// re-decoded on next use. Fails while requests run.
     pub fn set_lora(&self, index: Option<usize>, scale: f32) -> Reply<()> {
         self.request(|reply| Command::SetLora {
             index,
@@ -398,6 +399,17 @@ impl Sequence {
             len,
             reply,
         })
+    }
+
+    /// Pins this sequence to LoRA adapter `index` of [`EngineConfig::lora_adapters`] at
+    /// `scale` (`Some((index, scale))`), or to the base model (`None`), whichever adapter
+    /// [`Engine::set_lora`] switches on for the other sequences — as llama-server applies
+    /// adapters per request. Sequences on different adapters are decoded in separate batches,
+    /// their turns alternating. The sequence's cache is cleared when its weights change; forks
+    /// keep the pin. Fails while a request of this sequence runs.
+    pub fn set_lora(&self, lora: Option<(usize, f32)>) -> Reply<()> {
+        let seq = self.id;
+        self.request(|reply| Command::PinLora { seq, lora, reply })
     }
 
     /// A new sequence that starts as a copy of this one and shares its KV cache cells:

@@ -92,6 +92,11 @@ pub(crate) enum Command {
         scale: f32,
         reply: ReplyTx<()>,
     },
+    PinLora {
+        seq: i32,
+        lora: Option<(usize, f32)>,
+        reply: ReplyTx<()>,
+    },
     Stats {
         reply: ReplyTx<EngineStats>,
     },

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use common::model_path;
-use geek_backend::{Engine, EngineConfig, Error};
+use geek_backend::{Engine, EngineConfig, Error, GenerateParams};
 
 /// Writes a GGUF LoRA adapter (llama.cpp's layout: `lora_a` is [n_in, r], `lora_b` is
 /// [r, n_out], ggml order) on `attn_q` of the first `layers` layers, with deterministic values.
@@ -140,4 +140,113 @@ fn adapters_that_do_not_fit_the_model_are_typed_errors() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::NotGguf { .. }), "{err}");
+}
+
+/// An engine on SmolLM2 with the test adapter loaded (not switched on).
+fn engine_with_adapter(dir: &Path) -> Engine {
+    let adapter = dir.join("q-lora.gguf");
+    write_lora(&adapter, 576, 576, 4, 30);
+    let mut config = EngineConfig::new(model_path())
+        .with_threads(2)
+        .with_n_ctx(1024)
+        .with_lora(&adapter);
+    // Prompt-lookup drafts, so that saved logits cover drafted tokens too.
+    config.lookup_draft = 4;
+    Engine::load(config).unwrap()
+}
+
+/// Greedy text after `prompt` on a new sequence pinned to `lora` (not pinned: `None`).
+async fn greedy_after(engine: &Engine, prompt: &str, lora: Option<Option<(usize, f32)>>) -> String {
+    let seq = engine.sequence().unwrap();
+    if let Some(lora) = lora {
+        seq.set_lora(lora).await.unwrap();
+    }
+    seq.append(prompt).await.unwrap();
+    seq.generate(GenerateParams::greedy(40))
+        .finish()
+        .await
+        .unwrap()
+        .text
+}
+
+#[test]
+fn sequences_pinned_to_different_adapters_run_together_as_they_run_alone() {
+    let _model = common::one_model_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with_adapter(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const SCALE: f32 = 1.0;
+    // The base model repeats itself after this prompt (so lookup drafts); the adapter does not.
+    let prompt = "The capital of France is";
+
+    // The engine's adapter stays off; one sequence is pinned to it.
+    let logits_on = |lora: Option<(usize, f32)>| {
+        let seq = engine.sequence().unwrap();
+        seq.set_lora(lora).wait().unwrap();
+        seq.append(prompt).wait().unwrap();
+        seq.logits().wait().unwrap()
+    };
+    assert!(max_diff(&logits_on(None), &logits_on(Some((0, SCALE)))) > 0.05);
+    let base_alone = rt.block_on(greedy_after(&engine, prompt, None));
+    let tuned_alone = rt.block_on(greedy_after(&engine, prompt, Some(Some((0, SCALE)))));
+    assert_ne!(base_alone, tuned_alone, "the adapter changed nothing");
+    engine.set_lora(Some(0), SCALE).wait().unwrap();
+    let tuned_engine = rt.block_on(greedy_after(&engine, prompt, None));
+    assert_eq!(tuned_engine, tuned_alone, "pinning differs from switching");
+    let base_pinned = rt.block_on(greedy_after(&engine, prompt, Some(None)));
+    assert_eq!(
+        base_pinned, base_alone,
+        "a sequence pinned to the base model"
+    );
+    engine.set_lora(None, 1.0).wait().unwrap();
+
+    // Both at once: batches alternate between the two weights.
+    let (base, tuned) = rt.block_on(async {
+        tokio::join!(
+            greedy_after(&engine, prompt, None),
+            greedy_after(&engine, prompt, Some(Some((0, SCALE))))
+        )
+    });
+    assert_eq!(base, base_alone);
+    assert_eq!(tuned, tuned_alone);
+
+    // A multi-token score on a pinned sequence while the base sequence generates.
+    let candidates = [" Paris, the city of light", " Lyon, on the Rhône"];
+    let score_on = |lora: Option<(usize, f32)>| {
+        let engine = &engine;
+        async move {
+            let seq = engine.sequence().unwrap();
+            seq.set_lora(lora).await.unwrap();
+            seq.append(prompt).await.unwrap();
+            seq.score(&candidates).await.unwrap()
+        }
+    };
+    let alone = rt.block_on(score_on(Some((0, SCALE))));
+    let (base_again, together) = rt.block_on(async {
+        tokio::join!(
+            greedy_after(&engine, prompt, None),
+            score_on(Some((0, SCALE)))
+        )
+    });
+    assert_eq!(base_again, base_alone);
+    for (a, b) in alone.iter().zip(&together) {
+        assert!((a - b).abs() < 1e-3, "{alone:?} against {together:?}");
+    }
+    let stats = engine.stats().wait().unwrap();
+    assert!(stats.drafted_tokens > 0, "nothing was drafted: {stats:?}");
+
+    // A switch of the engine's adapter leaves a pinned sequence's cache alone.
+    let pinned = engine.sequence().unwrap();
+    pinned.set_lora(Some((0, SCALE))).wait().unwrap();
+    pinned.append(prompt).wait().unwrap();
+    let before = pinned.logits().wait().unwrap();
+    engine.set_lora(Some(0), 0.5).wait().unwrap();
+    assert!(max_diff(&before, &pinned.logits().wait().unwrap()) < 1e-3);
+    assert!(matches!(
+        pinned.set_lora(Some((2, 1.0))).wait(),
+        Err(Error::Lora { .. })
+    ));
 }

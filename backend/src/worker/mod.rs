@@ -1,7 +1,8 @@
 //! The engine thread: owns the llama.cpp model and context and answers every request.
 //!
 //! [`requests`] starts what each command asks, [`schedule`] batches the running jobs into
-//! `llama_decode` calls, [`scoring`] evaluates candidates and token log-probabilities.
+//! `llama_decode` calls, [`scoring`] evaluates candidates and token log-probabilities,
+//! [`adapters`] keeps each sequence's LoRA adapter and gives each adapter its turns.
 //!
 //! Each loop turn builds one `llama_batch` from all running requests: one token for every
 //! sequence that is generating, then prompt chunks of sequences that are prefilling, up to
@@ -28,6 +29,7 @@ use crate::text::{StopBuffer, Utf8Stream};
 use crate::types::{EngineStats, GenEvent, ModelInfo, PrefillStats};
 use crate::{EngineConfig, Error, Result};
 
+mod adapters;
 mod lookup;
 mod requests;
 mod schedule;
@@ -86,6 +88,9 @@ pub(crate) fn run(
         lookup_draft: config.lookup_draft,
         ids,
         active_lora,
+        engine_lora: None,
+        applied_lora: None,
+        last_turn: None,
         seqs: HashMap::new(),
         jobs: Vec::new(),
         stats: EngineStats::default(),
@@ -173,13 +178,19 @@ pub(super) struct SeqState {
     /// Next-token logits after all of `tokens`, when known.
     pub(super) last_logits: Option<Vec<f32>>,
     pub(super) busy: bool,
+    /// The weights it decodes with.
+    pub(super) lora: adapters::SeqLora,
 }
 
 /// Where a generating job finds the logits for its next token.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum LogitsAt {
+    /// The sequence's `last_logits`.
     Stored,
+    /// Row `i` of the last batch (and the rows after it, for drafted tokens).
     Batch(i32),
+    /// The job's `saved_logits`: the batch rows, copied before another decode.
+    Saved,
 }
 
 pub(super) struct GenJob {
@@ -194,6 +205,8 @@ pub(super) struct GenJob {
     pub(super) first_token_at: Option<Instant>,
     /// Drafted tokens decoded after the last sampled one, waiting to be checked.
     draft: Vec<LlamaToken>,
+    /// The logits of the next token and of each drafted one, when [`LogitsAt::Saved`].
+    saved_logits: Vec<Vec<f32>>,
     /// How many tokens the next draft may have: grows while drafts are kept whole, shrinks
     /// to what was kept when one is cut (a rejected token costs a decode slot).
     draft_len: usize,
@@ -246,6 +259,12 @@ pub(super) struct Worker<'m> {
     pub(super) ids: Arc<SeqIds>,
     /// The adapter switched on and its scale, as the engine reports it.
     pub(super) active_lora: ActiveLora,
+    /// The engine's adapter (what `active_lora` reports), for sequences not pinned to one.
+    pub(super) engine_lora: adapters::Lora,
+    /// The adapter on the llama.cpp context now.
+    pub(super) applied_lora: adapters::Lora,
+    /// The adapter of the last batch's sequences.
+    pub(super) last_turn: Option<adapters::Lora>,
     pub(super) seqs: HashMap<i32, SeqState>,
     pub(super) jobs: Vec<Job>,
     pub(super) stats: EngineStats,
@@ -376,6 +395,9 @@ impl Worker<'_> {
                 reply,
             } => {
                 let _ = reply.send(self.set_lora(index, scale));
+            }
+            Command::PinLora { seq, lora, reply } => {
+                let _ = reply.send(self.pin_lora(seq, lora));
             }
             Command::Stats { reply } => {
                 let mut stats = self.stats;

@@ -1,5 +1,5 @@
 //! The requests the engine thread answers: tokenizing, chat templates, appends, forks,
-//! truncation and LoRA switching, and the setup of jobs the scheduler runs.
+//! truncation, and the setup of jobs the scheduler runs.
 
 use std::time::Instant;
 
@@ -215,6 +215,7 @@ impl Worker<'_> {
                 logits_at,
                 first_token_at: None,
                 draft: Vec::new(),
+                saved_logits: Vec::new(),
                 draft_len: self.lookup_draft,
                 sampling_seconds: 0.0,
                 logprobs: Vec::new(),
@@ -275,44 +276,6 @@ impl Worker<'_> {
         if self.seqs.remove(&seq).is_some() {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         }
-    }
-
-    pub(super) fn set_lora(&mut self, index: Option<usize>, scale: f32) -> Result<()> {
-        if !self.jobs.is_empty() {
-            return Err(Error::InvalidParameter(
-                "cannot switch LoRA adapters while requests are running".into(),
-            ));
-        }
-        let lora_err = |reason: String| Error::Lora {
-            path: Default::default(),
-            reason,
-        };
-        match index {
-            Some(i) => {
-                let n = self.adapters.len();
-                let adapter = self.adapters.get_mut(i).ok_or_else(|| {
-                    lora_err(format!("no adapter {i}: {n} were loaded with the model"))
-                })?;
-                self.ctx
-                    .lora_adapter_set(adapter, scale)
-                    .map_err(|e| lora_err(e.to_string()))?;
-            }
-            None => {
-                if let Some(adapter) = self.adapters.first_mut() {
-                    self.ctx
-                        .lora_adapter_remove(adapter)
-                        .map_err(|e| lora_err(e.to_string()))?;
-                }
-            }
-        }
-        *self.active_lora.lock().unwrap_or_else(|p| p.into_inner()) = index.map(|i| (i, scale));
-        // Cached keys and values were computed with the old weights.
-        self.ctx.clear_kv_cache();
-        for state in self.seqs.values_mut() {
-            state.n_decoded = 0;
-            state.last_logits = None;
-        }
-        Ok(())
     }
 
     /// Writes the sequence's cache cells and tokens to `path` (atomically); returns the bytes

@@ -1,5 +1,6 @@
-//! The scheduler: each turn builds one `llama_batch` from every running job (one token per
-//! generating sequence, then prompt chunks of prefilling ones) and hands out the results.
+//! The scheduler: each turn builds one `llama_batch` from every running job on one adapter's
+//! weights (one token per generating sequence, then prompt chunks of prefilling ones) and
+//! hands out the results.
 
 use std::time::Instant;
 
@@ -7,6 +8,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
+use super::adapters::Lora;
 use super::{lookup, BatchEntry, GenJob, Job, JobKind, LogitsAt, SeqState, Worker};
 use crate::sampling::{log_probs, top_log_probs};
 use crate::text::StopCheck;
@@ -14,12 +16,21 @@ use crate::types::{Completion, EngineStats, GenEvent, PrefillStats, StopReason};
 use crate::Error;
 
 impl Worker<'_> {
-    /// One decode over every running job.
+    /// One decode over every running job on the weights whose turn it is.
     pub(super) fn step(&mut self) {
+        let turn = self.next_lora_turn();
+        if self.last_turn != Some(turn) {
+            self.save_batch_logits();
+            self.last_turn = Some(turn);
+        }
+        if let Err(e) = self.apply_lora(turn) {
+            self.fail_turn(turn, &e);
+            return;
+        }
         self.batch.clear();
         let mut entries: Vec<BatchEntry> = Vec::new();
-        self.sample_generating(&mut entries);
-        self.add_prefill(&mut entries);
+        self.sample_generating(&mut entries, turn);
+        self.add_prefill(&mut entries, turn);
         if self.batch.n_tokens() > 0 {
             let n_tokens = self.batch.n_tokens() as u64;
             match self.ctx.decode(&mut self.batch) {
@@ -38,9 +49,12 @@ impl Worker<'_> {
     /// the batch. Tokens drafted at the last step are checked first: each one greedy decoding
     /// agrees with is kept (it is decoded already), the first it disagrees with ends the draft.
     // Longer than 80 lines: one pass over the generating jobs that verifies drafted tokens, samples, streams and checks stops on the same borrowed job state.
-    pub(super) fn sample_generating(&mut self, entries: &mut Vec<BatchEntry>) {
+    pub(super) fn sample_generating(&mut self, entries: &mut Vec<BatchEntry>, turn: Lora) {
         for ji in 0..self.jobs.len() {
-            let later = self.jobs_left_to_sample(ji);
+            if self.lora_of(self.jobs[ji].seq) != turn {
+                continue;
+            }
+            let later = self.jobs_left_to_sample(ji, turn);
             let job = &mut self.jobs[ji];
             let JobKind::Generate(gen) = &mut job.kind else {
                 continue;
@@ -53,6 +67,7 @@ impl Worker<'_> {
             }
             let state = self.seqs.get_mut(&job.seq).expect("job on a live sequence");
             let draft = std::mem::take(&mut gen.draft);
+            let saved = std::mem::take(&mut gen.saved_logits);
             let sampling_started = Instant::now();
             let model = self.model;
             let mut token = match at {
@@ -61,6 +76,7 @@ impl Worker<'_> {
                     choose(gen, &logits, model)
                 }
                 LogitsAt::Batch(i) => choose(gen, self.ctx.get_logits_ith(i), model),
+                LogitsAt::Saved => choose(gen, &saved[0], model),
             };
             let mut stop = None;
             let mut kept = 0;
@@ -77,10 +93,13 @@ impl Worker<'_> {
                 if stop.is_some() {
                     break;
                 }
-                let LogitsAt::Batch(i) = at else {
-                    unreachable!("drafts are decoded in a batch")
+                token = match at {
+                    LogitsAt::Batch(i) => {
+                        choose(gen, self.ctx.get_logits_ith(i + 1 + j as i32), model)
+                    }
+                    LogitsAt::Saved => choose(gen, &saved[1 + j], model),
+                    LogitsAt::Stored => unreachable!("drafts are decoded in a batch"),
                 };
-                token = choose(gen, self.ctx.get_logits_ith(i + 1 + j as i32), model);
             }
             if !draft.is_empty() {
                 gen.draft_len = if kept == draft.len() {
@@ -149,19 +168,21 @@ impl Worker<'_> {
     }
 
     /// Generating jobs after `ji` that will add a token to this batch (room is kept for them).
-    fn jobs_left_to_sample(&self, ji: usize) -> usize {
+    fn jobs_left_to_sample(&self, ji: usize, turn: Lora) -> usize {
         self.jobs[ji + 1..]
             .iter()
             .filter(|j| matches!(&j.kind, JobKind::Generate(g) if g.logits_at.is_some()))
+            .filter(|j| self.lora_of(j.seq) == turn)
             .count()
     }
 
     /// Fills the rest of the batch with prompt tokens of jobs that are not decoded up to date.
-    pub(super) fn add_prefill(&mut self, entries: &mut Vec<BatchEntry>) {
-        for (ji, job) in self.jobs.iter_mut().enumerate() {
-            if job.done {
+    pub(super) fn add_prefill(&mut self, entries: &mut Vec<BatchEntry>, turn: Lora) {
+        for ji in 0..self.jobs.len() {
+            if self.jobs[ji].done || self.lora_of(self.jobs[ji].seq) != turn {
                 continue;
             }
+            let job = &mut self.jobs[ji];
             let room = self.n_batch - self.batch.n_tokens() as usize;
             if room == 0 {
                 break;
@@ -262,15 +283,41 @@ impl Worker<'_> {
                 );
             }
             job.done = true;
-            let kind = std::mem::replace(&mut job.kind, JobKind::Finished);
-            match kind {
-                JobKind::Append(r) => drop(r.send(Err(e))),
-                JobKind::Logits(r) => drop(r.send(Err(e))),
-                JobKind::Score(_, r) => drop(r.send(Err(e))),
-                JobKind::Generate(g) => drop(g.events.send(GenEvent::Failed(e))),
-                JobKind::Finished => {}
-            }
+            send_failure(std::mem::replace(&mut job.kind, JobKind::Finished), e);
         }
+    }
+
+    /// Fails every job on weights that cannot be put on the context (`reason`).
+    fn fail_turn(&mut self, turn: Lora, reason: &Error) {
+        tracing::warn!(%reason, "cannot apply a LoRA adapter");
+        for ji in 0..self.jobs.len() {
+            let seq = self.jobs[ji].seq;
+            if self.jobs[ji].done || self.lora_of(seq) != turn {
+                continue;
+            }
+            if let Some(state) = self.seqs.get_mut(&seq) {
+                state.busy = false;
+            }
+            let job = &mut self.jobs[ji];
+            job.done = true;
+            let e = Error::Lora {
+                path: Default::default(),
+                reason: reason.to_string(),
+            };
+            send_failure(std::mem::replace(&mut job.kind, JobKind::Finished), e);
+        }
+        self.jobs.retain(|j| !j.done);
+    }
+}
+
+/// Answers a job that failed with `e`.
+fn send_failure(kind: JobKind, e: Error) {
+    match kind {
+        JobKind::Append(r) => drop(r.send(Err(e))),
+        JobKind::Logits(r) => drop(r.send(Err(e))),
+        JobKind::Score(_, r) => drop(r.send(Err(e))),
+        JobKind::Generate(g) => drop(g.events.send(GenEvent::Failed(e))),
+        JobKind::Finished => {}
     }
 }
 

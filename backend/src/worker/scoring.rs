@@ -5,13 +5,17 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
+use super::adapters::Lora;
 use super::Worker;
 use crate::sampling::log_probs;
 use crate::{Error, Result};
 
 impl Worker<'_> {
-    /// Decodes a batch built outside the main loop (scoring, token log-probs), counting it.
-    pub(super) fn decode_side_batch(&mut self, batch: &mut LlamaBatch) -> Result<()> {
+    /// Decodes a batch built outside the main loop (scoring, token log-probs) on `lora`'s
+    /// weights, counting it. The logits generating jobs wait on are saved first.
+    pub(super) fn decode_side_batch(&mut self, batch: &mut LlamaBatch, lora: Lora) -> Result<()> {
+        self.save_batch_logits();
+        self.apply_lora(lora)?;
         self.ctx.decode(batch).map_err(|e| match e {
             DecodeError::NoKvCacheSlot => Error::KvCacheFull { n_ctx: self.n_ctx },
             other => Error::Decode(other.to_string()),
@@ -53,7 +57,7 @@ impl Worker<'_> {
                         .add(LlamaToken(tok), pos as i32, &[tmp], logits)
                         .map_err(|e| Error::Decode(e.to_string()))?;
                 }
-                self.decode_side_batch(&mut batch)?;
+                self.decode_side_batch(&mut batch, self.engine_lora)?;
                 for (pos, index) in wanted {
                     out.push(log_probs(self.ctx.get_logits_ith(index), &[tokens[pos + 1]])[0]);
                 }
@@ -98,7 +102,7 @@ impl Worker<'_> {
                         .map_err(|e| Error::Decode(e.to_string()))?;
                 }
             }
-            self.decode_side_batch(&mut batch)?;
+            self.decode_side_batch(&mut batch, self.lora_of(seq))?;
             for (i, next, index) in rows {
                 scores[i] += log_probs(self.ctx.get_logits_ith(index), &[cands[i][next].0])[0];
             }
