@@ -50,7 +50,7 @@ pub mod trajectory;
 pub use demos::DemoBank;
 pub use error::{Error, Result};
 pub use excavator::{Excavator, ExcavatorBuilder, ExcavatorConfig};
-pub use model::{AgentModel, AgentSequence};
+pub use model::{AgentModel, AgentSequence, AnswerAdapter};
 pub use trace::{
     Action, ActionRecord, ActionTiming, AnswerSource, Branch, Event, FinalAnswer, PassageRef, Step,
     TokenCounts, Trace, TraceConfig,

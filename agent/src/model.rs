@@ -26,6 +26,13 @@ pub trait AgentModel: Send + Sync {
     /// A new, empty sequence.
     fn sequence(&self) -> Result<Box<dyn AgentSequence>>;
 
+    /// A new, empty sequence for a final yes/no answer (the agent's final answer, a
+    /// baseline's whole transcript): on the answer adapter of an [`AnswerAdapter`], else as
+    /// [`sequence`](Self::sequence).
+    fn answer_sequence(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
+        Box::pin(async move { self.sequence() })
+    }
+
     /// Tokens one sequence may hold.
     fn context_size(&self) -> usize;
 
@@ -199,5 +206,85 @@ impl AgentSequence for Sequence {
 
     fn load_state<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<usize>> {
         Box::pin(async move { Ok(Sequence::load_state(self, path).await?) })
+    }
+}
+
+/// An [`Engine`] whose final yes/no answers run on one of its LoRA adapters while everything
+/// else — sub-questions, extraction, self-answers — runs on the engine's own weights. An
+/// adapter trained on final answers only (`geek data trajectories --render final-answer`)
+/// then answers where it was trained and leaves the excavation steps to the model they were
+/// written for. The engine's sequences are batched apart by adapter
+/// ([`Sequence::set_lora`]).
+#[derive(Clone, Debug)]
+pub struct AnswerAdapter {
+    engine: Engine,
+    lora: (usize, f32),
+}
+
+impl AnswerAdapter {
+    /// Answers on adapter `index` of the engine's [`lora_adapters`](geek_backend::ModelInfo::lora_adapters)
+    /// at `scale`; an index the engine did not load is a configuration error.
+    pub fn new(engine: Engine, index: usize, scale: f32) -> Result<Self> {
+        let loaded = engine.info().lora_adapters.len();
+        if index >= loaded {
+            return Err(crate::Error::Config(format!(
+                "no LoRA adapter {index} to answer with: the engine loaded {loaded}"
+            )));
+        }
+        Ok(AnswerAdapter {
+            engine,
+            lora: (index, scale),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The answer adapter's file and scale.
+    pub fn adapter(&self) -> (std::path::PathBuf, f32) {
+        let (index, scale) = self.lora;
+        (self.engine.info().lora_adapters[index].clone(), scale)
+    }
+}
+
+impl AgentModel for AnswerAdapter {
+    fn describe(&self) -> String {
+        let (path, scale) = self.adapter();
+        format!(
+            "{}, answering on LoRA {} (scale {scale})",
+            AgentModel::describe(&self.engine),
+            path.display()
+        )
+    }
+
+    fn chat_prompt<'a>(
+        &'a self,
+        system: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<PromptPart>>> {
+        AgentModel::chat_prompt(&self.engine, system, user)
+    }
+
+    fn sequence(&self) -> Result<Box<dyn AgentSequence>> {
+        AgentModel::sequence(&self.engine)
+    }
+
+    fn answer_sequence(&self) -> BoxFuture<'_, Result<Box<dyn AgentSequence>>> {
+        Box::pin(async move {
+            let seq = Engine::sequence(&self.engine)?;
+            seq.set_lora(Some(self.lora)).await?;
+            Ok(Box::new(seq) as Box<dyn AgentSequence>)
+        })
+    }
+
+    fn context_size(&self) -> usize {
+        AgentModel::context_size(&self.engine)
+    }
+
+    fn state_key(&self) -> Option<String> {
+        // Saved states are of excavation sequences: the engine's weights.
+        AgentModel::state_key(&self.engine)
     }
 }

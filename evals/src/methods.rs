@@ -183,7 +183,8 @@ struct Transcript {
 impl Transcript {
     async fn start(model: &dyn AgentModel, system: &str, user: &str) -> crate::Result<Self> {
         let prompt = model.chat_prompt(system, user).await?;
-        let seq = model.sequence()?;
+        // A baseline's transcript is one answer.
+        let seq = model.answer_sequence().await?;
         let mut counts = TokenCounts::default();
         counts.add_prefill(&seq.append_parts(&prompt).await?);
         Ok(Transcript {

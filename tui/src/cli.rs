@@ -83,10 +83,24 @@ pub struct GlobalArgs {
     /// scale 1; `geek compress export --gguf-lora` writes one).
     #[arg(long, global = true, env = "GEEK_LORA")]
     pub lora: Option<LoraSpec>,
+    /// What runs on `--lora`: everything, or only the final yes/no answers (the agent's final
+    /// answer, a baseline's transcript), the excavation steps staying on the base weights.
+    #[arg(long, global = true, value_enum, default_value_t = LoraScope::All, env = "GEEK_LORA_SCOPE")]
+    pub lora_scope: LoraScope,
     /// Tokens drafted by prompt lookup per greedy step (0 turns drafting off; outputs are the
     /// same either way).
     #[arg(long, global = true, default_value_t = geek_backend::DEFAULT_LOOKUP_DRAFT)]
     pub lookup_draft: usize,
+}
+
+/// What runs on the `--lora` adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoraScope {
+    /// Every prompt.
+    All,
+    /// Final yes/no answers only (for an adapter trained on them: `geek data trajectories
+    /// --render final-answer`).
+    Answer,
 }
 
 /// `--lora FILE[:SCALE]`.

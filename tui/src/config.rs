@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use geek_agent::remote::Remote;
-use geek_agent::{AgentModel, DemoBank, Excavator, ExcavatorConfig};
+use geek_agent::{AgentModel, AnswerAdapter, DemoBank, Excavator, ExcavatorConfig};
 use geek_backend::{catalog, default_threads, paths, Engine, EngineConfig};
 use geek_evals::calibration::{self, CalibrationKey};
 use geek_evals::methods::{Answerer, Method};
@@ -41,6 +41,8 @@ pub struct Resolved {
     pub lookup_draft: usize,
     /// A GGUF LoRA applied at run time, and its scale.
     pub lora: Option<crate::cli::LoraSpec>,
+    /// What runs on it.
+    pub lora_scope: crate::cli::LoraScope,
     /// Where the agent's passages come from.
     pub retriever: crate::passages::PassageSource,
     /// The dense encoder (catalogue name or directory).
@@ -52,31 +54,29 @@ pub struct Resolved {
 /// The model the commands run on: in process, or on a model server.
 #[derive(Debug, Clone)]
 pub enum LoadedModel {
-    /// llama.cpp in this process.
-    Local(Engine),
+    /// llama.cpp in this process; final answers on one of its LoRA adapters (index, scale)
+    /// when `--lora-scope answer` says so.
+    Local(Engine, Option<(usize, f32)>),
     /// An OpenAI-compatible server with llama-server's extensions.
     Remote(Remote),
 }
 
-impl From<Engine> for LoadedModel {
-    fn from(engine: Engine) -> Self {
-        LoadedModel::Local(engine)
-    }
-}
-
 impl LoadedModel {
     /// The model as the agent and the baselines use it.
-    pub fn agent_model(&self) -> Arc<dyn AgentModel> {
-        match self {
-            LoadedModel::Local(engine) => Arc::new(engine.clone()),
+    pub fn agent_model(&self) -> Result<Arc<dyn AgentModel>> {
+        Ok(match self {
+            LoadedModel::Local(engine, None) => Arc::new(engine.clone()),
+            LoadedModel::Local(engine, Some((index, scale))) => {
+                Arc::new(AnswerAdapter::new(engine.clone(), *index, *scale)?)
+            }
             LoadedModel::Remote(remote) => Arc::new(remote.clone()),
-        }
+        })
     }
 
     /// How many servers share the work (1 in process).
     pub fn servers(&self) -> usize {
         match self {
-            LoadedModel::Local(_) => 1,
+            LoadedModel::Local(..) => 1,
             LoadedModel::Remote(remote) => remote.servers().count(),
         }
     }
@@ -85,13 +85,18 @@ impl LoadedModel {
     /// server and the model name it serves.
     pub fn identity(&self) -> Result<(PathBuf, String)> {
         Ok(match self {
-            LoadedModel::Local(engine) => {
+            LoadedModel::Local(engine, answer) => {
                 let path = engine.info().path.clone();
                 let mut sha = catalog::sha256_cached(&path)?;
                 // A LoRA makes another model: its runs and calibrations are its own.
                 if let Some((lora, scale)) = engine.active_lora() {
                     let lora_sha = catalog::sha256_cached(&lora)?;
                     sha = format!("{sha}+lora:{lora_sha}@{scale}");
+                }
+                if let Some((index, scale)) = answer {
+                    let lora = &engine.info().lora_adapters[*index];
+                    let lora_sha = catalog::sha256_cached(lora)?;
+                    sha = format!("{sha}+answer-lora:{lora_sha}@{scale}");
                 }
                 (path, sha)
             }
@@ -129,6 +134,7 @@ impl Resolved {
             calibration_store: paths::calibration_store(),
             lookup_draft: args.lookup_draft,
             lora: args.lora.clone(),
+            lora_scope: args.lora_scope,
             retriever: args.retriever,
             encoder: args.encoder.clone(),
             hybrid_weights: [
@@ -177,7 +183,22 @@ impl Resolved {
         Ok(config)
     }
 
-    /// Loads `config`'s model and switches `--lora` on.
+    /// The adapter final answers run on apart from the engine's (`--lora-scope answer`).
+    fn answer_lora(&self) -> Option<(usize, f32)> {
+        match (&self.lora, self.lora_scope) {
+            (Some(lora), crate::cli::LoraScope::Answer) => Some((0, lora.scale)),
+            _ => None,
+        }
+    }
+
+    /// `engine` as the commands run it: final answers on the `--lora` adapter when its scope
+    /// is `answer`.
+    pub fn local(&self, engine: Engine) -> LoadedModel {
+        LoadedModel::Local(engine, self.answer_lora())
+    }
+
+    /// Loads `config`'s model and switches `--lora` on (for every prompt unless its scope is
+    /// `answer`).
     pub fn load(&self, config: EngineConfig) -> Result<Engine> {
         let engine = match &self.lora {
             Some(lora) => Engine::load(config.with_lora(&lora.path)).with_context(|| {
@@ -185,7 +206,7 @@ impl Resolved {
             })?,
             None => Engine::load(config)?,
         };
-        if let Some(lora) = &self.lora {
+        if let (Some(lora), crate::cli::LoraScope::All) = (&self.lora, self.lora_scope) {
             engine.set_lora(Some(0), lora.scale).wait()?;
         }
         Ok(engine)
@@ -240,7 +261,7 @@ impl Resolved {
                 remote.backend == BackendKind::Local,
                 "--backend openai needs --endpoint URL"
             );
-            return Ok(LoadedModel::Local(self.load_engine(parallel, explore)?));
+            return Ok(self.local(self.load_engine(parallel, explore)?));
         }
         let runtime = self.runtime()?;
         let mut servers = Vec::new();
@@ -279,12 +300,15 @@ impl Resolved {
     /// The excavation agent on `engine` with the options given.
     pub fn excavator(
         &self,
-        model: impl Into<LoadedModel>,
+        model: LoadedModel,
         retriever: Option<Arc<dyn Retriever>>,
         options: &AgentOptions,
     ) -> Result<Excavator> {
-        let builder = match model.into() {
-            LoadedModel::Local(engine) => Excavator::builder().backend(engine),
+        let builder = match model {
+            LoadedModel::Local(engine, None) => Excavator::builder().backend(engine),
+            LoadedModel::Local(engine, Some((index, scale))) => {
+                Excavator::builder().backend(AnswerAdapter::new(engine, index, scale)?)
+            }
             LoadedModel::Remote(remote) => Excavator::builder().backend(remote),
         };
         let mut builder = builder.config(ExcavatorConfig {
@@ -346,7 +370,7 @@ impl Resolved {
         let key = self.calibration_key(model, Method::Geek)?;
         let agent = Arc::new(agent);
         let answerer = Answerer {
-            model: model.agent_model(),
+            model: model.agent_model()?,
             retriever: None,
             agent: Some(agent.clone()),
         };

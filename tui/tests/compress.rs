@@ -207,6 +207,7 @@ fn trajectories_finetune_export_and_serve() {
     let sha = results["config"]["model_sha256"].as_str().unwrap();
     assert!(sha.contains("+lora:") && sha.ends_with("@1"), "{sha}");
     saved_system_prompts_are_keyed_by_the_lora(&index, dir.path(), &lora_arg);
+    answers_alone_run_on_the_adapter(&index, dir.path(), &lora_arg);
 
     // The same data through the one-command pipeline: finetune → merge → learned Q4_0.
     let quantized = dir.path().join("pipeline-q4_0.gguf");
@@ -464,4 +465,83 @@ fn saved_system_prompts_are_keyed_by_the_lora(index: &Path, dir: &Path, lora: &s
         })
         .count();
     assert_eq!(saved, 3);
+}
+
+/// `--lora-scope answer`: the excavation runs on the base weights (the same steps as without
+/// the adapter), the final answer on the adapter (other scores); runs record their own model.
+fn answers_alone_run_on_the_adapter(index: &Path, dir: &Path, lora: &str) {
+    let ask = |args: &[&str]| -> serde_json::Value {
+        let out = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+            .args([
+                "ask",
+                "Is water wet?",
+                "--max-steps",
+                "2",
+                "--json",
+                "--no-calibration",
+            ])
+            .arg("--model")
+            .arg(model_path())
+            .arg("--data-dir")
+            .arg(data_dir())
+            .arg("--index")
+            .arg(index)
+            .args(args)
+            .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
+            .env("GEEK_THREADS", "2")
+            .output()
+            .unwrap());
+        serde_json::from_str(&out).unwrap()
+    };
+    // A large scale, so the briefly trained adapter moves the answer's scores.
+    let scaled = format!("{lora}:8");
+    let base = ask(&[]);
+    let answer = ask(&["--lora", &scaled, "--lora-scope", "answer"]);
+    let branch = |t: &serde_json::Value| t["branches"][0].clone();
+    assert_eq!(branch(&answer)["steps"], branch(&base)["steps"]);
+    let yes = |t: &serde_json::Value| branch(t)["final_answer"]["yes_logprob"].as_f64().unwrap();
+    assert!(
+        (yes(&answer) - yes(&base)).abs() > 1e-3,
+        "the answer did not run on the adapter: {} and {}",
+        yes(&answer),
+        yes(&base)
+    );
+    assert!(
+        answer["model"]
+            .as_str()
+            .unwrap()
+            .contains("answering on LoRA"),
+        "{}",
+        answer["model"]
+    );
+    let evals = dir.join("evals-answer");
+    ok(geek(
+        index,
+        &[
+            "eval",
+            "strategyqa",
+            "--method",
+            "direct",
+            "--limit",
+            "1",
+            "--lora",
+            &scaled,
+            "--lora-scope",
+            "answer",
+            "--out",
+            evals.to_str().unwrap(),
+        ],
+    ));
+    let results = std::fs::read_dir(&evals)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("results_"))
+        .expect("a results file");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
+    let sha = results["config"]["model_sha256"].as_str().unwrap();
+    assert!(
+        sha.contains("+answer-lora:") && !sha.contains("+lora:") && sha.ends_with("@8"),
+        "{sha}"
+    );
 }

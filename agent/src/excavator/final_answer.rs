@@ -28,7 +28,7 @@ pub(super) async fn final_answer(
     let prompt = model
         .chat_prompt(system, &prompts::final_user(question, facts))
         .await?;
-    let seq = model.sequence()?;
+    let seq = model.answer_sequence().await?;
     let started = Instant::now();
     let stats = seq.append_parts(&prompt).await?;
     counts.add_prefill(&stats);

@@ -71,11 +71,14 @@ fn load(config: &Resolved, model: &str, out: &Sender<Report>) -> Option<Loaded> 
         }
     };
     let name = match &loaded {
-        LoadedModel::Local(engine) => engine.info().path.file_name().map_or_else(
+        LoadedModel::Local(engine, _) => engine.info().path.file_name().map_or_else(
             || engine.info().path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         ),
-        LoadedModel::Remote(_) => loaded.agent_model().describe(),
+        LoadedModel::Remote(_) => match loaded.agent_model() {
+            Ok(model) => model.describe(),
+            Err(e) => e.to_string(),
+        },
     };
     let _ = out.send(Report::Ready {
         model: name,

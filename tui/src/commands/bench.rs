@@ -99,7 +99,7 @@ pub fn agent(args: BenchAgentArgs, config: &Resolved) -> Result<()> {
         demonstrations: 0,
         final_reasoning: false,
     };
-    let agent = config.excavator(engine, Some(index), &options)?;
+    let agent = config.excavator(config.local(engine), Some(index), &options)?;
     let runtime = config.runtime()?;
     let report = runtime.block_on(geek_evals::agent_bench::run(
         &agent,

@@ -127,7 +127,7 @@ fn answer_questions(
         None
     };
     let answerer = Answerer {
-        model: model.agent_model(),
+        model: model.agent_model()?,
         retriever,
         agent,
     };

@@ -264,13 +264,13 @@ fn server_state(args: &ServeArgs, config: &Resolved) -> Result<ServerState> {
         demonstrations: 0,
         final_reasoning: false,
     };
-    let agent = config.excavator(engine.clone(), retriever, &options)?;
+    let agent = config.excavator(config.local(engine.clone()), retriever, &options)?;
     let agent = if args.no_calibration {
         agent
     } else {
         config
             .runtime()?
-            .block_on(config.calibrate_agent(&engine.clone().into(), agent))?
+            .block_on(config.calibrate_agent(&config.local(engine.clone()), agent))?
     };
     let info = engine.info();
     let model_id = info
