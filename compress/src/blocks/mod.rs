@@ -85,19 +85,29 @@ pub struct BlockFormat {
 /// or for k-quants the super-block's f16 scale times the block's 6-bit one.
 type BlockParams = (f32, f32);
 
-/// One Q4_K super-block's stored parameters: `d`, `dmin` and the 6-bit scale and minimum of
-/// each of its 8 blocks; block `j`'s weights are `d·sc[j]·q − dmin·mn[j]`.
-struct SuperParams {
-    d: f16,
-    dmin: f16,
-    scales: [u8; 8],
-    mins: [u8; 8],
+/// One k-quant super-block's stored parameters.
+enum SuperParams {
+    /// Q4_K: `d`, `dmin` and the 6-bit scale and minimum of each of its 8 blocks of 32; block
+    /// `j`'s weights are `d·sc[j]·q − dmin·mn[j]`.
+    Q4K {
+        d: f16,
+        dmin: f16,
+        scales: [u8; 8],
+        mins: [u8; 8],
+    },
+    /// Q3_K: `d` and the 6-bit signed scale of each of its 16 blocks of 16; block `j`'s
+    /// weights are `d·sc[j]·q`, `sc[j]` in [−32, 31], `q` in [−4, 3].
+    Q3K { d: f16, scales: [i8; 16] },
 }
 
 impl SuperParams {
-    /// The k-quant encoding of 8 blocks' real scales and offsets: the largest scale (and the
-    /// largest minimum, offsets being ≤ 0) maps to 63, the others round to the nearest step.
-    fn of(blocks: &[(f32, f32)]) -> SuperParams {
+    /// The k-quant encoding of one super-block's real block scales and offsets.
+    fn of(ty: QuantType, blocks: &[(f32, f32)]) -> SuperParams {
+        if ty == QuantType::Q3K {
+            return Self::q3_k(blocks);
+        }
+        // Q4_K: the largest scale (and the largest minimum, offsets being ≤ 0) maps to 63,
+        // the others round to the nearest step.
         let max_d = blocks.iter().map(|b| b.0).fold(0f32, f32::max);
         let max_min = blocks.iter().map(|b| -b.1).fold(0f32, f32::max);
         let (d, dmin) = (f16::from_f32(max_d / 63.0), f16::from_f32(max_min / 63.0));
@@ -109,50 +119,138 @@ impl SuperParams {
                 0
             }
         };
-        let mut out = SuperParams {
+        let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+        for (j, &(bd, bm)) in blocks.iter().enumerate() {
+            scales[j] = step(bd, d);
+            mins[j] = step(-bm, dmin);
+        }
+        SuperParams::Q4K {
             d,
             dmin,
-            scales: [0; 8],
-            mins: [0; 8],
-        };
-        for (j, &(bd, bm)) in blocks.iter().enumerate() {
-            out.scales[j] = step(bd, d);
-            out.mins[j] = step(-bm, dmin);
+            scales,
+            mins,
         }
-        out
+    }
+
+    /// Q3_K as ggml encodes it: the block scale of largest magnitude maps to −32.
+    fn q3_k(blocks: &[(f32, f32)]) -> SuperParams {
+        let widest = blocks
+            .iter()
+            .map(|b| b.0)
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        let d = f16::from_f32(widest / -32.0);
+        let mut scales = [0i8; 16];
+        if d.to_f32() != 0.0 {
+            for (s, &(bd, _)) in scales.iter_mut().zip(blocks) {
+                *s = (bd / d.to_f32()).round().clamp(-32.0, 31.0) as i8;
+            }
+        }
+        SuperParams::Q3K { d, scales }
     }
 
     /// Block `j`'s (scale, offset) as ggml's dequantization computes them.
     fn block(&self, j: usize) -> BlockParams {
-        (
-            self.d.to_f32() * self.scales[j] as f32,
-            -(self.dmin.to_f32() * self.mins[j] as f32),
-        )
+        match self {
+            SuperParams::Q4K {
+                d,
+                dmin,
+                scales,
+                mins,
+            } => (
+                d.to_f32() * scales[j] as f32,
+                -(dmin.to_f32() * mins[j] as f32),
+            ),
+            SuperParams::Q3K { d, scales } => (d.to_f32() * scales[j] as f32, 0.0),
+        }
     }
 
-    /// ggml's 12-byte packing of the eight 6-bit scales and minimums.
-    fn packed_scales(&self) -> [u8; 12] {
-        let mut out = [0u8; 12];
-        for j in 0..8 {
-            let (ls, lm) = (self.scales[j], self.mins[j]);
-            if j < 4 {
-                out[j] = ls;
-                out[j + 4] = lm;
-            } else {
-                out[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
-                out[j - 4] |= (ls >> 4) << 6;
-                out[j] |= (lm >> 4) << 6;
+    /// Appends the super-block of `weights` in ggml's layout.
+    fn write(&self, f: &BlockFormat, weights: &[f32], out: &mut Vec<u8>) {
+        let codes: Vec<i32> = weights
+            .chunks(f.width)
+            .enumerate()
+            .flat_map(|(j, block)| {
+                let (d, m) = self.block(j);
+                block.iter().map(move |&x| f.code(x, d, m))
+            })
+            .collect();
+        match self {
+            SuperParams::Q4K {
+                d,
+                dmin,
+                scales,
+                mins,
+            } => {
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend_from_slice(&dmin.to_le_bytes());
+                out.extend_from_slice(&pack_q4_k_scales(scales, mins));
+                // Two 32-weight blocks interleaved per 32 bytes.
+                for pair in codes.chunks(64) {
+                    out.extend((0..32).map(|l| (pair[l] | (pair[l + 32] << 4)) as u8));
+                }
             }
+            SuperParams::Q3K { d, scales } => write_q3_k(*d, scales, &codes, out),
         }
-        out
     }
+}
+
+/// ggml's 12-byte packing of Q4_K's eight 6-bit scales and minimums.
+fn pack_q4_k_scales(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    for j in 0..8 {
+        let (ls, lm) = (scales[j], mins[j]);
+        if j < 4 {
+            out[j] = ls;
+            out[j + 4] = lm;
+        } else {
+            out[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+            out[j - 4] |= (ls >> 4) << 6;
+            out[j] |= (lm >> 4) << 6;
+        }
+    }
+    out
+}
+
+/// Appends one Q3_K super-block: the high bits of the 256 codes (`q + 4` in 0..8; bit `j/32`
+/// of byte `j%32`), their low two bits (four 32-weight rows per byte, per half of 128), the
+/// 16 scales `sc + 32` packed as 4 + 2 bits, then `d`.
+fn write_q3_k(d: f16, scales: &[i8; 16], codes: &[i32], out: &mut Vec<u8>) {
+    let levels: Vec<u8> = codes.iter().map(|&q| (q + 4) as u8).collect();
+    let mut hmask = [0u8; 32];
+    for (j, &l) in levels.iter().enumerate() {
+        if l > 3 {
+            hmask[j % 32] |= 1 << (j / 32);
+        }
+    }
+    out.extend_from_slice(&hmask);
+    for half in levels.chunks(128) {
+        out.extend((0..32).map(|l| {
+            (half[l] & 3)
+                | ((half[l + 32] & 3) << 2)
+                | ((half[l + 64] & 3) << 4)
+                | ((half[l + 96] & 3) << 6)
+        }));
+    }
+    let mut packed = [0u8; 12];
+    for (j, &s) in scales.iter().enumerate() {
+        let l = (s as i32 + 32) as u8;
+        if j < 8 {
+            packed[j] = l & 0x0f;
+        } else {
+            packed[j - 8] |= (l & 0x0f) << 4;
+        }
+        packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+    }
+    out.extend_from_slice(&packed);
+    out.extend_from_slice(&d.to_le_bytes());
 }
 
 impl BlockFormat {
     /// The grid of `ty`. Q2_K is written with constant sub-block scales and mins (one `d` and
     /// one offset per 256 weights, 2-bit codes), so the learned grid is exactly what it holds.
-    /// Q4_K keeps its real layout: a learned scale and offset per 32 weights, stored as 6-bit
-    /// multiples of the 256-weight super-block's f16 `d` and `dmin`.
+    /// Q4_K and Q3_K keep their real layouts: a learned scale (and for Q4_K offset) per 32 /
+    /// 16 weights, stored as 6-bit multiples of the 256-weight super-block's f16 `d` (and
+    /// `dmin`).
     pub fn of(ty: QuantType) -> Result<BlockFormat> {
         let (width, qmin, qmax, offset, sub_blocks) = match ty {
             QuantType::Q8_0 => (32, -128, 127, false, 1),
@@ -161,12 +259,11 @@ impl BlockFormat {
             QuantType::Q4_1 => (32, 0, 15, true, 1),
             QuantType::Q2K => (256, 0, 3, true, 1),
             QuantType::Q4K => (32, 0, 15, true, 8),
-            other => {
-                return Err(Error::Config(format!(
-                    "learned quantization writes q8_0, q4_0, q4_1, q5_0, q4_k or q2_k, not {}",
-                    other.name()
-                )))
-            }
+            QuantType::Q3K => (16, -4, 3, false, 16),
+            other => return Err(Error::Config(format!(
+                "learned quantization writes q8_0, q4_0, q4_1, q5_0, q4_k, q3_k or q2_k, not {}",
+                other.name()
+            ))),
         };
         Ok(BlockFormat {
             ty,
@@ -392,7 +489,7 @@ impl QuantGrid {
     fn super_params(&self, w: &[f32], gamma: &[f32], beta: &[f32]) -> Vec<SuperParams> {
         self.real_params(w, gamma, beta)
             .chunks(self.format.sub_blocks)
-            .map(SuperParams::of)
+            .map(|blocks| SuperParams::of(self.format.ty, blocks))
             .collect()
     }
 
@@ -440,7 +537,7 @@ impl QuantGrid {
             let span = f.width * f.sub_blocks;
             let supers = self.super_params(&data, &gamma, &beta);
             for (weights, sp) in data.chunks(span).zip(&supers) {
-                write_q4_k(&f, sp, weights, &mut bytes);
+                sp.write(&f, weights, &mut bytes);
             }
         } else {
             let params = self.params(&data, &gamma, &beta);
@@ -458,29 +555,11 @@ impl QuantGrid {
             QuantType::Q4_1 => GgmlDType::Q4_1,
             QuantType::Q5_0 => GgmlDType::Q5_0,
             QuantType::Q4K => GgmlDType::Q4K,
+            QuantType::Q3K => GgmlDType::Q3K,
             _ => GgmlDType::Q2K,
         };
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, ggml)?;
         Ok(QTensor::new(storage, (self.rows, self.cols))?)
-    }
-}
-
-/// Appends one Q4_K super-block (256 weights) in ggml's layout: `d`, `dmin`, the packed 6-bit
-/// scales and minimums, then the 4-bit codes, two 32-weight blocks interleaved per 32 bytes.
-fn write_q4_k(f: &BlockFormat, sp: &SuperParams, weights: &[f32], out: &mut Vec<u8>) {
-    out.extend_from_slice(&sp.d.to_le_bytes());
-    out.extend_from_slice(&sp.dmin.to_le_bytes());
-    out.extend_from_slice(&sp.packed_scales());
-    let codes: Vec<i32> = weights
-        .chunks(f.width)
-        .enumerate()
-        .flat_map(|(j, block)| {
-            let (d, m) = sp.block(j);
-            block.iter().map(move |&x| f.code(x, d, m))
-        })
-        .collect();
-    for pair in codes.chunks(64) {
-        out.extend((0..32).map(|l| (pair[l] | (pair[l + 32] << 4)) as u8));
     }
 }
 

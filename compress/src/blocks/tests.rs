@@ -21,13 +21,14 @@ fn squared_error(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-const TYPES: [QuantType; 6] = [
+const TYPES: [QuantType; 7] = [
     QuantType::Q8_0,
     QuantType::Q4_0,
     QuantType::Q4_1,
     QuantType::Q5_0,
     QuantType::Q2K,
     QuantType::Q4K,
+    QuantType::Q3K,
 ];
 
 #[test]
@@ -207,6 +208,25 @@ fn gradients_match_the_straight_through_estimator_in_plain_ops() {
             }
         }
     }
+}
+
+#[test]
+fn q3_k_grid_starts_about_as_close_as_ggmls_q3_k() {
+    // 16 signed 6-bit scales per super-block: the MSE start against ggml's own Q3_K (which
+    // fits each block's scale by weighted least squares).
+    let w = weights(8, 512, 17);
+    let f = BlockFormat::of(QuantType::Q3K).unwrap();
+    let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
+    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+    let ours = squared_error(&grid.fake_quant(&w, &g, &b, false).unwrap(), &w);
+    let ggml = squared_error(
+        &QTensor::quantize(&w, GgmlDType::Q3K)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap(),
+        &w,
+    );
+    assert!(ours < 1.25 * ggml, "ours {ours} vs ggml {ggml}");
 }
 
 #[test]

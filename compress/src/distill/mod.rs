@@ -40,7 +40,7 @@ use saved::{resume, save, snapshot, take_prefixed, Best, CheckpointState};
 /// How a learned quantization runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LearnedConfig {
-    /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q4_k, q2_k).
+    /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q4_k, q3_k, q2_k).
     pub ty: QuantType,
     /// llama-quantize's `_M` mix (q4_k): the layers it widens to q6_k are quantized by
     /// round-to-nearest and kept fixed; the others learn their scales.
