@@ -26,6 +26,9 @@ use crate::fused::slice_of;
 use crate::quantize::QuantType;
 use crate::{Error, Result};
 
+mod layout;
+use layout::{write_block, SuperParams};
+
 /// Which weights share one learnable scale factor γ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,166 +88,6 @@ pub struct BlockFormat {
 /// or for k-quants the super-block's f16 scale times the block's 6-bit one.
 type BlockParams = (f32, f32);
 
-/// One k-quant super-block's stored parameters.
-enum SuperParams {
-    /// Q4_K: `d`, `dmin` and the 6-bit scale and minimum of each of its 8 blocks of 32; block
-    /// `j`'s weights are `d·sc[j]·q − dmin·mn[j]`.
-    Q4K {
-        d: f16,
-        dmin: f16,
-        scales: [u8; 8],
-        mins: [u8; 8],
-    },
-    /// Q3_K: `d` and the 6-bit signed scale of each of its 16 blocks of 16; block `j`'s
-    /// weights are `d·sc[j]·q`, `sc[j]` in [−32, 31], `q` in [−4, 3].
-    Q3K { d: f16, scales: [i8; 16] },
-}
-
-impl SuperParams {
-    /// The k-quant encoding of one super-block's real block scales and offsets.
-    fn of(ty: QuantType, blocks: &[(f32, f32)]) -> SuperParams {
-        if ty == QuantType::Q3K {
-            return Self::q3_k(blocks);
-        }
-        // Q4_K: the largest scale (and the largest minimum, offsets being ≤ 0) maps to 63,
-        // the others round to the nearest step.
-        let max_d = blocks.iter().map(|b| b.0).fold(0f32, f32::max);
-        let max_min = blocks.iter().map(|b| -b.1).fold(0f32, f32::max);
-        let (d, dmin) = (f16::from_f32(max_d / 63.0), f16::from_f32(max_min / 63.0));
-        let step = |v: f32, unit: f16| -> u8 {
-            let unit = unit.to_f32();
-            if unit > 0.0 {
-                (v / unit).round().clamp(0.0, 63.0) as u8
-            } else {
-                0
-            }
-        };
-        let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
-        for (j, &(bd, bm)) in blocks.iter().enumerate() {
-            scales[j] = step(bd, d);
-            mins[j] = step(-bm, dmin);
-        }
-        SuperParams::Q4K {
-            d,
-            dmin,
-            scales,
-            mins,
-        }
-    }
-
-    /// Q3_K as ggml encodes it: the block scale of largest magnitude maps to −32.
-    fn q3_k(blocks: &[(f32, f32)]) -> SuperParams {
-        let widest = blocks
-            .iter()
-            .map(|b| b.0)
-            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
-        let d = f16::from_f32(widest / -32.0);
-        let mut scales = [0i8; 16];
-        if d.to_f32() != 0.0 {
-            for (s, &(bd, _)) in scales.iter_mut().zip(blocks) {
-                *s = (bd / d.to_f32()).round().clamp(-32.0, 31.0) as i8;
-            }
-        }
-        SuperParams::Q3K { d, scales }
-    }
-
-    /// Block `j`'s (scale, offset) as ggml's dequantization computes them.
-    fn block(&self, j: usize) -> BlockParams {
-        match self {
-            SuperParams::Q4K {
-                d,
-                dmin,
-                scales,
-                mins,
-            } => (
-                d.to_f32() * scales[j] as f32,
-                -(dmin.to_f32() * mins[j] as f32),
-            ),
-            SuperParams::Q3K { d, scales } => (d.to_f32() * scales[j] as f32, 0.0),
-        }
-    }
-
-    /// Appends the super-block of `weights` in ggml's layout.
-    fn write(&self, f: &BlockFormat, weights: &[f32], out: &mut Vec<u8>) {
-        let codes: Vec<i32> = weights
-            .chunks(f.width)
-            .enumerate()
-            .flat_map(|(j, block)| {
-                let (d, m) = self.block(j);
-                block.iter().map(move |&x| f.code(x, d, m))
-            })
-            .collect();
-        match self {
-            SuperParams::Q4K {
-                d,
-                dmin,
-                scales,
-                mins,
-            } => {
-                out.extend_from_slice(&d.to_le_bytes());
-                out.extend_from_slice(&dmin.to_le_bytes());
-                out.extend_from_slice(&pack_q4_k_scales(scales, mins));
-                // Two 32-weight blocks interleaved per 32 bytes.
-                for pair in codes.chunks(64) {
-                    out.extend((0..32).map(|l| (pair[l] | (pair[l + 32] << 4)) as u8));
-                }
-            }
-            SuperParams::Q3K { d, scales } => write_q3_k(*d, scales, &codes, out),
-        }
-    }
-}
-
-/// ggml's 12-byte packing of Q4_K's eight 6-bit scales and minimums.
-fn pack_q4_k_scales(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    for j in 0..8 {
-        let (ls, lm) = (scales[j], mins[j]);
-        if j < 4 {
-            out[j] = ls;
-            out[j + 4] = lm;
-        } else {
-            out[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
-            out[j - 4] |= (ls >> 4) << 6;
-            out[j] |= (lm >> 4) << 6;
-        }
-    }
-    out
-}
-
-/// Appends one Q3_K super-block: the high bits of the 256 codes (`q + 4` in 0..8; bit `j/32`
-/// of byte `j%32`), their low two bits (four 32-weight rows per byte, per half of 128), the
-/// 16 scales `sc + 32` packed as 4 + 2 bits, then `d`.
-fn write_q3_k(d: f16, scales: &[i8; 16], codes: &[i32], out: &mut Vec<u8>) {
-    let levels: Vec<u8> = codes.iter().map(|&q| (q + 4) as u8).collect();
-    let mut hmask = [0u8; 32];
-    for (j, &l) in levels.iter().enumerate() {
-        if l > 3 {
-            hmask[j % 32] |= 1 << (j / 32);
-        }
-    }
-    out.extend_from_slice(&hmask);
-    for half in levels.chunks(128) {
-        out.extend((0..32).map(|l| {
-            (half[l] & 3)
-                | ((half[l + 32] & 3) << 2)
-                | ((half[l + 64] & 3) << 4)
-                | ((half[l + 96] & 3) << 6)
-        }));
-    }
-    let mut packed = [0u8; 12];
-    for (j, &s) in scales.iter().enumerate() {
-        let l = (s as i32 + 32) as u8;
-        if j < 8 {
-            packed[j] = l & 0x0f;
-        } else {
-            packed[j - 8] |= (l & 0x0f) << 4;
-        }
-        packed[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
-    }
-    out.extend_from_slice(&packed);
-    out.extend_from_slice(&d.to_le_bytes());
-}
-
 impl BlockFormat {
     /// The grid of `ty`. Q2_K is written with constant sub-block scales and mins (one `d` and
     /// one offset per 256 weights, 2-bit codes), so the learned grid is exactly what it holds.
@@ -260,10 +103,12 @@ impl BlockFormat {
             QuantType::Q2K => (256, 0, 3, true, 1),
             QuantType::Q4K => (32, 0, 15, true, 8),
             QuantType::Q3K => (16, -4, 3, false, 16),
-            other => return Err(Error::Config(format!(
+            other => {
+                return Err(Error::Config(format!(
                 "learned quantization writes q8_0, q4_0, q4_1, q5_0, q4_k, q3_k or q2_k, not {}",
                 other.name()
-            ))),
+            )))
+            }
         };
         Ok(BlockFormat {
             ty,
@@ -560,58 +405,6 @@ impl QuantGrid {
         };
         let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, ggml)?;
         Ok(QTensor::new(storage, (self.rows, self.cols))?)
-    }
-}
-
-/// Appends one block in ggml's layout.
-fn write_block(ty: QuantType, d: f16, m: f16, q: &[i32], out: &mut Vec<u8>) {
-    let nibbles = |out: &mut Vec<u8>, bias: i32| {
-        for j in 0..16 {
-            let lo = ((q[j] + bias) & 0x0f) as u8;
-            let hi = ((q[j + 16] + bias) & 0x0f) as u8;
-            out.push(lo | (hi << 4));
-        }
-    };
-    match ty {
-        QuantType::Q8_0 => {
-            out.extend_from_slice(&d.to_le_bytes());
-            out.extend(q.iter().map(|&v| v as i8 as u8));
-        }
-        QuantType::Q4_0 => {
-            out.extend_from_slice(&d.to_le_bytes());
-            nibbles(out, 8);
-        }
-        QuantType::Q4_1 => {
-            out.extend_from_slice(&d.to_le_bytes());
-            out.extend_from_slice(&m.to_le_bytes());
-            nibbles(out, 0);
-        }
-        QuantType::Q5_0 => {
-            out.extend_from_slice(&d.to_le_bytes());
-            let mut qh = 0u32;
-            for j in 0..16 {
-                qh |= (((q[j] + 16) as u32 >> 4) & 1) << j;
-                qh |= (((q[j + 16] + 16) as u32 >> 4) & 1) << (j + 16);
-            }
-            out.extend_from_slice(&qh.to_le_bytes());
-            nibbles(out, 16);
-        }
-        _ => {
-            // Q2_K: 16 sub-blocks with scale 1 and min 1, so a weight is d·q − dmin.
-            out.extend_from_slice(&[0x11; 16]);
-            for half in 0..2 {
-                let j = 128 * half;
-                for l in 0..32 {
-                    let v = q[j + l]
-                        | (q[j + l + 32] << 2)
-                        | (q[j + l + 64] << 4)
-                        | (q[j + l + 96] << 6);
-                    out.push(v as u8);
-                }
-            }
-            out.extend_from_slice(&d.to_le_bytes());
-            out.extend_from_slice(&(-m).to_le_bytes());
-        }
     }
 }
 
