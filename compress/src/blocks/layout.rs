@@ -9,13 +9,15 @@ use crate::quantize::QuantType;
 
 /// One k-quant super-block's stored parameters.
 pub(super) enum SuperParams {
-    /// Q4_K: `d`, `dmin` and the 6-bit scale and minimum of each of its 8 blocks of 32; block
-    /// `j`'s weights are `d·sc[j]·q − dmin·mn[j]`.
-    Q4K {
+    /// Q4_K (8 blocks of 32, 6-bit steps) or Q2_K (16 blocks of 16, 4-bit steps): `d`, `dmin`
+    /// and each block's scale and minimum in steps of them; block `j`'s weights are
+    /// `d·sc[j]·q − dmin·mn[j]`.
+    WithMins {
+        ty: QuantType,
         d: f16,
         dmin: f16,
-        scales: [u8; 8],
-        mins: [u8; 8],
+        scales: Vec<u8>,
+        mins: Vec<u8>,
     },
     /// Q3_K: `d` and the 6-bit signed scale of each of its 16 blocks of 16; block `j`'s
     /// weights are `d·sc[j]·q`, `sc[j]` in [−32, 31], `q` in [−4, 3].
@@ -25,32 +27,33 @@ pub(super) enum SuperParams {
 impl SuperParams {
     /// The k-quant encoding of one super-block's real block scales and offsets.
     pub(super) fn of(ty: QuantType, blocks: &[(f32, f32)]) -> SuperParams {
-        if ty == QuantType::Q3K {
-            return Self::q3_k(blocks);
+        match ty {
+            QuantType::Q3K => Self::q3_k(blocks),
+            QuantType::Q2K => Self::with_mins(ty, blocks, 15.0),
+            _ => Self::with_mins(ty, blocks, 63.0),
         }
-        // Q4_K: the largest scale (and the largest minimum, offsets being ≤ 0) maps to 63,
-        // the others round to the nearest step.
+    }
+
+    /// The largest scale (and the largest minimum, offsets being ≤ 0) maps to `top`, the
+    /// others round to the nearest step.
+    fn with_mins(ty: QuantType, blocks: &[(f32, f32)], top: f32) -> SuperParams {
         let max_d = blocks.iter().map(|b| b.0).fold(0f32, f32::max);
         let max_min = blocks.iter().map(|b| -b.1).fold(0f32, f32::max);
-        let (d, dmin) = (f16::from_f32(max_d / 63.0), f16::from_f32(max_min / 63.0));
+        let (d, dmin) = (f16::from_f32(max_d / top), f16::from_f32(max_min / top));
         let step = |v: f32, unit: f16| -> u8 {
             let unit = unit.to_f32();
             if unit > 0.0 {
-                (v / unit).round().clamp(0.0, 63.0) as u8
+                (v / unit).round().clamp(0.0, top) as u8
             } else {
                 0
             }
         };
-        let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
-        for (j, &(bd, bm)) in blocks.iter().enumerate() {
-            scales[j] = step(bd, d);
-            mins[j] = step(-bm, dmin);
-        }
-        SuperParams::Q4K {
+        SuperParams::WithMins {
+            ty,
             d,
             dmin,
-            scales,
-            mins,
+            scales: blocks.iter().map(|b| step(b.0, d)).collect(),
+            mins: blocks.iter().map(|b| step(-b.1, dmin)).collect(),
         }
     }
 
@@ -73,11 +76,12 @@ impl SuperParams {
     /// Block `j`'s (scale, offset) as ggml's dequantization computes them.
     pub(super) fn block(&self, j: usize) -> BlockParams {
         match self {
-            SuperParams::Q4K {
+            SuperParams::WithMins {
                 d,
                 dmin,
                 scales,
                 mins,
+                ..
             } => (
                 d.to_f32() * scales[j] as f32,
                 -(dmin.to_f32() * mins[j] as f32),
@@ -97,7 +101,8 @@ impl SuperParams {
             })
             .collect();
         match self {
-            SuperParams::Q4K {
+            SuperParams::WithMins {
+                ty: QuantType::Q4K,
                 d,
                 dmin,
                 scales,
@@ -111,13 +116,26 @@ impl SuperParams {
                     out.extend((0..32).map(|l| (pair[l] | (pair[l + 32] << 4)) as u8));
                 }
             }
+            SuperParams::WithMins {
+                d,
+                dmin,
+                scales,
+                mins,
+                ..
+            } => {
+                // Q2_K: each block's 4-bit scale and minimum in one byte, the codes, d, dmin.
+                out.extend(scales.iter().zip(mins).map(|(s, m)| s | (m << 4)));
+                write_2_bit_codes(&codes, out);
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend_from_slice(&dmin.to_le_bytes());
+            }
             SuperParams::Q3K { d, scales } => write_q3_k(*d, scales, &codes, out),
         }
     }
 }
 
 /// ggml's 12-byte packing of Q4_K's eight 6-bit scales and minimums.
-fn pack_q4_k_scales(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
+fn pack_q4_k_scales(scales: &[u8], mins: &[u8]) -> [u8; 12] {
     let mut out = [0u8; 12];
     for j in 0..8 {
         let (ls, lm) = (scales[j], mins[j]);
@@ -137,7 +155,7 @@ fn pack_q4_k_scales(scales: &[u8; 8], mins: &[u8; 8]) -> [u8; 12] {
 /// of byte `j%32`), their low two bits (four 32-weight rows per byte, per half of 128), the
 /// 16 scales `sc + 32` packed as 4 + 2 bits, then `d`.
 fn write_q3_k(d: f16, scales: &[i8; 16], codes: &[i32], out: &mut Vec<u8>) {
-    let levels: Vec<u8> = codes.iter().map(|&q| (q + 4) as u8).collect();
+    let levels: Vec<i32> = codes.iter().map(|&q| q + 4).collect();
     let mut hmask = [0u8; 32];
     for (j, &l) in levels.iter().enumerate() {
         if l > 3 {
@@ -145,14 +163,7 @@ fn write_q3_k(d: f16, scales: &[i8; 16], codes: &[i32], out: &mut Vec<u8>) {
         }
     }
     out.extend_from_slice(&hmask);
-    for half in levels.chunks(128) {
-        out.extend((0..32).map(|l| {
-            (half[l] & 3)
-                | ((half[l + 32] & 3) << 2)
-                | ((half[l + 64] & 3) << 4)
-                | ((half[l + 96] & 3) << 6)
-        }));
-    }
+    write_2_bit_codes(&levels, out);
     let mut packed = [0u8; 12];
     for (j, &s) in scales.iter().enumerate() {
         let l = (s as i32 + 32) as u8;
@@ -200,21 +211,19 @@ pub(super) fn write_block(ty: QuantType, d: f16, m: f16, q: &[i32], out: &mut Ve
             out.extend_from_slice(&qh.to_le_bytes());
             nibbles(out, 16);
         }
-        _ => {
-            // Q2_K: 16 sub-blocks with scale 1 and min 1, so a weight is d·q − dmin.
-            out.extend_from_slice(&[0x11; 16]);
-            for half in 0..2 {
-                let j = 128 * half;
-                for l in 0..32 {
-                    let v = q[j + l]
-                        | (q[j + l + 32] << 2)
-                        | (q[j + l + 64] << 4)
-                        | (q[j + l + 96] << 6);
-                    out.push(v as u8);
-                }
-            }
-            out.extend_from_slice(&d.to_le_bytes());
-            out.extend_from_slice(&(-m).to_le_bytes());
-        }
+        other => unreachable!("{other:?} blocks are written as k-quant super-blocks"),
+    }
+}
+
+/// Q2_K's (and Q3_K's low) 2-bit codes: per half of 128 weights, byte `l` holds weights `l`,
+/// `l+32`, `l+64` and `l+96` from the lowest bits up.
+fn write_2_bit_codes(levels: &[i32], out: &mut Vec<u8>) {
+    for half in levels.chunks(128) {
+        out.extend((0..32).map(|l| {
+            ((half[l] & 3)
+                | ((half[l + 32] & 3) << 2)
+                | ((half[l + 64] & 3) << 4)
+                | ((half[l + 96] & 3) << 6)) as u8
+        }));
     }
 }

@@ -89,18 +89,16 @@ pub struct BlockFormat {
 type BlockParams = (f32, f32);
 
 impl BlockFormat {
-    /// The grid of `ty`. Q2_K is written with constant sub-block scales and mins (one `d` and
-    /// one offset per 256 weights, 2-bit codes), so the learned grid is exactly what it holds.
-    /// Q4_K and Q3_K keep their real layouts: a learned scale (and for Q4_K offset) per 32 /
-    /// 16 weights, stored as 6-bit multiples of the 256-weight super-block's f16 `d` (and
-    /// `dmin`).
+    /// The grid of `ty`. The k-quants keep their real layouts: a learned scale (Q4_K, Q2_K:
+    /// and offset) per block of 32 (Q4_K) or 16 weights (Q3_K, Q2_K), stored as 6-bit (4-bit
+    /// for Q2_K) multiples of the 256-weight super-block's f16 `d` (and `dmin`).
     pub fn of(ty: QuantType) -> Result<BlockFormat> {
         let (width, qmin, qmax, offset, sub_blocks) = match ty {
             QuantType::Q8_0 => (32, -128, 127, false, 1),
             QuantType::Q4_0 => (32, -8, 7, false, 1),
             QuantType::Q5_0 => (32, -16, 15, false, 1),
             QuantType::Q4_1 => (32, 0, 15, true, 1),
-            QuantType::Q2K => (256, 0, 3, true, 1),
+            QuantType::Q2K => (16, 0, 3, true, 16),
             QuantType::Q4K => (32, 0, 15, true, 8),
             QuantType::Q3K => (16, -4, 3, false, 16),
             other => {

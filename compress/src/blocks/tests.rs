@@ -211,22 +211,28 @@ fn gradients_match_the_straight_through_estimator_in_plain_ops() {
 }
 
 #[test]
-fn q3_k_grid_starts_about_as_close_as_ggmls_q3_k() {
-    // 16 signed 6-bit scales per super-block: the MSE start against ggml's own Q3_K (which
-    // fits each block's scale by weighted least squares).
-    let w = weights(8, 512, 17);
-    let f = BlockFormat::of(QuantType::Q3K).unwrap();
-    let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
-    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
-    let ours = squared_error(&grid.fake_quant(&w, &g, &b, false).unwrap(), &w);
-    let ggml = squared_error(
-        &QTensor::quantize(&w, GgmlDType::Q3K)
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap(),
-        &w,
-    );
-    assert!(ours < 1.25 * ggml, "ours {ours} vs ggml {ggml}");
+fn q3_k_and_q2_k_grids_start_about_as_close_as_ggmls_own() {
+    // Real sub-block scales (Q3_K: 16 signed 6-bit ones per super-block; Q2_K: 16 4-bit scales
+    // and minimums): the MSE start against ggml's quantizers, which fit each block by
+    // weighted least squares.
+    for (ty, ggml_ty) in [
+        (QuantType::Q3K, GgmlDType::Q3K),
+        (QuantType::Q2K, GgmlDType::Q2K),
+    ] {
+        let w = weights(8, 512, 17);
+        let f = BlockFormat::of(ty).unwrap();
+        let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
+        let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+        let ours = squared_error(&grid.fake_quant(&w, &g, &b, false).unwrap(), &w);
+        let ggml = squared_error(
+            &QTensor::quantize(&w, ggml_ty)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap(),
+            &w,
+        );
+        assert!(ours < 1.25 * ggml, "{ty:?}: ours {ours} vs ggml {ggml}");
+    }
 }
 
 #[test]
