@@ -263,6 +263,10 @@ impl Resolved {
             );
             return Ok(self.local(self.load_engine(parallel, explore)?));
         }
+        anyhow::ensure!(
+            self.lora.is_none(),
+            "--lora applies to the model loaded in this process; a model server loads its own adapters (llama-server --lora FILE)"
+        );
         let runtime = self.runtime()?;
         let mut servers = Vec::new();
         for endpoint in &remote.endpoint {

@@ -90,6 +90,18 @@ fn bad_model_files_are_reported_not_crashed_on() {
     assert!(err.contains("corrupt GGUF"), "{err}");
     let out = geek(&["model", "info", "no-such-model"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown model"));
+    // A LoRA is for the model in this process, not a server's: refused, not ignored.
+    let out = geek(&[
+        "ask",
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--lora",
+        junk.to_str().unwrap(),
+        "Is water wet?",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lora") && err.contains("server"), "{err}");
 }
 
 #[test]
