@@ -8,18 +8,41 @@ use std::process::Command;
 
 use common::{data_dir, model_path};
 
-fn geek(index: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(args)
+/// `geek ARGS` on the test model, data and `index`.
+fn geek_command(index: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_geek"));
+    cmd.args(args)
         .arg("--model")
         .arg(model_path())
         .arg("--data-dir")
         .arg(data_dir())
         .arg("--index")
         .arg(index)
-        .env("GEEK_THREADS", "2")
-        .output()
+        .env("GEEK_THREADS", "2");
+    cmd
+}
+
+fn geek(index: &Path, args: &[&str]) -> std::process::Output {
+    geek_command(index, args).output().unwrap()
+}
+
+/// The model identity a one-question direct evaluation with `lora_args` records.
+fn evaluated_model_sha(index: &Path, out: &Path, lora_args: &[&str]) -> String {
+    let mut args = vec!["eval", "strategyqa", "--method", "direct", "--limit", "1"];
+    args.extend_from_slice(lora_args);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    ok(geek(index, &args));
+    let results = std::fs::read_dir(out)
         .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("results_"))
+        .expect("a results file");
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
+    results["config"]["model_sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The lines of a JSONL file.
@@ -181,30 +204,7 @@ fn trajectories_finetune_export_and_serve() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    let evals = dir.path().join("evals");
-    ok(geek(
-        &index,
-        &[
-            "eval",
-            "strategyqa",
-            "--method",
-            "direct",
-            "--limit",
-            "1",
-            "--lora",
-            &lora_arg,
-            "--out",
-            evals.to_str().unwrap(),
-        ],
-    ));
-    let results = std::fs::read_dir(&evals)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("results_"))
-        .expect("a results file");
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
-    let sha = results["config"]["model_sha256"].as_str().unwrap();
+    let sha = evaluated_model_sha(&index, &dir.path().join("evals"), &["--lora", &lora_arg]);
     assert!(sha.contains("+lora:") && sha.ends_with("@1"), "{sha}");
     saved_system_prompts_are_keyed_by_the_lora(&index, dir.path(), &lora_arg);
     answers_alone_run_on_the_adapter(&index, dir.path(), &lora_arg);
@@ -439,15 +439,8 @@ fn final_answers_train_a_top_layers_adapter(index: &Path, dir: &Path) {
 fn saved_system_prompts_are_keyed_by_the_lora(index: &Path, dir: &Path, lora: &str) {
     let cache = dir.join("xdg-cache");
     let ask = |lora: Option<String>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_geek"));
-        cmd.args(["ask", "Is water wet?", "--max-steps", "1", "--model"])
-            .arg(model_path())
-            .arg("--data-dir")
-            .arg(data_dir())
-            .arg("--index")
-            .arg(index)
-            .env("XDG_CACHE_HOME", &cache)
-            .env("GEEK_THREADS", "2");
+        let mut cmd = geek_command(index, &["ask", "Is water wet?", "--max-steps", "1"]);
+        cmd.env("XDG_CACHE_HOME", &cache);
         if let Some(lora) = lora {
             cmd.args(["--lora", &lora]);
         }
@@ -471,27 +464,11 @@ fn saved_system_prompts_are_keyed_by_the_lora(index: &Path, dir: &Path, lora: &s
 /// the adapter), the final answer on the adapter (other scores); runs record their own model.
 fn answers_alone_run_on_the_adapter(index: &Path, dir: &Path, lora: &str) {
     let ask = |args: &[&str]| -> serde_json::Value {
-        let out = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
-            .args([
-                "ask",
-                "Is water wet?",
-                "--max-steps",
-                "2",
-                "--json",
-                "--no-calibration",
-            ])
-            .arg("--model")
-            .arg(model_path())
-            .arg("--data-dir")
-            .arg(data_dir())
-            .arg("--index")
-            .arg(index)
+        let mut cmd = geek_command(index, &["ask", "Is water wet?", "--max-steps", "2"]);
+        cmd.args(["--json", "--no-calibration"])
             .args(args)
-            .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
-            .env("GEEK_THREADS", "2")
-            .output()
-            .unwrap());
-        serde_json::from_str(&out).unwrap()
+            .env("XDG_CACHE_HOME", dir.join("xdg-cache"));
+        serde_json::from_str(&ok(cmd.output().unwrap())).unwrap()
     };
     // A large scale, so the briefly trained adapter moves the answer's scores.
     let scaled = format!("{lora}:8");
@@ -514,32 +491,11 @@ fn answers_alone_run_on_the_adapter(index: &Path, dir: &Path, lora: &str) {
         "{}",
         answer["model"]
     );
-    let evals = dir.join("evals-answer");
-    ok(geek(
+    let sha = evaluated_model_sha(
         index,
-        &[
-            "eval",
-            "strategyqa",
-            "--method",
-            "direct",
-            "--limit",
-            "1",
-            "--lora",
-            &scaled,
-            "--lora-scope",
-            "answer",
-            "--out",
-            evals.to_str().unwrap(),
-        ],
-    ));
-    let results = std::fs::read_dir(&evals)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("results_"))
-        .expect("a results file");
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(results.path()).unwrap()).unwrap();
-    let sha = results["config"]["model_sha256"].as_str().unwrap();
+        &dir.join("evals-answer"),
+        &["--lora", &scaled, "--lora-scope", "answer"],
+    );
     assert!(
         sha.contains("+answer-lora:") && !sha.contains("+lora:") && sha.ends_with("@8"),
         "{sha}"
