@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::server::Server;
 use common::{data_dir, model_path};
 
 /// `geek ARGS` on the test model, data and `index`.
@@ -208,6 +209,7 @@ fn trajectories_finetune_export_and_serve() {
     assert!(sha.contains("+lora:") && sha.ends_with("@1"), "{sha}");
     saved_system_prompts_are_keyed_by_the_lora(&index, dir.path(), &lora_arg);
     answers_alone_run_on_the_adapter(&index, dir.path(), &lora_arg);
+    served_requests_choose_their_adapter(&lora_arg);
 
     // The same data through the one-command pipeline: finetune → merge → learned Q4_0.
     let quantized = dir.path().join("pipeline-q4_0.gguf");
@@ -500,4 +502,53 @@ fn answers_alone_run_on_the_adapter(index: &Path, dir: &Path, lora: &str) {
         sha.contains("+answer-lora:") && !sha.contains("+lora:") && sha.ends_with("@8"),
         "{sha}"
     );
+}
+
+/// `geek serve --lora`: a request's `lora` field (llama-server's) picks its weights — the
+/// server's adapter when absent, the base model when empty or at scale 0 — and the prompt
+/// cache never continues a sequence decoded on other weights.
+fn served_requests_choose_their_adapter(lora: &str) {
+    let server = Server::start(&["--lora", &format!("{lora}:8")]);
+    let complete = |lora: Option<serde_json::Value>| -> (u16, serde_json::Value) {
+        let mut body = serde_json::json!({"prompt": "The capital of France is",
+            "max_tokens": 1, "temperature": 0, "logprobs": 1});
+        if let Some(lora) = lora {
+            body["lora"] = lora;
+        }
+        let (status, _, body) = server.post("/v1/completions", &body.to_string(), &[]);
+        (status, serde_json::from_str(&body).unwrap_or_default())
+    };
+    let first = |r: &serde_json::Value| {
+        r["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .unwrap()
+    };
+    let cached = |r: &serde_json::Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (_, server_adapter) = complete(None);
+    let (_, base) = complete(Some(serde_json::json!([])));
+    assert_eq!(
+        cached(&base),
+        0,
+        "a sequence of other weights was continued"
+    );
+    let (_, pinned) = complete(Some(serde_json::json!([{"id": 0, "scale": 8}])));
+    let (_, off) = complete(Some(serde_json::json!([{"id": 0, "scale": 0}])));
+    assert!(cached(&off) > 0, "the base model's sequence was not reused");
+    assert!((first(&server_adapter) - first(&pinned)).abs() < 1e-4);
+    assert!((first(&base) - first(&off)).abs() < 1e-4);
+    assert!(
+        (first(&server_adapter) - first(&base)).abs() > 1e-3,
+        "the adapter changed nothing"
+    );
+    for bad in [
+        serde_json::json!([{"id": 3, "scale": 1}]),
+        serde_json::json!([{"id": 0, "scale": 1}, {"id": 0, "scale": 2}]),
+    ] {
+        let (status, body) = complete(Some(bad));
+        assert_eq!(status, 400, "{body}");
+    }
 }

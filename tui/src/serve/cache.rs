@@ -7,9 +7,14 @@ use std::sync::Mutex;
 
 use geek_backend::{Engine, Sequence};
 
+use super::types::RequestAdapter;
+
+/// An idle sequence: the weights it was decoded with and its tokens.
+type Idle = (Sequence, RequestAdapter, Vec<i32>);
+
 /// Idle sequences and their tokens, most recently used last.
 pub struct PromptCache {
-    idle: Mutex<Vec<(Sequence, Vec<i32>)>>,
+    idle: Mutex<Vec<Idle>>,
     capacity: usize,
 }
 
@@ -30,19 +35,20 @@ impl PromptCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sequence, Vec<i32>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The idle sequence sharing the longest prefix with `prompt`, cut back to that prefix, or a
-    /// new sequence. A cached sequence is reused only when the prompt shares at least half of
-    /// its tokens (llama-server's slot-similarity rule), so a short unrelated prompt does not
-    /// destroy a long conversation that will come back. At least the prompt's last token is
-    /// always decoded again, so the sequence ends with fresh logits.
+    /// The idle sequence on `adapter`'s weights sharing the longest prefix with `prompt`, cut
+    /// back to that prefix, or a new sequence. A cached sequence is reused only when the prompt
+    /// shares at least half of its tokens (llama-server's slot-similarity rule), so a short
+    /// unrelated prompt does not destroy a long conversation that will come back. At least the
+    /// prompt's last token is always decoded again, so the sequence ends with fresh logits.
     pub async fn sequence_for(
         &self,
         engine: &Engine,
         prompt: &[i32],
+        adapter: RequestAdapter,
     ) -> geek_backend::Result<Reused> {
         let best = {
             let mut idle = self.lock();
@@ -50,7 +56,10 @@ impl PromptCache {
             let best = idle
                 .iter()
                 .enumerate()
-                .map(|(i, (_, tokens))| (i, shared_prefix(tokens, prompt).min(limit), tokens.len()))
+                .filter(|(_, (_, on, _))| *on == adapter)
+                .map(|(i, (_, _, tokens))| {
+                    (i, shared_prefix(tokens, prompt).min(limit), tokens.len())
+                })
                 .filter(|&(_, shared, held)| shared > 0 && 2 * shared >= held)
                 .max_by_key(|&(_, shared, _)| shared);
             best.map(|(index, shared, _)| (idle.remove(index).0, shared))
@@ -59,19 +68,30 @@ impl PromptCache {
             seq.truncate(cached).await?;
             return Ok(Reused { seq, cached });
         }
-        let seq = match engine.sequence() {
-            Ok(seq) => seq,
+        let seq = match Self::new_sequence(engine, adapter).await {
             Err(geek_backend::Error::NoFreeSequence { .. }) => {
                 self.clear();
-                engine.sequence()?
+                Self::new_sequence(engine, adapter).await?
             }
-            Err(e) => return Err(e),
+            other => other?,
         };
         Ok(Reused { seq, cached: 0 })
     }
 
-    /// Keeps a finished request's sequence for later prompts.
-    pub async fn put(&self, seq: Sequence) {
+    /// A new, empty sequence on `adapter`'s weights.
+    pub async fn new_sequence(
+        engine: &Engine,
+        adapter: RequestAdapter,
+    ) -> geek_backend::Result<Sequence> {
+        let seq = engine.sequence()?;
+        if let RequestAdapter::Pinned(lora) = adapter {
+            seq.set_lora(lora).await?;
+        }
+        Ok(seq)
+    }
+
+    /// Keeps a finished request's sequence (decoded on `adapter`'s weights) for later prompts.
+    pub async fn put(&self, seq: Sequence, adapter: RequestAdapter) {
         if self.capacity == 0 {
             return;
         }
@@ -82,7 +102,7 @@ impl PromptCache {
         if idle.len() >= self.capacity {
             idle.remove(0);
         }
-        idle.push((seq, tokens));
+        idle.push((seq, adapter, tokens));
     }
 
     /// Idle sequences kept now.

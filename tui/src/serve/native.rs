@@ -34,8 +34,13 @@ pub async fn completion(
     }
     match req.sampling.params(req.n_probs, state.max_tokens) {
         Ok(params) => {
+            let adapter = match req.sampling.adapter() {
+                Ok(a) => a,
+                Err(message) => return invalid(&state, "completion", message),
+            };
             let job = Job {
                 prompt: req.prompt.into(),
+                adapter,
                 params,
                 stream: req.sampling.stream,
                 shape,

@@ -19,9 +19,10 @@ use geek_backend::{
 use serde_json::{json, Value};
 
 use super::admission::Ticket;
+use super::cache::PromptCache;
 use super::types::{
     finish_reason, ChatLogprobs, ChatRequest, CompletionLogprobs, CompletionRequest, PromptField,
-    PromptTokensDetails, Usage,
+    PromptTokensDetails, RequestAdapter, Usage,
 };
 use super::{native, ApiError, ServerState};
 
@@ -72,6 +73,7 @@ impl Shape {
 /// A request turned into what the engine runs.
 pub(super) struct Job {
     pub prompt: Prompt,
+    pub adapter: RequestAdapter,
     pub params: GenerateParams,
     pub stream: bool,
     pub shape: Shape,
@@ -94,8 +96,13 @@ pub async fn completions(
     match req.sampling.params(asked, state.max_tokens) {
         Ok(params) => {
             let stream = req.sampling.stream;
+            let adapter = match req.sampling.adapter() {
+                Ok(a) => a,
+                Err(message) => return invalid(&state, shape.endpoint(), message),
+            };
             let job = Job {
                 prompt: req.prompt.into(),
+                adapter,
                 params,
                 stream,
                 shape,
@@ -131,9 +138,14 @@ pub async fn chat_completions(
     match req.sampling.params(asked, state.max_tokens) {
         Ok(params) => {
             let stream = req.sampling.stream;
+            let adapter = match req.sampling.adapter() {
+                Ok(a) => a,
+                Err(message) => return invalid(&state, shape.endpoint(), message),
+            };
             let prompt = Prompt::Chat(req.messages);
             let job = Job {
                 prompt,
+                adapter,
                 params,
                 stream,
                 shape,
@@ -196,7 +208,7 @@ pub(super) async fn run(state: Arc<ServerState>, job: Job) -> Response {
     let deadline = tokio::time::Instant::now() + state.timeout;
     let prepared = tokio::time::timeout_at(deadline, async {
         ticket.start().await;
-        prefill(&state, &job.prompt).await
+        prefill(&state, &job.prompt, job.adapter).await
     })
     .await;
     let (seq, prompt, cached) = match prepared {
@@ -215,7 +227,7 @@ pub(super) async fn run(state: Arc<ServerState>, job: Job) -> Response {
     if job.stream {
         let stream = StreamRun {
             generation,
-            seq: Some(seq),
+            seq: Some((seq, job.adapter)),
             _ticket: ticket,
             flight,
             ctx,
@@ -231,7 +243,7 @@ pub(super) async fn run(state: Arc<ServerState>, job: Job) -> Response {
         drop(generation);
         match done {
             Ok(Ok(completion)) => {
-                state.cache.put(seq).await;
+                state.cache.put(seq, job.adapter).await;
                 drop(ticket);
                 flight.finish(200);
                 state.metrics.tokens(prompt, completion.tokens.len());
@@ -247,17 +259,30 @@ pub(super) async fn run(state: Arc<ServerState>, job: Job) -> Response {
     }
 }
 
-/// A sequence holding the prompt, continued from a cached one where they share a prefix:
-/// the sequence, the prompt's length and how many of its tokens were cached.
+/// A sequence on the request's weights holding the prompt, continued from a cached one where
+/// they share a prefix: the sequence, the prompt's length and how many of its tokens were
+/// cached.
 async fn prefill(
     state: &ServerState,
     prompt: &Prompt,
+    adapter: RequestAdapter,
 ) -> Result<(Sequence, usize, usize), ApiError> {
+    let loaded = state.engine.info().lora_adapters.len();
+    if let RequestAdapter::Pinned(Some((id, _))) = adapter {
+        if id >= loaded {
+            return Err(ApiError::invalid(format!(
+                "lora: no adapter {id}; the server loaded {loaded} (geek serve --lora FILE)"
+            )));
+        }
+    }
     let tokens = prompt_tokens(state, prompt).await?;
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt must not be empty"));
     }
-    let reused = state.cache.sequence_for(&state.engine, &tokens).await?;
+    let reused = state
+        .cache
+        .sequence_for(&state.engine, &tokens, adapter)
+        .await?;
     let new = tokens[reused.cached..].to_vec();
     match reused.seq.append_tokens(new.clone()).await {
         Ok(_) => Ok((reused.seq, tokens.len(), reused.cached)),
@@ -265,7 +290,7 @@ async fn prefill(
             // Idle cached sequences hold the cells: let them go and decode it all.
             drop(reused);
             state.cache.clear();
-            let seq = state.engine.sequence()?;
+            let seq = PromptCache::new_sequence(&state.engine, adapter).await?;
             seq.append_tokens(tokens.clone()).await?;
             Ok((seq, tokens.len(), 0))
         }
@@ -472,7 +497,7 @@ enum Phase {
 /// sequence is released, and the place in line is given back last.
 struct StreamRun {
     generation: Generation,
-    seq: Option<Sequence>,
+    seq: Option<(Sequence, RequestAdapter)>,
     _ticket: Ticket,
     flight: InFlight,
     ctx: ResponseContext,
@@ -518,8 +543,8 @@ impl StreamRun {
             Ok(Some(GenEvent::Done(completion))) => {
                 self.phase = Phase::Done;
                 let state = self.flight.state.clone();
-                if let Some(seq) = self.seq.take() {
-                    state.cache.put(seq).await;
+                if let Some((seq, adapter)) = self.seq.take() {
+                    state.cache.put(seq, adapter).await;
                 }
                 self.flight.finish(200);
                 state

@@ -40,6 +40,27 @@ pub struct SamplingFields {
     /// Stream the answer as server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// LoRA adapters of this request (llama-server's `lora`: `[{"id": 0, "scale": 0.5}]`,
+    /// ids of the adapters the server loaded with `--lora`; adapters not listed are off).
+    pub lora: Option<Vec<LoraField>>,
+}
+
+/// One entry of a request's `lora`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct LoraField {
+    /// The adapter's index among those the server loaded.
+    pub id: usize,
+    /// Its scale (0: off).
+    pub scale: f32,
+}
+
+/// The weights a request runs on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RequestAdapter {
+    /// The server's own (its `--lora`, or the base model).
+    Server,
+    /// What the request's `lora` asked for: one adapter at a scale, or the base model.
+    Pinned(Option<(usize, f32)>),
 }
 
 /// Tokens a request may generate when it does not say.
@@ -48,6 +69,22 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl SamplingFields {
+    /// The weights the request asked for: the engine applies one adapter at a time.
+    pub fn adapter(&self) -> Result<RequestAdapter, String> {
+        let Some(list) = &self.lora else {
+            return Ok(RequestAdapter::Server);
+        };
+        if let Some(bad) = list.iter().find(|l| !l.scale.is_finite()) {
+            return Err(format!("lora {}: the scale must be finite", bad.id));
+        }
+        let on: Vec<&LoraField> = list.iter().filter(|l| l.scale != 0.0).collect();
+        match on.as_slice() {
+            [] => Ok(RequestAdapter::Pinned(None)),
+            [one] => Ok(RequestAdapter::Pinned(Some((one.id, one.scale)))),
+            _ => Err("lora: one adapter with a non-zero scale at a time is served".into()),
+        }
+    }
+
     /// The engine's parameters, or what is wrong with the request.
     pub fn params(
         &self,

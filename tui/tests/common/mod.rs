@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod server;
+
 /// The PyPI-shipped default model (`$GEEK_TEST_MODEL` overrides). Missing is a failure.
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("GEEK_TEST_MODEL")
