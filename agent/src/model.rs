@@ -215,6 +215,20 @@ impl AgentSequence for Sequence {
 /// then answers where it was trained and leaves the excavation steps to the model they were
 /// written for. The engine's sequences are batched apart by adapter
 /// ([`Sequence::set_lora`]).
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use geek_agent::{AnswerAdapter, Excavator};
+/// use geek_backend::{Engine, EngineConfig};
+///
+/// // The adapter is loaded with the model but not switched on for the whole engine.
+/// let engine = Engine::load(EngineConfig::new("model.gguf").with_lora("final-answer.gguf"))?;
+/// let agent = Excavator::builder()
+///     .backend(AnswerAdapter::new(engine, 0, 1.0)?)
+///     .build()?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct AnswerAdapter {
     engine: Engine,
