@@ -94,7 +94,11 @@ impl LoadedModel {
                     sha = format!("{sha}+lora:{lora_sha}@{scale}");
                 }
                 if let Some((index, scale)) = answer {
-                    let lora = &engine.info().lora_adapters[*index];
+                    let lora = engine
+                        .info()
+                        .lora_adapters
+                        .get(*index)
+                        .with_context(|| format!("the engine has no LoRA adapter {index}"))?;
                     let lora_sha = catalog::sha256_cached(lora)?;
                     sha = format!("{sha}+answer-lora:{lora_sha}@{scale}");
                 }
