@@ -216,3 +216,52 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+#[test]
+fn qat_trains_the_weights_and_scales_alone_leave_them() {
+    // Without --qat the student's weights are the base's own tensors (no copy, no gradient);
+    // with it they are variables the optimizer moves, so the written blocks differ.
+    let _model = common::one_model_at_a_time();
+    let path = model_path();
+    let base = BaseWeights::load(&path).unwrap();
+    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
+    let tokens = llama_text_tokens(&engine);
+    drop(engine);
+    let rows = calibration_rows(&[tokens.clone(), tokens], 32, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let run = |train_weights: bool| {
+        let config = LearnedConfig {
+            ty: QuantType::Q4_0,
+            init: ScaleInit::Rtn,
+            steps: 2,
+            batch: 2,
+            warmup: 1,
+            holdout: 1,
+            memory_bank: 16,
+            train_weights,
+            weight_lr: 1e-3,
+            ..LearnedConfig::default()
+        };
+        let mut learnable = 0;
+        let (model, _) = learn(&base, &rows, &config, None, &mut |e| {
+            if let LearnEvent::Started { learnable: n, .. } = e {
+                learnable = *n;
+            }
+        })
+        .unwrap();
+        let out = dir.path().join(format!("qat-{train_weights}.gguf"));
+        model.write_gguf(&base, &out).unwrap();
+        (learnable, std::fs::read(out).unwrap())
+    };
+    let (scales_only, scaled) = run(false);
+    let (with_weights, trained) = run(true);
+    // SmolLM2's 210 linear matrices hold about 106M weights.
+    assert!(
+        with_weights - scales_only > 100_000_000,
+        "{scales_only} vs {with_weights}"
+    );
+    assert!(
+        scaled != trained,
+        "QAT left every block as the scales alone did"
+    );
+}

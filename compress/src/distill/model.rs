@@ -8,7 +8,10 @@ pub(super) struct QuantLinear {
     pub(super) name: String,
     pub(super) layer: usize,
     pub(super) target: Target,
-    pub(super) weight: Var,
+    /// The f32 weight: the base's own tensor, or with QAT the variable's.
+    pub(super) weight: Tensor,
+    /// The weight as a variable the optimizer trains (QAT only: otherwise no copy is made).
+    pub(super) weight_var: Option<Var>,
     pub(super) grid: QuantGrid,
     pub(super) gamma: Var,
     pub(super) beta: Var,
@@ -67,11 +70,18 @@ impl LearnedModel {
                 let (rows, cols) = w.dims2()?;
                 let mut grid = QuantGrid::new(format, config.granularity, rows, cols)?;
                 let (gamma, beta) = grid.init(w, config.init)?;
+                let (weight, weight_var) = if config.train_weights {
+                    let var = Var::from_tensor(w)?;
+                    (var.as_tensor().clone(), Some(var))
+                } else {
+                    (w.clone(), None)
+                };
                 linears.push(QuantLinear {
                     name,
                     layer,
                     target,
-                    weight: Var::from_tensor(w)?,
+                    weight,
+                    weight_var,
                     grid,
                     gamma: Var::from_tensor(&gamma)?,
                     beta: Var::from_tensor(&beta)?,
@@ -101,7 +111,7 @@ impl LearnedModel {
         })
     }
 
-    /// The scale variables (γ, β) and the weight variables, by name.
+    /// The scale variables (γ, β) and the weight variables (QAT), by name.
     pub(super) fn vars(&self) -> (NamedVars, NamedVars) {
         let mut scales = Vec::new();
         let mut weights = Vec::new();
@@ -110,7 +120,9 @@ impl LearnedModel {
             if l.grid.format.offset {
                 scales.push((format!("{}.beta", l.name), l.beta.clone()));
             }
-            weights.push((l.name.clone(), l.weight.clone()));
+            if let Some(var) = &l.weight_var {
+                weights.push((l.name.clone(), var.clone()));
+            }
         }
         (scales, weights)
     }
@@ -161,7 +173,7 @@ impl LearnedModel {
                     Error::Config(format!("no grid for blk.{layer}.{}", target.gguf()))
                 })?;
                 l.grid.fake_quant(
-                    l.weight.as_tensor(),
+                    &l.weight,
                     l.gamma.as_tensor(),
                     l.beta.as_tensor(),
                     self.config.train_weights,
@@ -178,11 +190,9 @@ impl LearnedModel {
             let q = if let Some(l) = self.linears.iter().find(|l| &l.name == name) {
                 Quantized {
                     name: name.clone(),
-                    tensor: l.grid.encode(
-                        l.weight.as_tensor(),
-                        l.gamma.as_tensor(),
-                        l.beta.as_tensor(),
-                    )?,
+                    tensor: l
+                        .grid
+                        .encode(&l.weight, l.gamma.as_tensor(), l.beta.as_tensor())?,
                     ty: l.grid.format.ty,
                     fell_back: l.fell_back,
                 }
