@@ -77,6 +77,15 @@ fn rtn_q8_0_and_q4_0_are_byte_identical_to_llama_quantize() {
     }
 }
 
+/// The test model's f32 weights and its tokens of the calibration text.
+fn base_and_text() -> (BaseWeights, Vec<u32>) {
+    let path = model_path();
+    let base = BaseWeights::load(&path).unwrap();
+    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
+    let tokens = llama_text_tokens(&engine);
+    (base, tokens)
+}
+
 fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
     let text = "The llama is a domesticated South American camelid, widely used as a meat and \
         pack animal by Andean cultures since the pre-Columbian era. Llamas are social animals \
@@ -87,17 +96,13 @@ fn llama_text_tokens(engine: &Engine) -> Vec<u32> {
     common::token_ids(engine, text, false)
 }
 
-/// Learned Q4_0 and learned 2-bit (Q2_K with constant sub-scales on ffn_down, learned Q4_0
-/// where rows are 576 wide): a few distillation steps run, the files hold the promised types,
+/// Learned Q4_0 and learned 2-bit (Q2_K with its sub-block scales and minimums on ffn_down,
+/// learned Q4_0 where rows are 576 wide): a few distillation steps run, the files hold the promised types,
 /// and llama.cpp, reading them, predicts what the candle student predicts.
 #[test]
 fn learned_scales_train_and_llama_cpp_serves_exactly_them() {
     let _model = common::one_model_at_a_time();
-    let path = model_path();
-    let base = BaseWeights::load(&path).unwrap();
-    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
-    let tokens = llama_text_tokens(&engine);
-    drop(engine);
+    let (base, tokens) = base_and_text();
     let rows = calibration_rows(&[tokens.clone(), tokens.clone()], 32, 5);
     assert_eq!(rows.len(), 5);
     let dir = tempfile::tempdir().unwrap();
@@ -222,11 +227,7 @@ fn qat_trains_the_weights_and_scales_alone_leave_them() {
     // Without --qat the student's weights are the base's own tensors (no copy, no gradient);
     // with it they are variables the optimizer moves, so the written blocks differ.
     let _model = common::one_model_at_a_time();
-    let path = model_path();
-    let base = BaseWeights::load(&path).unwrap();
-    let engine = Engine::load(EngineConfig::new(&path).with_threads(2)).unwrap();
-    let tokens = llama_text_tokens(&engine);
-    drop(engine);
+    let (base, tokens) = base_and_text();
     let rows = calibration_rows(&[tokens.clone(), tokens], 32, 4);
     let dir = tempfile::tempdir().unwrap();
     let run = |train_weights: bool| {
