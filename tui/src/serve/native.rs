@@ -32,12 +32,8 @@ pub async fn completion(
         Some(_) => req.sampling.max_tokens = Some(state.max_tokens),
         None => {}
     }
-    match req.sampling.params(req.n_probs, state.max_tokens) {
-        Ok(params) => {
-            let adapter = match req.sampling.adapter() {
-                Ok(a) => a,
-                Err(message) => return invalid(&state, "completion", message),
-            };
+    match req.sampling.run_settings(req.n_probs, state.max_tokens) {
+        Ok((params, adapter)) => {
             let job = Job {
                 prompt: req.prompt.into(),
                 adapter,

@@ -93,13 +93,9 @@ pub async fn completions(
         logprobs: req.logprobs,
     };
     let asked = req.logprobs.map_or(0, |n| n.max(1));
-    match req.sampling.params(asked, state.max_tokens) {
-        Ok(params) => {
+    match req.sampling.run_settings(asked, state.max_tokens) {
+        Ok((params, adapter)) => {
             let stream = req.sampling.stream;
-            let adapter = match req.sampling.adapter() {
-                Ok(a) => a,
-                Err(message) => return invalid(&state, shape.endpoint(), message),
-            };
             let job = Job {
                 prompt: req.prompt.into(),
                 adapter,
@@ -135,13 +131,9 @@ pub async fn chat_completions(
         );
     }
     let asked = if req.logprobs { top.max(1) } else { 0 };
-    match req.sampling.params(asked, state.max_tokens) {
-        Ok(params) => {
+    match req.sampling.run_settings(asked, state.max_tokens) {
+        Ok((params, adapter)) => {
             let stream = req.sampling.stream;
-            let adapter = match req.sampling.adapter() {
-                Ok(a) => a,
-                Err(message) => return invalid(&state, shape.endpoint(), message),
-            };
             let prompt = Prompt::Chat(req.messages);
             let job = Job {
                 prompt,

@@ -69,6 +69,15 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl SamplingFields {
+    /// What the engine runs for the request: its generation parameters and its weights.
+    pub fn run_settings(
+        &self,
+        logprobs: usize,
+        max_tokens_limit: usize,
+    ) -> Result<(GenerateParams, RequestAdapter), String> {
+        Ok((self.params(logprobs, max_tokens_limit)?, self.adapter()?))
+    }
+
     /// The weights the request asked for: the engine applies one adapter at a time.
     pub fn adapter(&self) -> Result<RequestAdapter, String> {
         let Some(list) = &self.lora else {
