@@ -117,12 +117,25 @@ pub fn merge(model: &AdaptedModel, base: &BaseWeights) -> Result<BaseWeights> {
         .into_iter()
         .map(|(layer, target, _)| {
             Ok((
-                format!("blk.{layer}.{}.weight", target.gguf()),
+                delta_tensor_name(layer, target),
                 model.merged_weight(layer, target)?,
             ))
         })
         .collect::<Result<_>>()?;
     base.with_tensors(merged)
+}
+
+/// The GGUF names of the tensors [`merge`] changes: the weights the adapter updates.
+pub fn merged_tensor_names(model: &AdaptedModel) -> Vec<String> {
+    model
+        .deltas()
+        .into_iter()
+        .map(|(layer, target, _)| delta_tensor_name(layer, target))
+        .collect()
+}
+
+fn delta_tensor_name(layer: usize, target: Target) -> String {
+    format!("blk.{layer}.{}.weight", target.gguf())
 }
 
 /// Writes base + ΔW as a complete GGUF (same metadata, tokenizer and tensor names as the base;
@@ -197,7 +210,7 @@ pub fn write_gguf_lora(model: &AdaptedModel, base: &BaseWeights, path: &Path) ->
     let mut tensors = Vec::new();
     for (layer, target, delta) in model.deltas() {
         let (a, b) = delta.lora_factors()?;
-        let stem = format!("blk.{layer}.{}.weight", target.gguf());
+        let stem = delta_tensor_name(layer, target);
         tensors.push((
             format!("{stem}.lora_a"),
             QTensor::quantize(&a, GgmlDType::F32)?,

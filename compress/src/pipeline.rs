@@ -6,6 +6,7 @@
 //! Text is tokenized by the llama.cpp backend (a [`geek_backend::Engine`] on the same model),
 //! so training sees the tokens serving will.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use geek_backend::Engine;
@@ -15,12 +16,12 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{read_json, write_json};
 use crate::data::{read_jsonl, shuffled, tokenize, Tokenized};
 use crate::distill::{calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig};
-use crate::export::merge;
+use crate::export::{merge, merged_tensor_names};
 use crate::prune::{
     extract, learn_masks, recover, MaskConfig, ParameterCount, Plan, PruneEvent, RecoverConfig,
     Recovered, Scores,
 };
-use crate::quantize::{quantize_rtn, Mix, QuantReport, QuantType};
+use crate::quantize::{quantize_rtn, quantize_rtn_onto, Mix, QuantReport, QuantType};
 use crate::train::{finetune as train, TrainConfig, TrainEvent, TrainSummary};
 use crate::{AdaptedModel, AdapterConfig, AdapterKind, BaseWeights, Error, Result};
 
@@ -284,6 +285,39 @@ pub struct PipelineJob {
     pub prune: Option<PruneJob>,
     /// The quantization of the result.
     pub quantize: QuantizeJob,
+    /// After a finetune, quantize only the tensors the adapter changed (by rtn, to the
+    /// quantization's type) and copy every other tensor from the base file as it is (see
+    /// [`quantize_rtn_onto`]); needs a finetune and rtn, and no pruning.
+    pub keep_base: bool,
+}
+
+impl PipelineJob {
+    /// Refuses, before any work, the stages that cannot go together.
+    fn check(&self) -> Result<()> {
+        if let Some(f) = &self.finetune {
+            if f.adapter.kind == AdapterKind::LorettaAdp {
+                return Err(Error::NotExportable(
+                    "loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep"
+                        .into(),
+                ));
+            }
+        }
+        if self.keep_base {
+            let why = if self.finetune.is_none() {
+                Some("there is no finetune whose changed tensors it would quantize")
+            } else if self.prune.is_some() {
+                Some("pruning changes every tensor's shape")
+            } else if self.quantize.method != QuantMethod::Rtn {
+                Some("it quantizes the changed tensors by rtn: give --method rtn")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::Config(format!("--keep-base: {why}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What the pipeline made.
@@ -311,20 +345,16 @@ pub fn pipeline(
     finetuned: &mut dyn FnMut(&BaseWeights, &AdaptedModel, &TrainSummary) -> Result<()>,
     events: &mut dyn FnMut(PipelineEvent),
 ) -> Result<PipelineOutcome> {
-    let (mut weights, train) = match &job.finetune {
+    job.check()?;
+    let (mut weights, train, changed) = match &job.finetune {
         Some(finetune_job) => {
-            if finetune_job.adapter.kind == AdapterKind::LorettaAdp {
-                return Err(Error::NotExportable(
-                    "loretta-adp adds layers the GGUF model has no place for: pick lora, moslora or loretta-rep"
-                        .into(),
-                ));
-            }
             let (base, model, train) = finetune(base_path, finetune_job, tokenizer, events)?;
             finetuned(&base, &model, &train)?;
             events(PipelineEvent::Stage("merging the adapter"));
-            (merge(&model, &base)?, Some(train))
+            let changed: BTreeSet<String> = merged_tensor_names(&model).into_iter().collect();
+            (merge(&model, &base)?, Some(train), changed)
         }
-        None => (BaseWeights::load(base_path)?, None),
+        None => (BaseWeights::load(base_path)?, None, BTreeSet::new()),
     };
     let pruned = match &job.prune {
         Some(prune_job) => {
@@ -336,7 +366,18 @@ pub fn pipeline(
         }
         None => None,
     };
-    let (report, learn) = quantize(&weights, &job.quantize, tokenizer, events)?;
+    let (report, learn) = if job.keep_base {
+        events(PipelineEvent::Stage("quantizing the changed tensors"));
+        let mix = Mix {
+            ty: job.quantize.ty,
+            embedding: job.quantize.learned.embedding,
+            medium: job.quantize.medium,
+        };
+        let report = quantize_rtn_onto(&weights, &changed, mix, &job.quantize.out)?;
+        (report, None)
+    } else {
+        quantize(&weights, &job.quantize, tokenizer, events)?
+    };
     Ok(PipelineOutcome {
         train,
         pruned,

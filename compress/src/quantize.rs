@@ -1,11 +1,12 @@
 //! Round-to-nearest quantization into GGUF block types (ggml's reference quantizers, as
 //! implemented by candle), with llama-quantize's per-tensor rules for models of this size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::{BaseWeights, Error, Result};
@@ -85,6 +86,14 @@ impl QuantType {
             .find(|(_, t)| *t == self)
             .map(|(n, _)| *n)
             .unwrap_or("?")
+    }
+
+    /// The type of a ggml element type, when it is one of these.
+    pub fn of_ggml(dtype: GgmlDType) -> Option<QuantType> {
+        QuantType::ALL
+            .iter()
+            .map(|&(_, t)| t)
+            .find(|t| t.ggml() == dtype)
     }
 
     pub(crate) fn ggml(self) -> GgmlDType {
@@ -264,7 +273,66 @@ pub fn quantize_rtn(base: &BaseWeights, mix: impl Into<Mix>, path: &Path) -> Res
             fell_back,
         });
     }
-    write_quantized(base, mix.ty, tensors, path)
+    write_quantized(base, Some(mix.ty), tensors, path)
+}
+
+/// Writes `weights` over the file it was read from (`weights.path`, e.g. a merged fine-tune
+/// of that file): the tensors named in `changed` are quantized to `mix` by round-to-nearest,
+/// every other tensor is copied from the file as it is, its blocks bit-exact. The file type
+/// stays the file's. A fine-tune's small change survives this where re-quantizing the whole
+/// dequantized model would bury it in rounding noise.
+pub fn quantize_rtn_onto(
+    weights: &BaseWeights,
+    changed: &BTreeSet<String>,
+    mix: impl Into<Mix>,
+    path: &Path,
+) -> Result<QuantReport> {
+    let mix = mix.into();
+    let source = &weights.path;
+    let gguf_error = |message: String| Error::Gguf {
+        path: source.clone(),
+        message,
+    };
+    let file = std::fs::File::open(source).map_err(Error::io(source))?;
+    let mut reader = std::io::BufReader::new(file);
+    let content = Content::read(&mut reader)
+        .map_err(|e| gguf_error(format!("not a readable GGUF file: {e}")))?;
+    if let Some(name) = changed.iter().find(|n| !weights.names().contains(n)) {
+        return Err(gguf_error(format!("no tensor `{name}` to replace")));
+    }
+    let mut tensors = Vec::with_capacity(weights.names().len());
+    for name in weights.names() {
+        let t = weights.get(name)?;
+        let (tensor, ty, fell_back) = if changed.contains(name) {
+            let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), weights.config.n_layer);
+            (QTensor::quantize(t, chosen.ggml())?, chosen, fell_back)
+        } else {
+            let q = content
+                .tensor(&mut reader, name, &Device::Cpu)
+                .map_err(|e| gguf_error(format!("tensor `{name}`: {e}")))?;
+            if q.shape().dims() != t.dims() {
+                return Err(gguf_error(format!(
+                    "tensor `{name}` is {:?} in the file, {:?} in the model",
+                    q.shape().dims(),
+                    t.dims()
+                )));
+            }
+            let ty = QuantType::of_ggml(q.dtype()).ok_or_else(|| {
+                gguf_error(format!(
+                    "tensor `{name}`: type {:?} cannot be copied",
+                    q.dtype()
+                ))
+            })?;
+            (q, ty, false)
+        };
+        tensors.push(Quantized {
+            name: name.clone(),
+            tensor,
+            ty,
+            fell_back,
+        });
+    }
+    write_quantized(weights, None, tensors, path)
 }
 
 /// One tensor as written.
@@ -275,10 +343,11 @@ pub(crate) struct Quantized {
     pub fell_back: bool,
 }
 
-/// Writes `tensors` with `base`'s metadata (file type set to `ty`) and reports on them.
+/// Writes `tensors` with `base`'s metadata (file type set to `ty`'s, when given) and reports
+/// on them.
 pub(crate) fn write_quantized(
     base: &BaseWeights,
-    ty: QuantType,
+    ty: Option<QuantType>,
     tensors: Vec<Quantized>,
     path: &Path,
 ) -> Result<QuantReport> {
@@ -302,9 +371,11 @@ pub(crate) fn write_quantized(
     }
     report.bits_per_weight = report.tensor_bytes as f64 * 8.0 / report.weights.max(1) as f64;
     let mut metadata = base.metadata.clone();
-    match metadata.iter_mut().find(|(k, _)| k == "general.file_type") {
-        Some(slot) => slot.1 = Value::U32(ty.file_type()),
-        None => metadata.push(("general.file_type".into(), Value::U32(ty.file_type()))),
+    if let Some(ty) = ty {
+        match metadata.iter_mut().find(|(k, _)| k == "general.file_type") {
+            Some(slot) => slot.1 = Value::U32(ty.file_type()),
+            None => metadata.push(("general.file_type".into(), Value::U32(ty.file_type()))),
+        }
     }
     crate::export::write_gguf(path, &metadata, &written)?;
     Ok(report)

@@ -3,8 +3,11 @@
 
 mod common;
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::Command;
+
+use geek_backend::gguf::GgufFile;
 
 use common::server::Server;
 use common::{data_dir, model_path};
@@ -101,6 +104,7 @@ fn trajectories_finetune_export_and_serve() {
         assert!(l["prompt"].as_str().unwrap().contains("Question: "));
     }
     final_answers_train_a_top_layers_adapter(&index, dir.path());
+    the_pipeline_quantizes_what_the_adapter_changed(&index, dir.path());
 
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
@@ -434,6 +438,97 @@ fn final_answers_train_a_top_layers_adapter(index: &Path, dir: &Path) {
     let second = train("2");
     assert!(second.contains("2 steps"), "{second}");
     assert!(streams(&out.join("lower-streams")) >= written);
+}
+
+/// `pipeline --keep-base`: an adapter on the top layer, merged; its seven matrices written in
+/// q8_0 and every other tensor copied from the base file byte for byte, a model the backend
+/// serves. Stages that cannot go with it are refused before any training.
+fn the_pipeline_quantizes_what_the_adapter_changed(index: &Path, dir: &Path) {
+    let (data, out) = (dir.join("final.jsonl"), dir.join("keep-base.gguf"));
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "compress",
+            "pipeline",
+            "--data",
+            d,
+            "--top-layers",
+            "1",
+            "--rank",
+            "4",
+            "--finetune-steps",
+            "1",
+            "--finetune-seq-len",
+            "256",
+            "--accumulation",
+            "1",
+            "--holdout",
+            "2",
+            "--type",
+            "q8_0",
+            "--keep-base",
+            "--out",
+            o,
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    for (extra, why) in [
+        (&["--method", "learned"][..], "--method rtn"),
+        (&["--method", "rtn", "--prune", "0.75"][..], "pruning"),
+    ] {
+        let refused = geek(index, &args(extra));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(why),
+            "{stderr}"
+        );
+        assert!(!out.with_extension("work").exists());
+    }
+    let printed = ok(geek(index, &args(&["--method", "rtn"])));
+    // SmolLM2's file: 210 q4_1 matrices and a q8_0 embedding; seven of the matrices changed.
+    assert!(printed.contains("203 q4_1, 8 q8_0"), "{printed}");
+
+    let (base, written) = (
+        GgufFile::open(model_path()).unwrap(),
+        GgufFile::open(&out).unwrap(),
+    );
+    let top = format!("blk.{}.", base.get_u64("llama.block_count").unwrap() - 1);
+    assert_eq!(base.tensors.len(), written.tensors.len());
+    for t in &written.tensors {
+        let b = base.tensors.iter().find(|b| b.name == t.name).unwrap();
+        assert_eq!(t.dims, b.dims, "{}", t.name);
+        let changed = t.name.starts_with(&top) && t.dims.len() == 2;
+        if changed {
+            assert_eq!(t.type_name(), "q8_0", "{}", t.name);
+        } else {
+            assert_eq!(t.type_id, b.type_id, "{}", t.name);
+            assert!(
+                tensor_bytes(&written, &t.name) == tensor_bytes(&base, &t.name),
+                "{}",
+                t.name
+            );
+        }
+    }
+    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["generate", "--max-tokens", "8", "The capital of France is"])
+        .arg("--model")
+        .arg(&out)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap());
+    assert!(!text.trim().is_empty());
+}
+
+/// The stored bytes of tensor `name`.
+fn tensor_bytes(file: &GgufFile, name: &str) -> Vec<u8> {
+    let t = file.tensors.iter().find(|t| t.name == name).unwrap();
+    let mut bytes = vec![0; t.n_bytes().unwrap() as usize];
+    let mut f = std::fs::File::open(&file.path).unwrap();
+    f.seek(SeekFrom::Start(file.data_offset + t.offset))
+        .unwrap();
+    f.read_exact(&mut bytes).unwrap();
+    bytes
 }
 
 /// The agent saves its decoded system prompt per model: the base model, a LoRA and the same

@@ -216,6 +216,6 @@ impl LearnedModel {
             };
             tensors.push(q);
         }
-        write_quantized(base, self.config.ty, tensors, path)
+        write_quantized(base, Some(self.config.ty), tensors, path)
     }
 }

@@ -239,6 +239,12 @@ pub struct PipelineArgs {
     /// rtn or learned quantization.
     #[arg(long, default_value = "learned")]
     pub method: QuantMethod,
+    /// Quantize only the tensors the adapter changed (to --type, by rtn) and copy every other
+    /// tensor from the base file as it is: the base's own blocks stay bit-exact, and a wide
+    /// --type (q8_0) keeps the adapter's change above the rounding noise. Needs --data and
+    /// --method rtn.
+    #[arg(long)]
+    pub keep_base: bool,
     /// Where the finetune keeps its checkpoint (resumed when rerun), adapter and loss curve,
     /// and pruning its sizes (in `prune/`) (default: OUT with extension `.work`).
     #[arg(long)]

@@ -305,6 +305,7 @@ fn run_pipeline(args: PipelineArgs, config: &Resolved) -> Result<()> {
         finetune: args.finetune_job(),
         prune: args.prune_job(&quantize.calibration),
         quantize,
+        keep_base: args.keep_base,
     };
     let quant_steps = match args.method {
         QuantMethod::Learned => args.learned.steps,
