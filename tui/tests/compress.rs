@@ -500,7 +500,7 @@ fn the_pipeline_quantizes_what_the_adapter_changed(index: &Path, dir: &Path) {
         assert_eq!(t.dims, b.dims, "{}", t.name);
         let changed = t.name.starts_with(&top) && t.dims.len() == 2;
         if changed {
-            assert_eq!(t.type_name(), "q8_0", "{}", t.name);
+            assert_eq!(t.type_name(), "Q8_0", "{}", t.name);
         } else {
             assert_eq!(t.type_id, b.type_id, "{}", t.name);
             assert!(
