@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::{BaseWeights, Error, Result};
+use crate::{BaseWeights, Error, LlamaConfig, Result};
 
 /// A GGUF element type a model can be quantized to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,9 +168,8 @@ pub struct Mix {
     pub ty: QuantType,
     /// Type of the token embedding and output layer (default: llama-quantize's choice).
     pub embedding: Option<QuantType>,
-    /// llama-quantize's `_M` mix of a k-quant (Q4_K_M, Q5_K_M): the output layer, and
-    /// `attn_v` and `ffn_down` in the layers llama.cpp's `use_more_bits` picks (the first and
-    /// last eighth, and every third layer between), in Q6_K; the token embedding in `ty`.
+    /// llama-quantize's mix of a k-quant (see [`Mix::tensor_type_in`]): Q4_K_M / Q5_K_M,
+    /// Q3_K_M, or (for q2_k) its Q2_K, which is a mix too.
     #[serde(default)]
     pub medium: bool,
 }
@@ -186,20 +185,52 @@ impl From<QuantType> for Mix {
 }
 
 impl Mix {
+    /// The types whose llama-quantize mix `medium` writes.
+    pub const MIXED: [QuantType; 4] = [
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+    ];
+
     /// The type of tensor `name` of shape `dims`, and whether it took the fallback.
     pub fn tensor_type(&self, name: &str, dims: &[usize]) -> (QuantType, bool) {
         tensor_type_with(name, dims, self.ty, self.embedding)
     }
 
-    /// As [`Mix::tensor_type`], with the `_M` mix's choices for a model of `n_layer` blocks.
-    pub fn tensor_type_in(&self, name: &str, dims: &[usize], n_layer: usize) -> (QuantType, bool) {
-        match self.medium_type(name, n_layer) {
+    /// As [`Mix::tensor_type`], with the mix's choices for a model of `shape` — as
+    /// llama-quantize makes them for llama-family models: the output layer in Q6_K and the
+    /// token embedding in `ty`; then
+    /// - Q4_K_M / Q5_K_M: `attn_v` and `ffn_down` in Q6_K in the layers llama.cpp's
+    ///   `use_more_bits` picks (the first and last eighth, and every third layer between);
+    /// - Q3_K_M: `attn_v` in Q5_K in the first two layers and Q4_K after, `ffn_down` in Q5_K in
+    ///   the first sixteenth and Q4_K after, `attn_output` in Q4_K;
+    /// - Q2_K: `attn_v` in Q4_K (Q3_K with fewer than 4 query heads per KV head), `ffn_down`
+    ///   and `attn_output` in Q3_K.
+    pub fn tensor_type_in(
+        &self,
+        name: &str,
+        dims: &[usize],
+        shape: &LlamaConfig,
+    ) -> (QuantType, bool) {
+        match self.medium_type(name, shape) {
             Some(ty) if dims.len() >= 2 => tensor_type_with(name, dims, ty, Some(ty)),
             _ => self.tensor_type(name, dims),
         }
     }
 
-    fn medium_type(&self, name: &str, n_layer: usize) -> Option<QuantType> {
+    /// Refuses a mix llama-quantize has no rules for.
+    pub fn check(&self) -> Result<()> {
+        if self.medium && !Mix::MIXED.contains(&self.ty) {
+            return Err(Error::Config(format!(
+                "the mixes are llama-quantize's Q2_K, Q3_K_M, Q4_K_M and Q5_K_M: --type q2_k, q3_k, q4_k or q5_k, not {}",
+                self.ty.name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn medium_type(&self, name: &str, shape: &LlamaConfig) -> Option<QuantType> {
         if !self.medium {
             return None;
         }
@@ -212,10 +243,20 @@ impl Mix {
         let rest = name.strip_prefix("blk.")?;
         let (layer, tensor) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
+        let n_layer = shape.n_layer;
         let eighth = n_layer / 8;
         let more_bits = layer < eighth || layer >= 7 * n_layer / 8 || (layer - eighth) % 3 == 2;
-        let wider = tensor == "attn_v.weight" || tensor == "ffn_down.weight";
-        (wider && more_bits).then_some(QuantType::Q6K)
+        let gqa = shape.n_head / shape.n_head_kv.max(1);
+        use QuantType::{Q3K, Q4K, Q5K, Q6K};
+        match (self.ty, tensor) {
+            (Q4K | Q5K, "attn_v.weight" | "ffn_down.weight") => more_bits.then_some(Q6K),
+            (Q3K, "attn_v.weight") => Some(if layer < 2 { Q5K } else { Q4K }),
+            (Q3K, "ffn_down.weight") => Some(if layer < n_layer / 16 { Q5K } else { Q4K }),
+            (Q3K, "attn_output.weight") => Some(Q4K),
+            (QuantType::Q2K, "attn_v.weight") => Some(if gqa >= 4 { Q4K } else { Q3K }),
+            (QuantType::Q2K, "ffn_down.weight" | "attn_output.weight") => Some(Q3K),
+            _ => None,
+        }
     }
 }
 
@@ -255,16 +296,11 @@ fn tensor_type_with(
 /// Quantizes every tensor of `base` with round-to-nearest into `path`.
 pub fn quantize_rtn(base: &BaseWeights, mix: impl Into<Mix>, path: &Path) -> Result<QuantReport> {
     let mix = mix.into();
-    if mix.medium && !matches!(mix.ty, QuantType::Q4K | QuantType::Q5K) {
-        return Err(Error::Config(format!(
-            "the _M mix is llama-quantize's Q4_K_M / Q5_K_M: --type q4_k or q5_k, not {}",
-            mix.ty.name()
-        )));
-    }
+    mix.check()?;
     let mut tensors = Vec::with_capacity(base.names().len());
     for name in base.names() {
         let t = base.get(name)?;
-        let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), base.config.n_layer);
+        let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), &base.config);
         let q = QTensor::quantize(t, chosen.ggml())?;
         tensors.push(Quantized {
             name: name.clone(),
@@ -288,6 +324,7 @@ pub fn quantize_rtn_onto(
     path: &Path,
 ) -> Result<QuantReport> {
     let mix = mix.into();
+    mix.check()?;
     let source = &weights.path;
     let gguf_error = |message: String| Error::Gguf {
         path: source.clone(),
@@ -304,7 +341,7 @@ pub fn quantize_rtn_onto(
     for name in weights.names() {
         let t = weights.get(name)?;
         let (tensor, ty, fell_back) = if changed.contains(name) {
-            let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), weights.config.n_layer);
+            let (chosen, fell_back) = mix.tensor_type_in(name, t.dims(), &weights.config);
             (QTensor::quantize(t, chosen.ggml())?, chosen, fell_back)
         } else {
             let q = content
@@ -392,15 +429,35 @@ impl std::str::FromStr for QuantType {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_medium_mix_widens_the_layers_llama_quantize_picks() {
-        let mix = Mix {
-            ty: QuantType::Q4K,
+    /// Qwen2.5-1.5B's shape: 28 layers, 12 query heads over 2 KV heads.
+    fn qwen_shape() -> LlamaConfig {
+        LlamaConfig {
+            architecture: crate::Architecture::Qwen2,
+            n_layer: 28,
+            n_embd: 1536,
+            n_ff: 8960,
+            n_head: 12,
+            n_head_kv: 2,
+            n_embd_head: 128,
+            n_vocab: 151936,
+            rms_eps: 1e-6,
+            rope_base: 1e6,
+        }
+    }
+
+    fn mixed(ty: QuantType) -> Mix {
+        Mix {
+            ty,
             embedding: None,
             medium: true,
-        };
+        }
+    }
+
+    #[test]
+    fn the_medium_mix_widens_the_layers_llama_quantize_picks() {
+        let (mix, shape) = (mixed(QuantType::Q4K), qwen_shape());
         let dims = [1536, 1536];
-        let wide = |name: &str| mix.tensor_type_in(name, &dims, 28).0 == QuantType::Q6K;
+        let wide = |name: &str| mix.tensor_type_in(name, &dims, &shape).0 == QuantType::Q6K;
         // 28 layers: 0–2, 24–27 and 5, 8, …, 23 take more bits (14 layers), as in the shipped
         // Qwen2.5 Q4_K_M file (29 Q6_K tensors with the output layer).
         let picked: Vec<usize> = (0..28)
@@ -412,15 +469,55 @@ mod tests {
         );
         assert!(wide("blk.5.ffn_down.weight") && !wide("blk.5.attn_q.weight"));
         assert!(wide("output.weight"));
+        let ty = |mix: &Mix, name: &str| mix.tensor_type_in(name, &dims, &shape).0;
+        assert_eq!(ty(&mix, "token_embd.weight"), QuantType::Q4K);
         assert_eq!(
-            mix.tensor_type_in("token_embd.weight", &[151936, 1536], 28)
+            mix.tensor_type_in("blk.0.attn_norm.weight", &[1536], &shape)
                 .0,
-            QuantType::Q4K
-        );
-        assert_eq!(
-            mix.tensor_type_in("blk.0.attn_norm.weight", &[1536], 28).0,
             QuantType::F32
         );
+    }
+
+    #[test]
+    fn the_3_and_2_bit_mixes_follow_llama_quantizes_q3_k_m_and_q2_k() {
+        use QuantType::{Q2K, Q3K, Q4K, Q5K, Q6K};
+        let (q3, q2, shape) = (mixed(Q3K), mixed(Q2K), qwen_shape());
+        let ty = |mix: &Mix, name: &str| mix.tensor_type_in(name, &[1536, 1536], &shape).0;
+        // Q3_K_M: attn_v Q5_K in layers 0–1 then Q4_K; ffn_down Q5_K in the first 28/16 = 1
+        // layer then Q4_K; attn_output Q4_K; the rest Q3_K, the output layer Q6_K.
+        for (name, want) in [
+            ("blk.1.attn_v.weight", Q5K),
+            ("blk.2.attn_v.weight", Q4K),
+            ("blk.0.ffn_down.weight", Q5K),
+            ("blk.1.ffn_down.weight", Q4K),
+            ("blk.9.attn_output.weight", Q4K),
+            ("blk.9.ffn_up.weight", Q3K),
+            ("blk.9.attn_q.weight", Q3K),
+            ("output.weight", Q6K),
+            ("token_embd.weight", Q3K),
+        ] {
+            assert_eq!(ty(&q3, name), want, "q3_k_m {name}");
+        }
+        // Q2_K: with 6 query heads per KV head, attn_v Q4_K; ffn_down and attn_output Q3_K.
+        for (name, want) in [
+            ("blk.0.attn_v.weight", Q4K),
+            ("blk.27.ffn_down.weight", Q3K),
+            ("blk.3.attn_output.weight", Q3K),
+            ("blk.3.ffn_gate.weight", Q2K),
+            ("output.weight", Q6K),
+        ] {
+            assert_eq!(ty(&q2, name), want, "q2_k {name}");
+        }
+        let no_gqa = LlamaConfig {
+            n_head_kv: 12,
+            ..shape.clone()
+        };
+        assert_eq!(
+            q2.tensor_type_in("blk.0.attn_v.weight", &[1536, 1536], &no_gqa)
+                .0,
+            Q3K
+        );
+        assert!(mixed(QuantType::Q4_0).check().is_err() && q2.check().is_ok());
     }
 
     #[test]

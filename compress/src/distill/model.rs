@@ -47,12 +47,7 @@ impl LearnedModel {
     /// `_M` mix's q6_k linears (kept fixed).
     pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
         BlockFormat::of(config.ty)?;
-        if config.medium && config.ty != QuantType::Q4K {
-            return Err(Error::Config(format!(
-                "the learned _M mix is Q4_K_M's: --type q4_k, not {}",
-                config.ty.name()
-            )));
-        }
+        config.mix().check()?;
         let n_layer = base.config.n_layer;
         let mut linears = Vec::new();
         let mut fixed_linears = HashMap::new();
@@ -60,7 +55,7 @@ impl LearnedModel {
             for target in Target::ALL {
                 let name = format!("blk.{layer}.{}.weight", target.gguf());
                 let w = base.get(&name)?;
-                let (ty, fell_back) = config.mix().tensor_type_in(&name, w.dims(), n_layer);
+                let (ty, fell_back) = config.mix().tensor_type_in(&name, w.dims(), &base.config);
                 let Ok(format) = BlockFormat::of(ty) else {
                     // A type learned scales do not cover (the _M mix's q6_k): fixed, by rtn.
                     let q = QTensor::quantize(w, ty.ggml())?;
@@ -91,7 +86,7 @@ impl LearnedModel {
         }
         let fixed = |name: &str| -> Result<(QTensor, Tensor)> {
             let t = base.get(name)?;
-            let (ty, _) = config.mix().tensor_type_in(name, t.dims(), n_layer);
+            let (ty, _) = config.mix().tensor_type_in(name, t.dims(), &base.config);
             let q = QTensor::quantize(t, ty.ggml())?;
             let d = q.dequantize(&Device::Cpu)?;
             Ok((q, d))
@@ -201,7 +196,7 @@ impl LearnedModel {
                 let (ty, fell_back) =
                     self.config
                         .mix()
-                        .tensor_type_in(name, t.dims(), base.config.n_layer);
+                        .tensor_type_in(name, t.dims(), &base.config);
                 let tensor = match (name.as_str(), &self.output) {
                     ("token_embd.weight", _) => QTensor::quantize(t, self.embedding.0.dtype())?,
                     ("output.weight", Some((o, _))) => QTensor::quantize(t, o.dtype())?,

@@ -348,9 +348,10 @@ pub struct LearnedArgs {
     /// Type of the token embedding and output layer (default: llama-quantize's, q8_0 here).
     #[arg(long)]
     pub embedding_type: Option<QuantType>,
-    /// llama-quantize's `_M` mix with --type q4_k or q5_k: the output layer and the
-    /// attn_v / ffn_down of the layers it picks in q6_k, the embedding in the base type
-    /// (learned, q4_k only: the q6_k tensors by round-to-nearest, the others learned).
+    /// llama-quantize's mix of the type: Q4_K_M / Q5_K_M (--type q4_k / q5_k), Q3_K_M
+    /// (q3_k) or Q2_K (q2_k) — the output layer in q6_k, attn_v / ffn_down (and for the 2- and
+    /// 3-bit mixes attn_output) of the layers it picks wider, the embedding in the base type.
+    /// Learned: the q2_k / q3_k / q4_k tensors learned, the q5_k / q6_k ones by rtn.
     #[arg(long)]
     pub medium: bool,
     /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
