@@ -49,6 +49,18 @@ fn evaluated_model_sha(index: &Path, out: &Path, lora_args: &[&str]) -> String {
         .to_string()
 }
 
+/// `geek generate` on `model` writes some text.
+fn assert_generates_text(model: &Path) {
+    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
+        .args(["generate", "--max-tokens", "8", "The capital of France is"])
+        .arg("--model")
+        .arg(model)
+        .env("GEEK_THREADS", "2")
+        .output()
+        .unwrap());
+    assert!(!text.trim().is_empty());
+}
+
 /// The lines of a JSONL file.
 fn jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -175,14 +187,7 @@ fn trajectories_finetune_export_and_serve() {
         .output()
         .unwrap());
     assert!(info.contains("llama"), "{info}");
-    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(["generate", "--max-tokens", "8", "The capital of France is"])
-        .arg("--model")
-        .arg(&merged)
-        .env("GEEK_THREADS", "2")
-        .output()
-        .unwrap());
-    assert!(!text.trim().is_empty());
+    assert_generates_text(&merged);
 
     // The exported GGUF LoRA, unmerged, at run time: at scale 0 the base model's text; a
     // file that is not a LoRA is a clear error; an evaluation with it records its own model.
@@ -269,14 +274,7 @@ fn trajectories_finetune_export_and_serve() {
         .output()
         .unwrap());
     assert!(info.contains("q4_0") || info.contains("Q4_0"), "{info}");
-    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(["generate", "--max-tokens", "8", "The capital of France is"])
-        .arg("--model")
-        .arg(&quantized)
-        .env("GEEK_THREADS", "2")
-        .output()
-        .unwrap());
-    assert!(!text.trim().is_empty());
+    assert_generates_text(&quantized);
 }
 
 /// `geek compress prune` on the real model: a size written (f32 and q4_0) that `geek generate`
@@ -510,14 +508,7 @@ fn the_pipeline_quantizes_what_the_adapter_changed(index: &Path, dir: &Path) {
             );
         }
     }
-    let text = ok(Command::new(env!("CARGO_BIN_EXE_geek"))
-        .args(["generate", "--max-tokens", "8", "The capital of France is"])
-        .arg("--model")
-        .arg(&out)
-        .env("GEEK_THREADS", "2")
-        .output()
-        .unwrap());
-    assert!(!text.trim().is_empty());
+    assert_generates_text(&out);
 }
 
 /// The stored bytes of tensor `name`.

@@ -127,20 +127,28 @@ fn mse_init_never_loses_to_rtn() {
     }
 }
 
+/// On an 8 × 512 test matrix of `seed`: the weights, the least-squares start on `ty`'s grid
+/// (fake-quantized), and ggml's own quantization of them into `ggml_ty`, dequantized.
+fn start_and_ggmls(ty: QuantType, ggml_ty: GgmlDType, seed: u64) -> (Tensor, Tensor, Tensor) {
+    let w = weights(8, 512, seed);
+    let mut grid =
+        QuantGrid::new(BlockFormat::of(ty).unwrap(), Granularity::Block, 8, 512).unwrap();
+    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+    let ours = grid.fake_quant(&w, &g, &b, false).unwrap();
+    let ggml = QTensor::quantize(&w, ggml_ty)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap();
+    (w, ours, ggml)
+}
+
 #[test]
 fn the_q3_k_start_weighs_errors_as_ggmls_quantizer() {
     // ggml's Q3_K quantizer fits each 16 weights by least squares weighted by x²: in that
     // error the start is about as close as ggml's own blocks.
-    let w = weights(8, 512, 19);
+    let (w, ours, ggml) = start_and_ggmls(QuantType::Q3K, GgmlDType::Q3K, 19);
     let f = BlockFormat::of(QuantType::Q3K).unwrap();
-    let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
-    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
-    let ours = weighted_error(&f, &grid.fake_quant(&w, &g, &b, false).unwrap(), &w);
-    let ggml = QTensor::quantize(&w, GgmlDType::Q3K)
-        .unwrap()
-        .dequantize(&Device::Cpu)
-        .unwrap();
-    let ggml = weighted_error(&f, &ggml, &w);
+    let (ours, ggml) = (weighted_error(&f, &ours, &w), weighted_error(&f, &ggml, &w));
     assert!(ours < 1.1 * ggml, "ours {ours} vs ggml {ggml}");
 }
 
@@ -255,18 +263,8 @@ fn q3_k_and_q2_k_grids_start_about_as_close_as_ggmls_own() {
         (QuantType::Q3K, GgmlDType::Q3K),
         (QuantType::Q2K, GgmlDType::Q2K),
     ] {
-        let w = weights(8, 512, 17);
-        let f = BlockFormat::of(ty).unwrap();
-        let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
-        let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
-        let ours = squared_error(&grid.fake_quant(&w, &g, &b, false).unwrap(), &w);
-        let ggml = squared_error(
-            &QTensor::quantize(&w, ggml_ty)
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap(),
-            &w,
-        );
+        let (w, ours, ggml) = start_and_ggmls(ty, ggml_ty, 17);
+        let (ours, ggml) = (squared_error(&ours, &w), squared_error(&ggml, &w));
         assert!(ours < 1.25 * ggml, "{ty:?}: ours {ours} vs ggml {ggml}");
     }
 }
@@ -275,16 +273,9 @@ fn q3_k_and_q2_k_grids_start_about_as_close_as_ggmls_own() {
 fn q4_k_grid_starts_about_as_close_as_ggmls_q4_k() {
     // Real sub-block scales and minimums: the MSE start is within a few percent of ggml's own
     // Q4_K quantizer (which searches each block's range more finely).
-    let w = weights(8, 512, 13);
-    let f = BlockFormat::of(QuantType::Q4K).unwrap();
-    let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
-    let (g, b) = grid.init(&w, ScaleInit::Mse).unwrap();
+    let (w, ours, ggml) = start_and_ggmls(QuantType::Q4K, GgmlDType::Q4K, 13);
     let sq = |t: Tensor| squared_error(&t, &w);
-    let ours = sq(grid.fake_quant(&w, &g, &b, false).unwrap());
-    let ggml = sq(QTensor::quantize(&w, GgmlDType::Q4K)
-        .unwrap()
-        .dequantize(&Device::Cpu)
-        .unwrap());
+    let (ours, ggml) = (sq(ours), sq(ggml));
     let q4_1 = {
         let f = BlockFormat::of(QuantType::Q4_1).unwrap();
         let mut grid = QuantGrid::new(f, Granularity::Block, 8, 512).unwrap();
@@ -296,5 +287,6 @@ fn q4_k_grid_starts_about_as_close_as_ggmls_q4_k() {
         "ours {ours} vs ggml {ggml} (q4_1 {q4_1})"
     );
     // Rows of 512 split into super-blocks of 256; 480 do not.
+    let f = BlockFormat::of(QuantType::Q4K).unwrap();
     assert!(QuantGrid::new(f, Granularity::Block, 1, 480).is_err());
 }
