@@ -157,24 +157,8 @@ impl BlockFormat {
         (((x - m) / d).round() as i32).clamp(self.qmin, self.qmax)
     }
 
-    /// How much each weight's error counts in the search of a block's parameters, as ggml's
-    /// quantizers weigh it without an importance matrix: x² for Q3_K (and Q6_K), |x| for
-    /// Q2_K, rms(block) + |x| for Q4_K (ggml takes the rms over the 256-weight super-block),
-    /// and 1 for the 32-weight types, whose reference quantizers do not search.
-    fn importance(&self, x: &[f32]) -> Vec<f32> {
-        match self.ty {
-            QuantType::Q3K | QuantType::Q6K => x.iter().map(|v| v * v).collect(),
-            QuantType::Q2K => x.iter().map(|v| v.abs()).collect(),
-            QuantType::Q4K | QuantType::Q5K => {
-                let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt();
-                x.iter().map(|v| rms + v.abs()).collect()
-            }
-            _ => vec![1.0; x.len()],
-        }
-    }
-
-    /// Weighted squared error of a block under (f16-rounded) parameters.
-    fn block_error(&self, x: &[f32], weight: &[f32], d: f32, m: f32) -> (f32, f32, f32) {
+    /// Squared error of a block under (f16-rounded) parameters.
+    fn block_error(&self, x: &[f32], d: f32, m: f32) -> (f32, f32, f32) {
         let (d, m) = if self.sub_blocks > 1 {
             (d, m.min(0.0)) // k-quant offsets are minimums ≤ 0; their rounding is the super-block's
         } else {
@@ -182,10 +166,9 @@ impl BlockFormat {
         };
         let e = x
             .iter()
-            .zip(weight)
-            .map(|(&v, &w)| {
+            .map(|&v| {
                 let r = d * self.code(v, d, m) as f32 + m - v;
-                w * r * r
+                r * r
             })
             .sum();
         (e, d, m)
@@ -197,8 +180,7 @@ impl BlockFormat {
         if how == ScaleInit::Rtn || d == 0.0 {
             return (d, m);
         }
-        let weight = self.importance(x);
-        let mut best = (self.block_error(x, &weight, d, m).0, d, m);
+        let mut best = (self.block_error(x, d, m).0, d, m);
         if self.offset {
             let hi = m + d * self.qmax as f32;
             let step = (hi - m) / 40.0;
@@ -206,7 +188,7 @@ impl BlockFormat {
                 for j in 0..10 {
                     let (lo2, hi2) = (m + i as f32 * step, hi - j as f32 * step);
                     let d2 = (hi2 - lo2) / self.qmax as f32;
-                    let e = self.block_error(x, &weight, d2, lo2).0;
+                    let e = self.block_error(x, d2, lo2).0;
                     if e < best.0 {
                         best = (e, d2, lo2);
                     }
@@ -215,7 +197,7 @@ impl BlockFormat {
         } else {
             for k in 0..=40 {
                 let d2 = d * (0.6 + 0.015 * k as f32);
-                let e = self.block_error(x, &weight, d2, 0.0).0;
+                let e = self.block_error(x, d2, 0.0).0;
                 if e < best.0 {
                     best = (e, d2, 0.0);
                 }
