@@ -169,7 +169,8 @@ pub struct QuantizeJob {
     pub calibration: CalibrationText,
     /// The GGUF written.
     pub out: PathBuf,
-    /// llama-quantize's `_M` mix (see [`Mix::medium`]; learned: its q6_k layers by rtn).
+    /// llama-quantize's mix of the type (see [`Mix::medium`]; learned: its q5_k / q6_k
+    /// layers by rtn).
     pub medium: bool,
 }
 

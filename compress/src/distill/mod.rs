@@ -42,8 +42,9 @@ use saved::{resume, save, snapshot, take_prefixed, Best, CheckpointState};
 pub struct LearnedConfig {
     /// The type of the linear weights (q8_0, q4_0, q4_1, q5_0, q4_k, q3_k, q2_k).
     pub ty: QuantType,
-    /// llama-quantize's `_M` mix (q4_k): the layers it widens to q6_k are quantized by
-    /// round-to-nearest and kept fixed; the others learn their scales.
+    /// llama-quantize's mix of the type (Q4_K_M, Q3_K_M, Q2_K; see [`Mix::tensor_type_in`]):
+    /// the q5_k / q6_k tensors it picks are quantized by round-to-nearest and kept fixed; the
+    /// others learn their scales.
     #[serde(default)]
     pub medium: bool,
     /// Type of the token embedding and output layer, quantized by round-to-nearest and kept

@@ -22,7 +22,7 @@ pub(super) struct QuantLinear {
 pub struct LearnedModel {
     pub(super) config: LearnedConfig,
     pub(super) linears: Vec<QuantLinear>,
-    /// Linear weights the mix gives a type learned scales do not cover (the `_M` mix's
+    /// Linear weights the mix gives a type learned scales do not cover (the mixes' q5_k and
     /// q6_k), dequantized from their round-to-nearest blocks.
     pub(super) fixed_linears: HashMap<(usize, Target), Tensor>,
     /// The token embedding (and tied output) as written, and dequantized.
@@ -43,8 +43,8 @@ impl std::fmt::Debug for LearnedModel {
 impl LearnedModel {
     /// Initial scales for every linear weight of `base`. Weights whose rows do not fit the
     /// type's block take llama-quantize's fallback (Q2_K → Q4_0), learned the same way; the
-    /// embedding takes Q8_0 by round-to-nearest, as llama-quantize's mixes do, and so do the
-    /// `_M` mix's q6_k linears (kept fixed).
+    /// embedding takes Q8_0 (in a mix: the base type) by round-to-nearest, as llama-quantize
+    /// does, and so do a mix's q5_k / q6_k linears (kept fixed).
     pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
         BlockFormat::of(config.ty)?;
         config.mix().check()?;
@@ -57,7 +57,7 @@ impl LearnedModel {
                 let w = base.get(&name)?;
                 let (ty, fell_back) = config.mix().tensor_type_in(&name, w.dims(), &base.config);
                 let Ok(format) = BlockFormat::of(ty) else {
-                    // A type learned scales do not cover (the _M mix's q6_k): fixed, by rtn.
+                    // A type learned scales do not cover (a mix's q5_k / q6_k): fixed, by rtn.
                     let q = QTensor::quantize(w, ty.ggml())?;
                     fixed_linears.insert((layer, target), q.dequantize(&Device::Cpu)?);
                     continue;
