@@ -174,6 +174,17 @@ pub struct QuantizeJob {
     pub medium: bool,
 }
 
+impl QuantizeJob {
+    /// The type of each tensor this job writes.
+    pub fn mix(&self) -> Mix {
+        Mix {
+            ty: self.ty,
+            embedding: self.learned.embedding,
+            medium: self.medium,
+        }
+    }
+}
+
 /// Progress of the work, for the caller to show.
 #[derive(Debug)]
 pub enum PipelineEvent<'a> {
@@ -197,12 +208,7 @@ pub fn quantize(
     events: &mut dyn FnMut(PipelineEvent),
 ) -> Result<(QuantReport, Option<LearnSummary>)> {
     if job.method == QuantMethod::Rtn {
-        let mix = Mix {
-            ty: job.ty,
-            embedding: job.learned.embedding,
-            medium: job.medium,
-        };
-        return Ok((quantize_rtn(base, mix, &job.out)?, None));
+        return Ok((quantize_rtn(base, job.mix(), &job.out)?, None));
     }
     events(PipelineEvent::Stage("tokenizing calibration text"));
     let rows = job.calibration.rows(tokenizer)?;
@@ -293,8 +299,10 @@ pub struct PipelineJob {
 }
 
 impl PipelineJob {
-    /// Refuses, before any work, the stages that cannot go together.
+    /// Refuses, before any work, the stages that cannot go together (and a mix the
+    /// quantization has no rules for, which would otherwise be found after the finetune).
     fn check(&self) -> Result<()> {
+        self.quantize.mix().check()?;
         if let Some(f) = &self.finetune {
             if f.adapter.kind == AdapterKind::LorettaAdp {
                 return Err(Error::NotExportable(
@@ -369,12 +377,7 @@ pub fn pipeline(
     };
     let (report, learn) = if job.keep_base {
         events(PipelineEvent::Stage("quantizing the changed tensors"));
-        let mix = Mix {
-            ty: job.quantize.ty,
-            embedding: job.quantize.learned.embedding,
-            medium: job.quantize.medium,
-        };
-        let report = quantize_rtn_onto(&weights, &changed, mix, &job.quantize.out)?;
+        let report = quantize_rtn_onto(&weights, &changed, job.quantize.mix(), &job.quantize.out)?;
         (report, None)
     } else {
         quantize(&weights, &job.quantize, tokenizer, events)?
