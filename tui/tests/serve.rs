@@ -187,10 +187,11 @@ fn keys_queue_disconnects_and_shutdown_are_safe() {
     assert_eq!(server.curl("/health", &[]).0, 200, "health needs no key");
     assert_eq!(server.post("/v1/completions", hello, &key).0, 200);
 
-    // One request runs (its grammar makes it long); the queue holds none, so the next is
-    // told to come back.
-    let long = r#"{"prompt": "Letters:", "max_tokens": 400, "temperature": 0, "stream": true,
-                   "grammar": "root ::= [a-z]{400}"}"#;
+    // One request runs (its grammar makes it long: one letter and a space at a time, far more
+    // tokens than the checks below take; it is cancelled before it ends); the queue holds none,
+    // so the next is told to come back.
+    let long = r#"{"prompt": "Letters:", "max_tokens": 2048, "temperature": 0, "stream": true,
+                   "grammar": "root ::= ([a-z] \" \"){1000}"}"#;
     let base = server.base.clone();
     let mut streaming = Command::new("curl")
         .args([
@@ -206,10 +207,11 @@ fn keys_queue_disconnects_and_shutdown_are_safe() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // The reader stays open until the client is killed: closing the pipe would end curl (its
+    // next write fails) and so cancel the stream before the next request is refused.
+    let mut events = BufReader::new(streaming.stdout.take().unwrap());
     let mut first = String::new();
-    BufReader::new(streaming.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    events.read_line(&mut first).unwrap();
     assert!(first.starts_with("data: "), "{first}");
     let (status, headers, body) = server.post("/v1/completions", hello, &key);
     assert_eq!(status, 503, "{body}");
@@ -221,6 +223,7 @@ fn keys_queue_disconnects_and_shutdown_are_safe() {
     // alive is the prompt cache's: the finished first request's).
     let _ = streaming.kill();
     let _ = streaming.wait();
+    drop(events);
     assert!(
         eventually(10, || server.metric("geek_cancelled_total", &key) == 1.0
             && server.metric("geek_live_sequences", &key)
