@@ -48,6 +48,7 @@
 pub mod adapter;
 pub mod attention;
 pub mod blocks;
+pub mod calibration;
 mod checkpoint;
 pub mod data;
 pub mod distill;

@@ -10,12 +10,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use geek_backend::Engine;
-use geek_retriever::CorpusSource;
 use serde::{Deserialize, Serialize};
 
+pub use crate::calibration::CalibrationText;
 use crate::checkpoint::{read_json, write_json};
-use crate::data::{read_jsonl, shuffled, tokenize, Tokenized};
-use crate::distill::{calibration_rows, learn, LearnEvent, LearnSummary, LearnedConfig};
+use crate::data::{read_jsonl, tokenize, Tokenized};
+use crate::distill::{learn, LearnEvent, LearnSummary, LearnedConfig};
 use crate::export::{merge, merged_tensor_names};
 use crate::prune::{
     extract, learn_masks, recover, MaskConfig, ParameterCount, Plan, PruneEvent, RecoverConfig,
@@ -55,103 +55,6 @@ impl std::str::FromStr for QuantMethod {
                 "unknown method `{other}` (rtn or learned)"
             ))),
         }
-    }
-}
-
-/// Where calibration text comes from and how much of it is used.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CalibrationText {
-    /// Passage corpora (StrategyQA paragraphs, vital articles, JSONL) or `.txt` files, whose
-    /// paragraphs (blank-line separated) are the documents.
-    pub files: Vec<PathBuf>,
-    /// Rows to cut (the learned method holds some out).
-    pub rows: usize,
-    /// Tokens per row.
-    pub seq_len: usize,
-    /// Shuffling seed of the documents.
-    pub seed: u64,
-}
-
-impl CalibrationText {
-    /// `rows` rows of `seq_len` tokens from `files`, or from the default corpus of `data_dir`
-    /// when no file is given.
-    pub fn new(
-        files: &[PathBuf],
-        data_dir: &Path,
-        rows: usize,
-        seq_len: usize,
-        seed: u64,
-    ) -> CalibrationText {
-        CalibrationText {
-            files: if files.is_empty() {
-                CalibrationText::default_files(data_dir)
-            } else {
-                files.to_vec()
-            },
-            rows,
-            seq_len,
-            seed,
-        }
-    }
-
-    /// The default corpus of a data directory: StrategyQA paragraphs and vital articles
-    /// (never the perplexity test text).
-    pub fn default_files(data_dir: &Path) -> Vec<PathBuf> {
-        CorpusSource::defaults(data_dir)
-            .iter()
-            .map(|s| s.path().to_path_buf())
-            .collect()
-    }
-
-    /// The documents' text.
-    fn documents(&self) -> Result<Vec<String>> {
-        let mut texts = Vec::new();
-        let mut sources = Vec::new();
-        for path in &self.files {
-            if path.extension().is_some_and(|e| e == "txt") {
-                let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-                texts.extend(text.split("\n\n").map(|p| format!("{p}\n\n")));
-            } else {
-                sources.push(CorpusSource::from_path(path));
-            }
-        }
-        let docs = geek_retriever::corpus::load_all(&sources)
-            .map_err(|e| Error::Config(format!("calibration corpus: {e}")))?;
-        texts.extend(
-            docs.into_iter()
-                .map(|d| format!("{}\n{}\n\n", d.title, d.text)),
-        );
-        Ok(texts)
-    }
-
-    /// Rows of `seq_len` tokens from the shuffled documents, tokenized by `tokenizer`.
-    pub fn rows(&self, tokenizer: &Engine) -> Result<Vec<Vec<u32>>> {
-        let texts = self.documents()?;
-        let wanted = self.rows * self.seq_len;
-        let (mut documents, mut tokens) = (Vec::new(), 0usize);
-        for i in shuffled(texts.len(), self.seed) {
-            if tokens >= wanted {
-                break;
-            }
-            let doc: Vec<u32> = tokenizer
-                .tokenize(texts[i].clone(), false)
-                .wait()?
-                .into_iter()
-                .map(|t| t as u32)
-                .collect();
-            tokens += doc.len();
-            documents.push(doc);
-        }
-        let rows = calibration_rows(&documents, self.seq_len, self.rows);
-        if rows.len() < self.rows {
-            return Err(Error::Config(format!(
-                "calibration text holds {} rows of {} tokens, {} asked",
-                rows.len(),
-                self.seq_len,
-                self.rows
-            )));
-        }
-        Ok(rows)
     }
 }
 

@@ -355,8 +355,10 @@ pub struct LearnedArgs {
     #[arg(long)]
     pub medium: bool,
     /// Calibration text: a passage corpus (the StrategyQA paragraphs or vital-article JSON,
-    /// or JSONL `{id, title, text}`) or a plain .txt file (default: the StrategyQA paragraphs
-    /// and vital articles of the data dir). Never the perplexity test text.
+    /// or JSONL `{id, title, text}`), training data (JSONL `{prompt, completion}`, as `geek
+    /// data trajectories` writes it: the model's chat format) or a plain .txt file (default:
+    /// the StrategyQA paragraphs and vital articles of the data dir). Never the perplexity
+    /// test text.
     #[arg(long)]
     pub calib: Vec<PathBuf>,
     /// Calibration rows (the last 4 are held out).

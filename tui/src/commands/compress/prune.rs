@@ -48,8 +48,9 @@ pub struct PruneArgs {
     /// Calibration rows per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
-    /// Calibration text (default: the data dir's StrategyQA paragraphs and vital articles;
-    /// never the perplexity test text).
+    /// Calibration text: passage corpora, training data (JSONL `{prompt, completion}`) or
+    /// .txt files (default: the data dir's StrategyQA paragraphs and vital articles; never
+    /// the perplexity test text).
     #[arg(long)]
     pub calib: Vec<PathBuf>,
     /// Calibration rows (the last 4 are held out).
