@@ -149,7 +149,7 @@ impl AdaptedModel {
                 _ => None,
             };
             let mut biases = HashMap::new();
-            if config.architecture.qkv_bias() {
+            if config.qkv_bias {
                 for target in [Target::Q, Target::K, Target::V] {
                     let name = format!("blk.{i}.{}.bias", target.gguf());
                     biases.insert(target, base.get(&name)?.clone());

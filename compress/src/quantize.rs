@@ -433,6 +433,7 @@ mod tests {
     fn qwen_shape() -> LlamaConfig {
         LlamaConfig {
             architecture: crate::Architecture::Qwen2,
+            qkv_bias: true,
             n_layer: 28,
             n_embd: 1536,
             n_ff: 8960,

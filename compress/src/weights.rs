@@ -19,7 +19,8 @@ pub enum Architecture {
     /// `qwen2`: biases on q, k and v; RoPE rotates the two halves of a head (NeoX style).
     Qwen2,
     /// `deci`: llama's layers, each with its own query/key-value head count and MLP width
-    /// (llama.cpp reads them from per-layer arrays).
+    /// (llama.cpp reads them from per-layer arrays), interleaved RoPE, and q/k/v biases when
+    /// the file has them (a pruned qwen2 model).
     Deci,
 }
 
@@ -31,11 +32,6 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Deci => "deci",
         }
-    }
-
-    /// Whether q, k and v carry biases.
-    pub fn qkv_bias(self) -> bool {
-        self == Architecture::Qwen2
     }
 
     /// Whether RoPE rotates `(x[i], x[i + d/2])` (NeoX) rather than `(x[2i], x[2i+1])`.
@@ -80,6 +76,8 @@ pub struct LlamaConfig {
     pub rms_eps: f64,
     /// RoPE frequency base.
     pub rope_base: f32,
+    /// Whether q, k and v carry biases (qwen2 always, llama never, deci when the file has them).
+    pub qkv_bias: bool,
 }
 
 impl LlamaConfig {
@@ -182,8 +180,14 @@ impl BaseWeights {
             format!("{arch}.attention.layer_norm_rms_epsilon"),
             format!("{arch}.rope.freq_base"),
         );
+        let qkv_bias = match architecture {
+            Architecture::Qwen2 => true,
+            Architecture::Llama => false,
+            Architecture::Deci => tensors.contains_key("blk.0.attn_q.bias"),
+        };
         let config = LlamaConfig {
             architecture,
+            qkv_bias,
             n_layer: int("block_count")?,
             n_embd,
             n_ff: int("feed_forward_length")?,
@@ -223,7 +227,7 @@ impl BaseWeights {
             ] {
                 weights.get(&format!("blk.{i}.{t}.weight"))?;
             }
-            if architecture.qkv_bias() {
+            if weights.config.qkv_bias {
                 for t in ["attn_q", "attn_k", "attn_v"] {
                     weights.get(&format!("blk.{i}.{t}.bias"))?;
                 }

@@ -1,6 +1,12 @@
 //! Cutting a plan out of a model: the kept rows and columns of every matrix, masks folded
 //! into the weights, written as llama.cpp's `deci` architecture (llama's layers with a head
-//! count and MLP width per layer).
+//! count and MLP width per layer, and q/k/v biases when the file has them).
+//!
+//! Deci rotates RoPE pairs `(x[2i], x[2i+1])`; a qwen2 model rotates `(x[i], x[i + d/2])`
+//! (NeoX). Its query and key rows (and biases) are reordered within each head so that row
+//! `2i` is the old row `i` and row `2i+1` the old row `i + d/2`: the same pairs rotate by the
+//! same angles, and the reorder, applied to queries and keys alike, leaves their dot products
+//! unchanged.
 
 use std::collections::HashMap;
 
@@ -9,16 +15,21 @@ use candle_core::{Device, Tensor};
 
 use super::plan::{Plan, Scores};
 use crate::weights::LlamaConfig;
-use crate::{Architecture, BaseWeights, Error, Result, Target};
+use crate::{Architecture, BaseWeights, Result, Target};
 
 fn index(idx: &[usize]) -> Result<Tensor> {
     let v: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     Ok(Tensor::from_vec(v, idx.len(), &Device::Cpu)?)
 }
 
-/// The rows of every head in `heads` (each `hd` rows long).
-fn head_rows(heads: &[usize], hd: usize) -> Vec<usize> {
-    heads.iter().flat_map(|&h| h * hd..(h + 1) * hd).collect()
+/// The rows of every head in `heads` (each `hd` rows long), in order, or (`neox`) reordered
+/// for interleaved RoPE: a head's row `2i` is its row `i`, row `2i+1` its row `i + hd/2`.
+fn head_rows(heads: &[usize], hd: usize, neox: bool) -> Vec<usize> {
+    let within = |j: usize| if neox { j / 2 + (j % 2) * (hd / 2) } else { j };
+    heads
+        .iter()
+        .flat_map(|&h| (0..hd).map(move |j| h * hd + within(j)))
+        .collect()
 }
 
 /// `values[idx]` as a tensor, or ones without masks.
@@ -36,13 +47,7 @@ fn mask_of(values: Option<&[f32]>, idx: &[usize]) -> Result<Tensor> {
 /// dimensions.
 pub fn extract(base: &BaseWeights, plan: &Plan, masks: Option<&Scores>) -> Result<BaseWeights> {
     let c = &base.config;
-    if c.architecture == Architecture::Qwen2 {
-        return Err(Error::Config(
-            "pruning writes llama.cpp's deci architecture, which has no q/k/v biases: qwen2 \
-             models cannot be pruned yet"
-                .into(),
-        ));
-    }
+    let neox = c.architecture.neox_rope();
     let hd = c.head_dim();
     let hidden = index(&plan.hidden)?;
     let hidden_mask = mask_of(masks.map(|m| m.hidden.as_slice()), &plan.hidden)?;
@@ -69,8 +74,10 @@ pub fn extract(base: &BaseWeights, plan: &Plan, masks: Option<&Scores>) -> Resul
     for i in 0..c.n_layer {
         let name = |t: &str| format!("blk.{i}.{t}.weight");
         let w = |t: Target| base.get(&name(t.gguf()));
-        let q_rows = index(&head_rows(&plan.heads[i], hd))?;
-        let kv_rows = index(&head_rows(&plan.kv_heads[i], hd))?;
+        let rope_rows = |heads: &[usize]| index(&head_rows(heads, hd, neox));
+        let (q_rows, k_rows) = (rope_rows(&plan.heads[i])?, rope_rows(&plan.kv_heads[i])?);
+        let q_out = index(&head_rows(&plan.heads[i], hd, false))?;
+        let kv_rows = index(&head_rows(&plan.kv_heads[i], hd, false))?;
         let ffn = index(&plan.ffn[i])?;
         let cols = |t: &Tensor| t.index_select(&hidden, 1);
         out.insert(
@@ -79,12 +86,22 @@ pub fn extract(base: &BaseWeights, plan: &Plan, masks: Option<&Scores>) -> Resul
         );
         out.insert(
             name("attn_k"),
-            cols(&w(Target::K)?.index_select(&kv_rows, 0)?)?,
+            cols(&w(Target::K)?.index_select(&k_rows, 0)?)?,
         );
         out.insert(
             name("attn_v"),
             cols(&w(Target::V)?.index_select(&kv_rows, 0)?)?,
         );
+        if c.qkv_bias {
+            for (t, rows) in [
+                (Target::Q, &q_rows),
+                (Target::K, &k_rows),
+                (Target::V, &kv_rows),
+            ] {
+                let bias = format!("blk.{i}.{}.bias", t.gguf());
+                out.insert(bias.clone(), base.get(&bias)?.index_select(rows, 0)?);
+            }
+        }
         let head_mask: Vec<usize> = plan.heads[i]
             .iter()
             .flat_map(|&h| std::iter::repeat_n(h, hd))
@@ -92,7 +109,7 @@ pub fn extract(base: &BaseWeights, plan: &Plan, masks: Option<&Scores>) -> Resul
         let head_mask = mask_of(masks.map(|m| m.heads[i].as_slice()), &head_mask)?;
         let o = w(Target::O)?
             .index_select(&hidden, 0)?
-            .index_select(&q_rows, 1)?
+            .index_select(&q_out, 1)?
             .broadcast_mul(&head_mask.unsqueeze(0)?)?
             .broadcast_mul(&hidden_mask.unsqueeze(1)?)?;
         out.insert(name("attn_output"), o);

@@ -25,7 +25,8 @@
 //!
 //! Pruned models are written as llama.cpp's `deci` architecture: llama's layers with a query
 //! head count, key/value head count and MLP width per layer, which llama's own loader cannot
-//! take.
+//! take. A qwen2 model keeps its q/k/v biases there, and its query and key rows are reordered
+//! for deci's interleaved RoPE (see [`extract`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -325,12 +326,12 @@ pub fn learn_masks(
     vars.scores()
 }
 
-/// Pruning reads llama models: one head count and width for every layer (the masks' shape),
-/// no q/k/v biases (deci, what pruning writes, has none).
+/// Pruning reads llama and qwen2 models: one head count and width for every layer (the
+/// masks' shape), not an already pruned (deci) one.
 pub fn check_prunable(base: &BaseWeights) -> Result<()> {
-    if base.config.architecture != crate::Architecture::Llama {
+    if base.config.architecture == crate::Architecture::Deci {
         return Err(Error::Config(format!(
-            "pruning reads llama models (this one is {}): prune the unpruned model",
+            "pruning reads llama and qwen2 models (this one is {}): prune the unpruned model",
             base.config.architecture.name()
         )));
     }

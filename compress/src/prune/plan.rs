@@ -257,6 +257,7 @@ mod tests {
     fn config() -> LlamaConfig {
         LlamaConfig {
             architecture: Architecture::Llama,
+            qkv_bias: false,
             n_layer: 2,
             n_embd: 512,
             n_ff: 1024,
