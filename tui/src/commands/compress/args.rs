@@ -218,7 +218,7 @@ pub struct PipelineArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Prune to this fraction of the non-embedding parameters before quantizing (see
-    /// `compress prune`; llama models).
+    /// `compress prune`; llama and qwen2 models).
     #[arg(long)]
     pub prune: Option<f64>,
     /// learned or magnitude pruning.

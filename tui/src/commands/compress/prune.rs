@@ -20,7 +20,7 @@ use crate::config::Resolved;
 /// `geek compress prune`
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// The model to prune (a llama GGUF; default: --model); read dequantized to f32 first.
+    /// The model to prune (a llama or qwen2 GGUF; default: --model); read dequantized to f32 first.
     #[arg(long = "in")]
     pub input: Option<String>,
     /// Fractions of the non-embedding parameters to keep, one model each (`0.75,0.5`).
