@@ -159,14 +159,7 @@ fn max_logit_difference(a: &AdaptedModel, b: &AdaptedModel, ids: &[u32]) -> f32 
 #[test]
 fn a_pruned_qwen2_model_is_a_deci_gguf_with_biases_llama_cpp_serves() {
     let _guard = one_model_at_a_time();
-    let path = geek_backend::paths::models_dir(None)
-        .join(geek_backend::catalog::default_model().file_name);
-    assert!(
-        path.is_file(),
-        "{} missing: run `geek model pull`",
-        path.display()
-    );
-    let base = BaseWeights::load(&path).unwrap();
+    let base = BaseWeights::load(common::default_model_path()).unwrap();
     let c = base.config.clone();
     assert!(c.architecture.neox_rope() && c.qkv_bias);
     // Layer 20 loses its second key/value group (query heads 6–11); layer 21 one query head of

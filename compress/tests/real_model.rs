@@ -56,13 +56,7 @@ fn candle_and_llama_cpp_predict_the_same_next_tokens() {
 /// output layer, Q4_K/Q6_K blocks dequantized) against llama.cpp on the default 1.5B model.
 #[test]
 fn candle_reads_qwen2_as_llama_cpp_does() {
-    let path = geek_backend::paths::models_dir(None)
-        .join(geek_backend::catalog::default_model().file_name);
-    assert!(
-        path.is_file(),
-        "{} missing: run `geek model pull`",
-        path.display()
-    );
+    let path = common::default_model_path();
     let base = BaseWeights::load(&path).unwrap();
     let c = &base.config;
     assert_eq!(c.architecture, geek_compress::Architecture::Qwen2);

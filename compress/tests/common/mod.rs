@@ -20,6 +20,18 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The default model users get (Qwen2.5-Coder-1.5B, pulled by `geek model pull`). Missing is
+/// a failure.
+pub fn default_model_path() -> PathBuf {
+    let path = geek_backend::paths::models_dir(None).join(catalog::default_model().file_name);
+    assert!(
+        path.is_file(),
+        "{} missing: run `geek model pull`",
+        path.display()
+    );
+    path
+}
+
 /// Serialises the tests of one binary that run a model: llama.cpp and candle both want the
 /// two cores. Hold the guard for the whole test.
 pub fn one_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
