@@ -65,6 +65,31 @@ pub enum ScaleInit {
     Mse,
 }
 
+/// The first parameters of every `format.width`-long block of `data`, the blocks shared out
+/// among the machine's cores (each block's search is independent: the result is the same as
+/// one thread's).
+fn block_inits(format: BlockFormat, data: &[f32], how: ScaleInit) -> Vec<(f32, f32)> {
+    let blocks = data.len().div_ceil(format.width);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = blocks.div_ceil(threads).max(1) * format.width;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = data
+            .chunks(per_thread)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.chunks(format.width)
+                        .map(|block| format.init(block, how))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().expect("a block's scale search panicked"))
+            .collect()
+    })
+}
+
 /// A block type seen as a `d·q + m` grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockFormat {
@@ -291,8 +316,7 @@ impl QuantGrid {
         let mut ratio_sum = vec![0f64; self.groups()];
         let mut count = vec![0usize; self.groups()];
         let mut beta = Vec::with_capacity(self.blocks());
-        for (b, block) in data.chunks(self.format.width).enumerate() {
-            let (d, m) = self.format.init(block, how);
+        for (b, (d, m)) in block_inits(self.format, &data, how).into_iter().enumerate() {
             let g = self.group_of(b);
             self.signs[b] = if d < 0.0 { -1.0 } else { 1.0 };
             ratio_sum[g] += (d.abs() * self.format.levels() / means[g]) as f64;
