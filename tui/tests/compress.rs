@@ -342,6 +342,28 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
     assert!(!other.status.success());
     assert!(String::from_utf8_lossy(&other.stderr).contains("other pruning settings"));
 
+    // No recovery steps: the extracted model written as it is, its held-out KL measured.
+    let bare = dir.path().join("bare");
+    let mut args = vec![
+        "compress",
+        "prune",
+        "--keep",
+        "0.75",
+        "--method",
+        "magnitude",
+        "--out",
+        bare.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&small[..6]);
+    args.extend_from_slice(&["--recover-steps", "0"]);
+    ok(geek(&index, &args));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bare.join("keep-0.75.json")).unwrap()).unwrap();
+    let kl = &summary["recovered"];
+    assert!(kl["initial_kl"].as_f64().unwrap() > 0.0, "{summary}");
+    assert_eq!(kl["initial_kl"], kl["final_kl"], "{summary}");
+    assert!(bare.join("keep-0.75.gguf").is_file());
+
     // learned masks → recovery → rtn q4_0 in one command.
     let chained = dir.path().join("pruned-q4_0.gguf");
     let mut args = vec![

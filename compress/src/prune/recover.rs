@@ -56,6 +56,26 @@ pub struct Recovered {
     pub final_kl: f64,
 }
 
+/// The held-out KL of `pruned` against the unpruned `teacher_base` on calibration `rows` (the
+/// last `config.holdout`), without building any training state: what a run of no recovery
+/// steps reports.
+pub fn heldout_kl(
+    teacher_base: &BaseWeights,
+    pruned: &BaseWeights,
+    rows: &[Vec<u32>],
+    config: &RecoverConfig,
+) -> Result<f64> {
+    check_rows(rows, config.holdout)?;
+    let teacher = AdaptedModel::new(teacher_base, None)?;
+    let student = AdaptedModel::new(pruned, None)?;
+    mean_kl(
+        &student,
+        &teacher,
+        &rows[rows.len() - config.holdout..],
+        config.batch,
+    )
+}
+
 /// Fine-tunes the linear weights of `pruned` (cut from `teacher_base` by [`extract`]) to match
 /// the unpruned model on calibration `rows`; returns the recovered model.
 pub fn recover(
