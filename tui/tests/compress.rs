@@ -286,17 +286,8 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("no-index");
     let out_dir = dir.path().join("pruned");
-    let small = [
-        "--calib-rows",
-        "6",
-        "--seq-len",
-        "32",
-        "--batch",
-        "2",
-        "--recover-steps",
-        "1",
-    ];
-    let prune = |extra: &[&str]| {
+    let small = ["--calib-rows", "6", "--seq-len", "32", "--batch", "2"];
+    let prune_into = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "compress",
             "prune",
@@ -304,14 +295,18 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
             "0.75",
             "--method",
             "magnitude",
-            "--type",
-            "q4_0",
             "--out",
-            out_dir.to_str().unwrap(),
+            out.to_str().unwrap(),
         ];
         args.extend_from_slice(&small);
         args.extend_from_slice(extra);
         geek(&index, &args)
+    };
+    let prune = |extra: &[&str]| {
+        prune_into(
+            &out_dir,
+            &[&["--type", "q4_0", "--recover-steps", "1"], extra].concat(),
+        )
     };
     let out = ok(prune(&[]));
     assert!(
@@ -344,19 +339,7 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
 
     // No recovery steps: the extracted model written as it is, its held-out KL measured.
     let bare = dir.path().join("bare");
-    let mut args = vec![
-        "compress",
-        "prune",
-        "--keep",
-        "0.75",
-        "--method",
-        "magnitude",
-        "--out",
-        bare.to_str().unwrap(),
-    ];
-    args.extend_from_slice(&small[..6]);
-    args.extend_from_slice(&["--recover-steps", "0"]);
-    ok(geek(&index, &args));
+    ok(prune_into(&bare, &["--recover-steps", "0"]));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(bare.join("keep-0.75.json")).unwrap()).unwrap();
     let kl = &summary["recovered"];
@@ -379,6 +362,8 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
         "rtn",
         "--out",
         chained.to_str().unwrap(),
+        "--recover-steps",
+        "1",
     ];
     args.extend_from_slice(&small);
     let out = ok(geek(&index, &args));
