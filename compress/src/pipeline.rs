@@ -18,8 +18,8 @@ use crate::data::{read_jsonl, tokenize, Tokenized};
 use crate::distill::{learn, LearnEvent, LearnSummary, LearnedConfig};
 use crate::export::{merge, merged_tensor_names};
 use crate::prune::{
-    extract, heldout_kl, learn_masks, recover, MaskConfig, ParameterCount, Plan, PruneEvent,
-    RecoverConfig, Recovered, Scores,
+    extract, learn_masks, recover, MaskConfig, ParameterCount, Plan, PruneEvent, RecoverConfig,
+    Recovered, Scores,
 };
 use crate::quantize::{quantize_rtn, quantize_rtn_onto, Mix, QuantReport, QuantType};
 use crate::train::{finetune as train, TrainConfig, TrainEvent, TrainSummary};
@@ -424,20 +424,10 @@ pub fn prune(
             full,
         }));
         let ckpt = job.out.join(format!("{name}.ckpt"));
-        let (recovered_model, recovered) = if job.recover.steps == 0 {
-            // No recovery: the extracted model as it is, measured, without the trainable
-            // copies and optimizer a recovery sets up (on the 1.5B those alone overflow 24 GB).
-            let kl = heldout_kl(base, &pruned, &rows, &job.recover)?;
-            let recovered = Recovered {
-                initial_kl: kl,
-                final_kl: kl,
-            };
-            (pruned, recovered)
-        } else {
+        let (recovered_model, recovered) =
             recover(base, &pruned, &rows, &job.recover, Some(&ckpt), &mut |e| {
                 events(PipelineEvent::Prune(e))
-            })?
-        };
+            })?;
         let path = job.out.join(format!("{name}.gguf"));
         quantize_rtn(&recovered_model, QuantType::F32, &path)?;
         let size = PrunedSize {

@@ -48,7 +48,7 @@ mod recover;
 
 pub use extract::extract;
 pub use plan::{ParameterCount, Plan, Scores, WIDTH_STEP};
-pub use recover::{heldout_kl, recover, RecoverConfig, Recovered};
+pub use recover::{recover, RecoverConfig, Recovered};
 
 /// How the masks are learned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
