@@ -425,7 +425,7 @@ pub fn prune(
         }));
         let ckpt = job.out.join(format!("{name}.ckpt"));
         let (recovered_model, recovered) =
-            recover(base, &pruned, &rows, &job.recover, Some(&ckpt), &mut |e| {
+            recover(base, pruned, &rows, &job.recover, Some(&ckpt), &mut |e| {
                 events(PipelineEvent::Prune(e))
             })?;
         let path = job.out.join(format!("{name}.gguf"));

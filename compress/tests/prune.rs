@@ -295,9 +295,81 @@ fn a_few_steps_prune_extract_recover_and_the_backend_runs_the_result() {
         holdout: 1,
         ..RecoverConfig::default()
     };
-    let (recovered, report) =
-        recover(&base, &pruned, &rows, &recover_config, None, &mut |_| {}).unwrap();
+    let (recovered, report) = recover(
+        &base,
+        copy(&pruned),
+        &rows,
+        &recover_config,
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
     assert!(report.final_kl.is_finite() && report.initial_kl > 0.0);
+    // Low-rank recovery: few trainable weights, merged into the pruned model's own shapes.
+    let lora_config = RecoverConfig {
+        steps: 3,
+        lr: 1e-3,
+        warmup: 0,
+        lora_rank: 4,
+        ..recover_config.clone()
+    };
+    let mut trainable = 0;
+    let lora_ckpt = dir.path().join("recover.ckpt");
+    let (lora_recovered, lora_report) = recover(
+        &base,
+        copy(&pruned),
+        &rows,
+        &lora_config,
+        Some(&lora_ckpt),
+        &mut |e| {
+            if let PruneEvent::RecoverStarted { weights, .. } = e {
+                trainable = *weights;
+            }
+        },
+    )
+    .unwrap();
+    // Rerun over the finished run's checkpoint: nothing trains, the restored weights are
+    // measured (not reported as the extracted model's KL).
+    let (_, again) = recover(
+        &base,
+        copy(&pruned),
+        &rows,
+        &lora_config,
+        Some(&lora_ckpt),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(
+        (again.final_kl - lora_report.final_kl).abs() < 1e-6,
+        "{again:?} {lora_report:?}"
+    );
+    let linear_weights: usize = pruned
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("blk.") && pruned.get(n).unwrap().rank() == 2)
+        .map(|n| pruned.get(n).unwrap().elem_count())
+        .sum();
+    assert!(
+        trainable > 0 && trainable * 20 < linear_weights,
+        "{trainable} of {linear_weights}"
+    );
+    assert!(
+        lora_report.final_kl < lora_report.initial_kl,
+        "{lora_report:?}"
+    );
+    for name in ["blk.0.attn_q.weight", "blk.5.ffn_down.weight"] {
+        let (before, after) = (pruned.get(name).unwrap(), lora_recovered.get(name).unwrap());
+        assert_eq!(before.dims(), after.dims());
+        let moved = (after - before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 0.0, "{name} unchanged by the merged updates");
+    }
     let path = dir.path().join("keep-0.75.gguf");
     quantize_rtn(&recovered, QuantType::F32, &path).unwrap();
 
@@ -336,4 +408,9 @@ fn a_few_steps_prune_extract_recover_and_the_backend_runs_the_result() {
     let done = seq.generate(GenerateParams::greedy(8)).wait().unwrap();
     eprintln!("pruned model says: {:?}", done.text);
     assert_eq!(done.tokens.len(), 8);
+}
+
+/// Another handle on the same weights.
+fn copy(weights: &BaseWeights) -> BaseWeights {
+    weights.with_tensors(Default::default()).unwrap()
 }

@@ -346,6 +346,23 @@ fn prune_writes_sizes_the_backend_serves_and_the_pipeline_chains_it() {
     assert!(kl["initial_kl"].as_f64().unwrap() > 0.0, "{summary}");
     assert_eq!(kl["initial_kl"], kl["final_kl"], "{summary}");
     assert!(bare.join("keep-0.75.gguf").is_file());
+    // Low-rank recovery: its rank is part of the size's settings.
+    let low_rank = dir.path().join("low-rank");
+    ok(prune_into(
+        &low_rank,
+        &[
+            "--recover-steps",
+            "1",
+            "--recover-rank",
+            "4",
+            "--recover-lr",
+            "1e-3",
+        ],
+    ));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(low_rank.join("keep-0.75.json")).unwrap()).unwrap();
+    assert_eq!(summary["settings"]["recover"]["lora_rank"], 4, "{summary}");
+    assert!(low_rank.join("keep-0.75.gguf").is_file());
 
     // learned masks → recovery → rtn q4_0 in one command.
     let chained = dir.path().join("pruned-q4_0.gguf");

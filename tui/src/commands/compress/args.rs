@@ -230,6 +230,13 @@ pub struct PipelineArgs {
     /// Recovery steps after pruning.
     #[arg(long, default_value_t = 100)]
     pub recover_steps: usize,
+    /// Peak learning rate of recovery.
+    #[arg(long, default_value_t = 5e-5)]
+    pub recover_lr: f64,
+    /// Recover with low-rank updates of this rank instead of the kept weights (see `compress
+    /// prune --recover-rank`).
+    #[arg(long, default_value_t = 0)]
+    pub recover_rank: usize,
     /// Quantized type of the result (q4_0, q8_0, …; see `quantize`).
     #[arg(long)]
     pub r#type: QuantType,
@@ -334,6 +341,8 @@ impl PipelineArgs {
             recover: RecoverConfig {
                 steps: self.recover_steps,
                 batch: self.learned.batch,
+                lr: self.recover_lr,
+                lora_rank: self.recover_rank,
                 ..RecoverConfig::default()
             },
             calibration: calibration.clone(),
