@@ -106,12 +106,7 @@ pub(crate) fn write_gguf(
 
 /// Base + ΔW in memory, ready to quantize. LoRETTA_adp has no linear form and is refused.
 pub fn merge(model: &AdaptedModel, base: &BaseWeights) -> Result<BaseWeights> {
-    if model
-        .adapter()
-        .is_some_and(|a| a.kind == AdapterKind::LorettaAdp)
-    {
-        return Err(not_linear());
-    }
+    check_linear(model)?;
     let merged: HashMap<String, Tensor> = model
         .deltas()
         .into_iter()
@@ -123,6 +118,25 @@ pub fn merge(model: &AdaptedModel, base: &BaseWeights) -> Result<BaseWeights> {
         })
         .collect::<Result<_>>()?;
     base.with_tensors(merged)
+}
+
+/// As [`merge`], taking the model and its base: the model is dropped once its updates are
+/// taken, and each replaced weight is freed as its merged one is made, so the linear weights
+/// are never held twice (3.9 GB on a pruned 1.5B).
+pub fn merge_into(model: AdaptedModel, base: BaseWeights) -> Result<BaseWeights> {
+    check_linear(&model)?;
+    let deltas: Vec<_> = model
+        .deltas()
+        .into_iter()
+        .map(|(layer, target, d)| (delta_tensor_name(layer, target), d.clone()))
+        .collect();
+    drop(model);
+    let mut merged = base;
+    for (name, delta) in deltas {
+        let weight = (merged.get(&name)? + delta.delta_weight()?)?;
+        merged = merged.with_tensors(HashMap::from([(name, weight)]))?;
+    }
+    Ok(merged)
 }
 
 /// The GGUF names of the tensors [`merge`] changes: the weights the adapter updates.
@@ -170,6 +184,14 @@ fn set(metadata: &mut Vec<(String, Value)>, key: &str, value: Value) {
     match metadata.iter_mut().find(|(k, _)| k == key) {
         Some(slot) => slot.1 = value,
         None => metadata.push((key.to_string(), value)),
+    }
+}
+
+/// Refuses LoRETTA_adp, which has no linear form to merge.
+fn check_linear(model: &AdaptedModel) -> Result<()> {
+    match model.adapter() {
+        Some(a) if a.kind == AdapterKind::LorettaAdp => Err(not_linear()),
+        _ => Ok(()),
     }
 }
 

@@ -3,7 +3,6 @@
 //! afterwards — with checkpoints and resume.
 
 use super::*;
-use crate::adapter::LinearDelta;
 use crate::{AdapterConfig, AdapterKind};
 
 /// How a pruned model is fine-tuned after extraction.
@@ -171,33 +170,13 @@ fn trained_model(
     low_rank: bool,
 ) -> Result<BaseWeights> {
     if low_rank {
-        let deltas: Vec<(String, LinearDelta)> = student
-            .deltas()
-            .into_iter()
-            .map(|(layer, target, d)| (format!("blk.{layer}.{}.weight", target.gguf()), d.clone()))
-            .collect();
-        drop(student);
-        return merge_in_place(pruned, deltas);
+        return crate::export::merge_into(student, pruned);
     }
     let trained = named
         .iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
         .collect::<Result<HashMap<_, _>>>()?;
     pruned.with_tensors(trained)
-}
-
-/// `pruned` with each update of `deltas` added to its weight, one weight at a time: each
-/// replaced weight is freed before the next is merged (on the 1.5B the 3.9 GB of linear weights
-/// would otherwise be held twice).
-fn merge_in_place(
-    mut pruned: BaseWeights,
-    deltas: Vec<(String, LinearDelta)>,
-) -> Result<BaseWeights> {
-    for (name, delta) in deltas {
-        let merged = (pruned.get(&name)? + delta.delta_weight()?)?;
-        pruned = pruned.with_tensors(HashMap::from([(name, merged)]))?;
-    }
-    Ok(pruned)
 }
 
 /// The student recovery trains and its trainable variables: `frozen` with low-rank updates of
