@@ -55,6 +55,7 @@ pub mod distill;
 mod error;
 pub mod export;
 pub mod fused;
+pub mod importance;
 pub mod init;
 pub mod model;
 pub mod optim;

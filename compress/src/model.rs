@@ -252,24 +252,35 @@ impl AdaptedModel {
     /// The residual stream `[b·t, n_embd]` entering layer `layer` (`layer` = the layer count:
     /// leaving the last one, before the output norm).
     pub fn stream_at(&self, batch: &Batch, layer: usize) -> Result<Tensor> {
-        self.run_layers(batch, 0..layer, self.embed(batch)?)
+        self.run_layers(batch, 0..layer, self.embed(batch)?, &mut |_, _, _| Ok(()))
+    }
+
+    /// Runs every layer on `batch`, showing `observe(layer, targets, x)` each input `x`
+    /// `[b·t, in]` as it enters the linear weights `targets` of `layer` (how
+    /// [`crate::importance`] measures activations).
+    pub fn observe_inputs(&self, batch: &Batch, observe: &mut InputObserver) -> Result<()> {
+        let x = self.embed(batch)?;
+        self.run_layers(batch, 0..self.layers.len(), x, observe)
+            .map(drop)
     }
 
     /// Final hidden states `[b, t, n_embd]` from the residual stream `x` `[b·t, n_embd]`
     /// entering layer `from` (as [`Self::stream_at`] returns it).
     pub fn hidden_from(&self, batch: &Batch, from: usize, x: Tensor) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
-        let x = self.run_layers(batch, from..self.layers.len(), x)?;
+        let x = self.run_layers(batch, from..self.layers.len(), x, &mut |_, _, _| Ok(()))?;
         let c = &self.config;
         Ok(rms_norm(&x, &self.output_norm, c.rms_eps)?.reshape((b, t, c.n_embd))?)
     }
 
-    /// The layers `range` applied to the residual stream `x` `[b·t, n_embd]`.
+    /// The layers `range` applied to the residual stream `x` `[b·t, n_embd]`, each linear
+    /// layer's input shown to `observe`.
     fn run_layers(
         &self,
         batch: &Batch,
         range: std::ops::Range<usize>,
         mut x: Tensor,
+        observe: &mut InputObserver,
     ) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let c = &self.config;
@@ -304,36 +315,30 @@ impl AdaptedModel {
             let nh = layer.linears[&Target::Q].0.dim(0)? / hd;
             let nkv = layer.linears[&Target::K].0.dim(0)? / hd;
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            observe(i, &[Target::Q, Target::K, Target::V], &h)?;
             let q = layer.linear(Target::Q, &h)?;
             let k = layer.linear(Target::K, &h)?;
             let v = layer.linear(Target::V, &h)?;
             let q = rope(q.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
             let k = rope(k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let (k, v) = if nkv == nh {
-                (k, v.contiguous()?)
-            } else {
-                let rep = nh / nkv;
-                let expand = |z: Tensor| -> Result<Tensor> {
-                    Ok(z.unsqueeze(2)?
-                        .expand((b, nkv, rep, t, hd))?
-                        .reshape((b, nh, t, hd))?)
-                };
-                (expand(k)?, expand(v)?)
-            };
+            let (k, v) = (repeat_kv(k, nh)?, repeat_kv(v, nh)?);
             let mut att = crate::attention::attention(&q, &k, &v, &batch.mask, scale)?;
             if let Some(m) = masks {
                 att = att.broadcast_mul(&m.heads[i].reshape((1, nh, 1, 1))?)?;
             }
             let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            observe(i, &[Target::O], &att)?;
             x = (x + to_stream(layer.linear(Target::O, &att)?)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            observe(i, &[Target::Gate, Target::Up], &h)?;
             let gate = layer.linear(Target::Gate, &h)?;
             let up = layer.linear(Target::Up, &h)?;
             let mut inner = crate::fused::swiglu(&gate, &up)?;
             if let Some(m) = masks {
                 inner = inner.broadcast_mul(&m.ffn[i])?;
             }
+            observe(i, &[Target::Down], &inner)?;
             let mut m = layer.linear(Target::Down, &inner)?;
             if let Some(bn) = &layer.bottleneck {
                 m = bn.forward(&m)?;
@@ -409,6 +414,22 @@ impl AdaptedModel {
             None => w.clone(),
         })
     }
+}
+
+/// What sees each linear layer's input in [`AdaptedModel::observe_inputs`]: the layer, the
+/// weights the input enters, and the input `[b·t, in]`.
+pub type InputObserver<'a> = dyn FnMut(usize, &[Target], &Tensor) -> Result<()> + 'a;
+
+/// Keys or values `[b, n_kv, t, hd]` repeated for grouped-query attention to `[b, nh, t, hd]`
+/// (contiguous either way).
+fn repeat_kv(z: Tensor, nh: usize) -> Result<Tensor> {
+    let (b, nkv, t, hd) = z.dims4()?;
+    if nkv == nh {
+        return Ok(z.contiguous()?);
+    }
+    Ok(z.unsqueeze(2)?
+        .expand((b, nkv, nh / nkv, t, hd))?
+        .reshape((b, nh, t, hd))?)
 }
 
 impl Layer {

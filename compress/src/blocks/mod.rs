@@ -63,22 +63,54 @@ pub enum ScaleInit {
     Rtn,
     /// Per block, the candidate scale (or range) with the least squared weight error.
     Mse,
+    /// Per block, the candidate with the least squared error weighted by how much each
+    /// weight's input column carries: the mean squared activation entering the layer on
+    /// calibration text ([`crate::importance`]), times `sqrt(σ² + w²)` as llama.cpp weighs
+    /// its importance matrix (σ² twice the block's mean squared weight).
+    Imatrix,
 }
 
-/// The first parameters of every `format.width`-long block of `data`, the blocks shared out
-/// among the machine's cores (each block's search is independent: the result is the same as
-/// one thread's).
-fn block_inits(format: BlockFormat, data: &[f32], how: ScaleInit) -> Vec<(f32, f32)> {
+/// How much each weight's squared error counts in its block's search: llama.cpp's weighting
+/// of an importance matrix, `a_j · sqrt(σ² + x_j²)`, with `a_j` the input column's mean
+/// squared activation and σ² twice the block's mean squared weight.
+fn error_weights(x: &[f32], importance: &[f32]) -> Vec<f32> {
+    let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    x.iter()
+        .zip(importance)
+        .map(|(v, a)| a * (sigma2 + v * v).sqrt())
+        .collect()
+}
+
+/// The first parameters of every `format.width`-long block of `data` (rows of
+/// `importance.len()` columns when an importance is given), the blocks shared out among the
+/// machine's cores (each block's search is independent: the result is the same as one
+/// thread's).
+fn block_inits(
+    format: BlockFormat,
+    data: &[f32],
+    how: ScaleInit,
+    importance: Option<&[f32]>,
+) -> Vec<(f32, f32)> {
     let blocks = data.len().div_ceil(format.width);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_thread = blocks.div_ceil(threads).max(1) * format.width;
+    let search = move |start: usize, block: &[f32]| match importance {
+        Some(a) => {
+            let col = start % a.len();
+            let weights = error_weights(block, &a[col..col + block.len()]);
+            format.init(block, how, Some(&weights))
+        }
+        None => format.init(block, how, None),
+    };
     std::thread::scope(|scope| {
         let parts: Vec<_> = data
             .chunks(per_thread)
-            .map(|part| {
+            .enumerate()
+            .map(|(p, part)| {
                 scope.spawn(move || {
                     part.chunks(format.width)
-                        .map(|block| format.init(block, how))
+                        .enumerate()
+                        .map(|(b, block)| search(p * per_thread + b * format.width, block))
                         .collect::<Vec<_>>()
                 })
             })
@@ -182,8 +214,9 @@ impl BlockFormat {
         (((x - m) / d).round() as i32).clamp(self.qmin, self.qmax)
     }
 
-    /// Squared error of a block under (f16-rounded) parameters.
-    fn block_error(&self, x: &[f32], d: f32, m: f32) -> (f32, f32, f32) {
+    /// Squared error of a block under (f16-rounded) parameters, each weight's weighted by
+    /// `weights` when given.
+    fn block_error(&self, x: &[f32], d: f32, m: f32, weights: Option<&[f32]>) -> (f32, f32, f32) {
         let (d, m) = if self.sub_blocks > 1 {
             (d, m.min(0.0)) // k-quant offsets are minimums ≤ 0; their rounding is the super-block's
         } else {
@@ -191,21 +224,23 @@ impl BlockFormat {
         };
         let e = x
             .iter()
-            .map(|&v| {
+            .enumerate()
+            .map(|(i, &v)| {
                 let r = d * self.code(v, d, m) as f32 + m - v;
-                r * r
+                weights.map_or(1.0, |w| w[i]) * r * r
             })
             .sum();
         (e, d, m)
     }
 
-    /// First parameters of a block.
-    fn init(&self, x: &[f32], how: ScaleInit) -> (f32, f32) {
+    /// First parameters of a block (`weights`: the error weights of [`ScaleInit::Imatrix`]).
+    fn init(&self, x: &[f32], how: ScaleInit, weights: Option<&[f32]>) -> (f32, f32) {
         let (d, m) = self.rtn(x);
         if how == ScaleInit::Rtn || d == 0.0 {
             return (d, m);
         }
-        let mut best = (self.block_error(x, d, m).0, d, m);
+        let error = |d: f32, m: f32| self.block_error(x, d, m, weights).0;
+        let mut best = (error(d, m), d, m);
         if self.offset {
             let hi = m + d * self.qmax as f32;
             let step = (hi - m) / 40.0;
@@ -213,7 +248,7 @@ impl BlockFormat {
                 for j in 0..10 {
                     let (lo2, hi2) = (m + i as f32 * step, hi - j as f32 * step);
                     let d2 = (hi2 - lo2) / self.qmax as f32;
-                    let e = self.block_error(x, d2, lo2).0;
+                    let e = error(d2, lo2);
                     if e < best.0 {
                         best = (e, d2, lo2);
                     }
@@ -222,7 +257,7 @@ impl BlockFormat {
         } else {
             for k in 0..=40 {
                 let d2 = d * (0.6 + 0.015 * k as f32);
-                let e = self.block_error(x, d2, 0.0).0;
+                let e = error(d2, 0.0);
                 if e < best.0 {
                     best = (e, d2, 0.0);
                 }
@@ -311,12 +346,43 @@ impl QuantGrid {
 
     /// Initial γ `[groups]` and β `[blocks]` for weights `w`, fixing the block signs.
     pub fn init(&mut self, w: &Tensor, how: ScaleInit) -> Result<(Tensor, Tensor)> {
+        self.init_weighted(w, how, None)
+    }
+
+    /// [`Self::init`] with the importance of each input column (`[cols]`, the mean squared
+    /// activation entering the layer), which [`ScaleInit::Imatrix`] needs and the others
+    /// ignore.
+    pub fn init_weighted(
+        &mut self,
+        w: &Tensor,
+        how: ScaleInit,
+        importance: Option<&[f32]>,
+    ) -> Result<(Tensor, Tensor)> {
+        let importance = match (how, importance) {
+            (ScaleInit::Imatrix, Some(a)) if a.len() == self.cols => Some(a),
+            (ScaleInit::Imatrix, Some(a)) => {
+                return Err(Error::Config(format!(
+                    "an importance of {} columns for a matrix of {}",
+                    a.len(),
+                    self.cols
+                )))
+            }
+            (ScaleInit::Imatrix, None) => {
+                return Err(Error::Config(
+                    "the imatrix start needs the importance of the layer's inputs".into(),
+                ))
+            }
+            _ => None,
+        };
         let data = w.flatten_all()?.to_vec1::<f32>()?;
         let means = self.group_means(&data);
         let mut ratio_sum = vec![0f64; self.groups()];
         let mut count = vec![0usize; self.groups()];
         let mut beta = Vec::with_capacity(self.blocks());
-        for (b, (d, m)) in block_inits(self.format, &data, how).into_iter().enumerate() {
+        for (b, (d, m)) in block_inits(self.format, &data, how, importance)
+            .into_iter()
+            .enumerate()
+        {
             let g = self.group_of(b);
             self.signs[b] = if d < 0.0 { -1.0 } else { 1.0 };
             ratio_sum[g] += (d.abs() * self.format.levels() / means[g]) as f64;
@@ -553,8 +619,9 @@ impl std::str::FromStr for ScaleInit {
         match s {
             "rtn" => Ok(ScaleInit::Rtn),
             "mse" => Ok(ScaleInit::Mse),
+            "imatrix" => Ok(ScaleInit::Imatrix),
             other => Err(Error::Config(format!(
-                "unknown scale init `{other}` (mse or rtn)"
+                "unknown scale init `{other}` (mse, imatrix or rtn)"
             ))),
         }
     }

@@ -108,6 +108,64 @@ fn mse_init_never_loses_to_rtn() {
     }
 }
 
+#[test]
+fn imatrix_init_picks_the_least_weighted_error_of_the_same_candidates() {
+    let (rows, cols) = (4, 512);
+    let w = weights(rows, cols, 13);
+    let data = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // A few loud input columns among quiet ones, as real activations have.
+    let importance: Vec<f32> = (0..cols)
+        .map(|j| {
+            if j % 37 == 3 {
+                50.0
+            } else {
+                0.1 + (j % 5) as f32 * 0.2
+            }
+        })
+        .collect();
+    for ty in TYPES {
+        let f = BlockFormat::of(ty).unwrap();
+        let mse = block_inits(f, &data, ScaleInit::Mse, None);
+        let imatrix = block_inits(f, &data, ScaleInit::Imatrix, Some(&importance));
+        assert_eq!(mse.len(), imatrix.len());
+        let (mut wins, mut total) = (0, (0f64, 0f64));
+        for (b, block) in data.chunks(f.width).enumerate() {
+            let col = (b * f.width) % cols;
+            let weights = error_weights(block, &importance[col..col + f.width]);
+            let error = |(d, m): (f32, f32)| f.block_error(block, d, m, Some(&weights)).0;
+            let (e_mse, e_imatrix) = (error(mse[b]), error(imatrix[b]));
+            assert!(
+                e_imatrix <= e_mse,
+                "{ty:?} block {b}: {e_imatrix} > {e_mse}"
+            );
+            wins += usize::from(e_imatrix < e_mse);
+            total.0 += e_mse as f64;
+            total.1 += e_imatrix as f64;
+        }
+        assert!(wins > 0, "{ty:?}: the weighting changed no block");
+        assert!(total.1 < total.0, "{ty:?}");
+    }
+    let mut grid = QuantGrid::new(
+        BlockFormat::of(QuantType::Q3K).unwrap(),
+        Granularity::Block,
+        rows,
+        cols,
+    )
+    .unwrap();
+    assert!(
+        grid.init(&w, ScaleInit::Imatrix).is_err(),
+        "imatrix without an importance"
+    );
+    assert!(grid
+        .init_weighted(&w, ScaleInit::Imatrix, Some(&importance[..256]))
+        .is_err());
+    let (g, b) = grid
+        .init_weighted(&w, ScaleInit::Imatrix, Some(&importance))
+        .unwrap();
+    assert_eq!(g.dims1().unwrap(), rows * cols / 16);
+    assert_eq!(b.dims1().unwrap(), rows * cols / 16);
+}
+
 /// On an 8 × 512 test matrix of `seed`: the weights, the least-squares start on `ty`'s grid
 /// (fake-quantized), and ggml's own quantization of them into `ggml_ty`, dequantized.
 fn start_and_ggmls(ty: QuantType, ggml_ty: GgmlDType, seed: u64) -> (Tensor, Tensor, Tensor) {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::blocks::{BlockFormat, Granularity, QuantGrid, ScaleInit};
 use crate::checkpoint::{self, read_json, swap_in, write_json};
 use crate::fused::{cross_entropy, soft_cross_entropy};
+use crate::importance::Importance;
 use crate::optim::{self, fingerprint, grads_of, AdamW, Cadence, NamedVars, Schedule, Trainer};
 use crate::quantize::{write_quantized, Mix, QuantReport, QuantType, Quantized};
 use crate::{AdaptedModel, BaseWeights, Batch, Error, Result, Target};
@@ -119,6 +120,12 @@ impl Default for LearnedConfig {
 /// Progress of a learned quantization.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum LearnEvent {
+    /// The importance of the layers' inputs ([`ScaleInit::Imatrix`]) measured on this many
+    /// training rows so far.
+    Measuring {
+        /// Rows run through the teacher.
+        rows: usize,
+    },
     /// Scales initialised.
     Started {
         /// Learnable numbers (γ, β, and weights in QAT).
@@ -294,7 +301,20 @@ pub fn learn(
         let rtn = LearnedModel::new(base, &rtn_config)?;
         Some(heldout_kl(&rtn, &teacher, heldout, config.batch)?)
     };
-    let model = LearnedModel::new(base, config)?;
+    let importance = if config.init == ScaleInit::Imatrix {
+        let train = &rows[..rows.len() - config.holdout];
+        let mut on_batch = |done| on_event(&LearnEvent::Measuring { rows: done });
+        Some(Importance::measure(
+            &teacher,
+            train,
+            config.batch,
+            &mut on_batch,
+        )?)
+    } else {
+        None
+    };
+    let model = LearnedModel::with_importance(base, config, importance.as_ref())?;
+    drop(importance);
     let initial_kl = heldout_kl(&model, &teacher, heldout, config.batch)?;
     let best = {
         let mut run = LearnRun::start(

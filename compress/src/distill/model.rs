@@ -46,6 +46,16 @@ impl LearnedModel {
     /// embedding takes Q8_0 (in a mix: the base type) by round-to-nearest, as llama-quantize
     /// does, and so do a mix's q5_k / q6_k linears (kept fixed).
     pub fn new(base: &BaseWeights, config: &LearnedConfig) -> Result<LearnedModel> {
+        LearnedModel::with_importance(base, config, None)
+    }
+
+    /// [`Self::new`] with the importance of each linear layer's inputs, which the
+    /// [`ScaleInit::Imatrix`](crate::blocks::ScaleInit::Imatrix) start needs.
+    pub fn with_importance(
+        base: &BaseWeights,
+        config: &LearnedConfig,
+        importance: Option<&Importance>,
+    ) -> Result<LearnedModel> {
         BlockFormat::of(config.ty)?;
         config.mix().check()?;
         let n_layer = base.config.n_layer;
@@ -64,7 +74,8 @@ impl LearnedModel {
                 };
                 let (rows, cols) = w.dims2()?;
                 let mut grid = QuantGrid::new(format, config.granularity, rows, cols)?;
-                let (gamma, beta) = grid.init(w, config.init)?;
+                let columns = importance.and_then(|i| i.of(layer, target));
+                let (gamma, beta) = grid.init_weighted(w, config.init, columns)?;
                 let (weight, weight_var) = if config.train_weights {
                     let var = Var::from_tensor(w)?;
                     (var.as_tensor().clone(), Some(var))

@@ -397,7 +397,9 @@ pub struct LearnedArgs {
     /// Who shares a scale: block, row or module.
     #[arg(long, default_value = "block")]
     pub granularity: Granularity,
-    /// Initial scales: mse (least weight error per block) or rtn.
+    /// Initial scales: mse (least weight error per block), imatrix (that error weighted by
+    /// each input column's mean squared activation on the calibration rows, as llama.cpp's
+    /// importance matrix weighs it) or rtn.
     #[arg(long, default_value = "mse")]
     pub init: ScaleInit,
     /// Weight of the token-level contrastive loss (0: logit distillation only).

@@ -132,6 +132,10 @@ fn show_learn(bar: &ProgressBar, e: &LearnEvent, offset: u64) {
             ));
             bar.set_position(offset + *start_step as u64);
         }
+        LearnEvent::Measuring { rows } => {
+            bar.set_message(format!("importance of the inputs: {rows} rows"));
+            tracing::info!(rows, "importance measured");
+        }
         LearnEvent::Heldout { step, kl } => {
             crate::progress::note(bar, format!("step {step}: held-out KL {kl:.4}"));
         }
