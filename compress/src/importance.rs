@@ -32,6 +32,7 @@ use crate::{AdaptedModel, Error, Result, Target};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Importance {
     means: HashMap<(usize, Target), Vec<f32>>,
+    output: Vec<f32>,
     /// Tokens the means are over.
     pub tokens: usize,
 }
@@ -52,39 +53,52 @@ impl Importance {
             ));
         }
         let mut sums: HashMap<(usize, Target), Vec<f64>> = HashMap::new();
+        let mut output = Vec::new();
         let mut tokens = 0;
         let mut done = 0;
         for chunk in rows.chunks(batch) {
             let b = batch_of(chunk)?;
-            model.observe_inputs(&b, &mut |layer, targets, x| {
+            let hidden = model.observe_inputs(&b, &mut |layer, targets, x| {
                 let squares = column_squares(x)?;
                 for &target in targets {
-                    let sum = sums
-                        .entry((layer, target))
-                        .or_insert_with(|| vec![0.0; squares.len()]);
-                    for (s, v) in sum.iter_mut().zip(&squares) {
-                        *s += *v as f64;
-                    }
+                    add(sums.entry((layer, target)).or_default(), &squares);
                 }
                 Ok(())
             })?;
+            add(&mut output, &column_squares(&hidden)?);
             tokens += chunk.iter().map(Vec::len).sum::<usize>();
             done += chunk.len();
             on_batch(done);
         }
+        let mean = |sum: Vec<f64>| sum.iter().map(|s| (s / tokens as f64) as f32).collect();
         let means = sums
             .into_iter()
-            .map(|(key, sum)| {
-                let mean = sum.iter().map(|s| (s / tokens as f64) as f32).collect();
-                (key, mean)
-            })
+            .map(|(key, sum)| (key, mean(sum)))
             .collect();
-        Ok(Importance { means, tokens })
+        Ok(Importance {
+            means,
+            output: mean(output),
+            tokens,
+        })
     }
 
     /// The mean squared input of each column of `layer`'s `target` weight.
     pub fn of(&self, layer: usize, target: Target) -> Option<&[f32]> {
         self.means.get(&(layer, target)).map(Vec::as_slice)
+    }
+
+    /// The mean squared input of each column of the output layer (the final hidden states,
+    /// after the output norm).
+    pub fn output(&self) -> &[f32] {
+        &self.output
+    }
+}
+
+/// Adds `squares` to the running sums `sum` (empty the first time).
+fn add(sum: &mut Vec<f64>, squares: &[f32]) {
+    sum.resize(squares.len(), 0.0);
+    for (s, v) in sum.iter_mut().zip(squares) {
+        *s += *v as f64;
     }
 }
 

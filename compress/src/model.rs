@@ -257,11 +257,12 @@ impl AdaptedModel {
 
     /// Runs every layer on `batch`, showing `observe(layer, targets, x)` each input `x`
     /// `[b·t, in]` as it enters the linear weights `targets` of `layer` (how
-    /// [`crate::importance`] measures activations).
-    pub fn observe_inputs(&self, batch: &Batch, observe: &mut InputObserver) -> Result<()> {
+    /// [`crate::importance`] measures activations). Returns the output layer's input: the
+    /// final hidden states `[b·t, n_embd]`, after the output norm.
+    pub fn observe_inputs(&self, batch: &Batch, observe: &mut InputObserver) -> Result<Tensor> {
         let x = self.embed(batch)?;
-        self.run_layers(batch, 0..self.layers.len(), x, observe)
-            .map(drop)
+        let x = self.run_layers(batch, 0..self.layers.len(), x, observe)?;
+        rms_norm(&x, &self.output_norm, self.config.rms_eps)
     }
 
     /// Final hidden states `[b, t, n_embd]` from the residual stream `x` `[b·t, n_embd]`

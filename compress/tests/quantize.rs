@@ -283,6 +283,7 @@ fn the_imatrix_start_weighs_errors_by_what_the_inputs_carry() {
     let importance = Importance::measure(&teacher, &rows[..3], 2, &mut |n| done.push(n)).unwrap();
     assert_eq!((done, importance.tokens), (vec![2, 3], 96));
     let c = &base.config;
+    assert_eq!(importance.output().len(), c.n_embd);
     for layer in 0..c.n_layer {
         for target in Target::ALL {
             let a = importance.of(layer, target).unwrap();

@@ -40,6 +40,31 @@ impl std::fmt::Debug for LearnedModel {
     }
 }
 
+/// A tensor the mix quantizes once and keeps fixed (the token embedding, the output layer),
+/// as written and dequantized: by round-to-nearest, or for the output layer of an imatrix
+/// start, by the importance-weighted search over its input `columns` when its type has a grid
+/// (llama.cpp does not weigh the token embedding, whose input is a one-hot row).
+fn fixed_tensor(
+    base: &BaseWeights,
+    config: &LearnedConfig,
+    name: &str,
+    columns: Option<&[f32]>,
+) -> Result<(QTensor, Tensor)> {
+    let t = base.get(name)?;
+    let (ty, _) = config.mix().tensor_type_in(name, t.dims(), &base.config);
+    let q = match (columns, BlockFormat::of(ty)) {
+        (Some(columns), Ok(format)) if config.init == ScaleInit::Imatrix => {
+            let (rows, cols) = t.dims2()?;
+            let mut grid = QuantGrid::new(format, Granularity::Block, rows, cols)?;
+            let (gamma, beta) = grid.init_weighted(t, ScaleInit::Imatrix, Some(columns))?;
+            grid.encode(t, &gamma, &beta)?
+        }
+        _ => QTensor::quantize(t, ty.ggml())?,
+    };
+    let d = q.dequantize(&Device::Cpu)?;
+    Ok((q, d))
+}
+
 impl LearnedModel {
     /// Initial scales for every linear weight of `base`. Weights whose rows do not fit the
     /// type's block take llama-quantize's fallback (Q2_K → Q4_0), learned the same way; the
@@ -95,16 +120,10 @@ impl LearnedModel {
                 });
             }
         }
-        let fixed = |name: &str| -> Result<(QTensor, Tensor)> {
-            let t = base.get(name)?;
-            let (ty, _) = config.mix().tensor_type_in(name, t.dims(), &base.config);
-            let q = QTensor::quantize(t, ty.ggml())?;
-            let d = q.dequantize(&Device::Cpu)?;
-            Ok((q, d))
-        };
-        let embedding = fixed("token_embd.weight")?;
+        let embedding = fixed_tensor(base, config, "token_embd.weight", None)?;
         let output = if base.names().iter().any(|n| n == "output.weight") {
-            Some(fixed("output.weight")?)
+            let columns = importance.map(Importance::output);
+            Some(fixed_tensor(base, config, "output.weight", columns)?)
         } else {
             None
         };
@@ -223,5 +242,96 @@ impl LearnedModel {
             tensors.push(q);
         }
         write_quantized(base, Some(self.config.ty), tensors, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Rng;
+    use crate::{Architecture, LlamaConfig};
+    use candle_core::quantized::GgmlDType;
+
+    /// A model with no layers: a token embedding and an output layer of `vocab × n_embd`.
+    fn embedding_and_output(vocab: usize, n_embd: usize) -> BaseWeights {
+        let mut rng = Rng::new(5);
+        let mut matrix = || {
+            let v: Vec<f32> = (0..vocab * n_embd).map(|_| rng.uniform(0.1)).collect();
+            Tensor::from_vec(v, (vocab, n_embd), &Device::Cpu).unwrap()
+        };
+        let tensors = HashMap::from([
+            ("token_embd.weight".to_string(), matrix()),
+            ("output.weight".to_string(), matrix()),
+        ]);
+        let config = LlamaConfig {
+            architecture: Architecture::Llama,
+            n_layer: 0,
+            n_embd,
+            n_ff: n_embd,
+            n_head: 1,
+            n_head_kv: 1,
+            n_embd_head: n_embd,
+            n_vocab: vocab,
+            rms_eps: 1e-5,
+            rope_base: 1e4,
+            qkv_bias: false,
+        };
+        let names = vec!["token_embd.weight".into(), "output.weight".into()];
+        BaseWeights::from_parts("memory".into(), config, vec![], tensors, names)
+    }
+
+    #[test]
+    fn an_imatrix_start_weighs_the_output_layer_by_its_inputs() {
+        let (vocab, n_embd) = (32, 512);
+        let base = embedding_and_output(vocab, n_embd);
+        let w = base.get("output.weight").unwrap();
+        // A few loud columns of the final hidden states, as real models have.
+        let columns: Vec<f32> = (0..n_embd)
+            .map(|j| if j % 61 == 7 { 40.0 } else { 0.2 })
+            .collect();
+        let config = |init| LearnedConfig {
+            ty: QuantType::Q2K,
+            embedding: Some(QuantType::Q2K),
+            init,
+            ..LearnedConfig::default()
+        };
+        let weighted_error = |q: &Tensor| -> f32 {
+            let sq: Vec<f32> = (w - q)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            sq.iter().zip(&columns).map(|(e, a)| e * a).sum()
+        };
+        let rtn = fixed_tensor(
+            &base,
+            &config(ScaleInit::Mse),
+            "output.weight",
+            Some(&columns),
+        );
+        let (rtn_q, rtn_d) = rtn.unwrap();
+        let ggml = QTensor::quantize(w, GgmlDType::Q2K).unwrap();
+        assert_eq!(
+            rtn_q.data().unwrap(),
+            ggml.data().unwrap(),
+            "without imatrix: rtn"
+        );
+        let (q, d) = fixed_tensor(
+            &base,
+            &config(ScaleInit::Imatrix),
+            "output.weight",
+            Some(&columns),
+        )
+        .unwrap();
+        assert_eq!(q.dtype(), GgmlDType::Q2K);
+        assert_eq!(d.dims(), w.dims());
+        let (e_rtn, e_imatrix) = (weighted_error(&rtn_d), weighted_error(&d));
+        assert!(
+            e_imatrix < 0.8 * e_rtn,
+            "imatrix {e_imatrix} against rtn {e_rtn}"
+        );
     }
 }
