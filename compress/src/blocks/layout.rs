@@ -227,3 +227,67 @@ fn write_2_bit_codes(levels: &[i32], out: &mut Vec<u8>) {
         }));
     }
 }
+
+/// Every block's (scale, offset) as ggml's dequantization computes them from a row-major
+/// run of `ty`'s super-blocks (Q4_K, Q3_K, Q2_K) — what [`ScaleInit::Ggml`](super::ScaleInit)
+/// reads back from ggml's own quantization of the weights.
+pub(super) fn read_super_blocks(ty: QuantType, bytes: &[u8]) -> Vec<BlockParams> {
+    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
+    let (size, n) = match ty {
+        QuantType::Q4K => (144, 8),
+        QuantType::Q3K => (110, 16),
+        _ => (84, 16),
+    };
+    let mut out = Vec::with_capacity(bytes.len() / size * n);
+    for b in bytes.chunks_exact(size) {
+        let params = match ty {
+            QuantType::Q4K => {
+                let (scales, mins) = unpack_q4_k_scales(&b[4..16]);
+                SuperParams::WithMins {
+                    ty,
+                    d: f16_at(b, 0),
+                    dmin: f16_at(b, 2),
+                    scales: scales.to_vec(),
+                    mins: mins.to_vec(),
+                }
+            }
+            QuantType::Q3K => {
+                let packed = &b[96..108];
+                let mut scales = [0i8; 16];
+                for (j, s) in scales.iter_mut().enumerate() {
+                    let low = (packed[j % 8] >> (4 * (j / 8))) & 0x0f;
+                    let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+                    *s = ((low | (high << 4)) as i32 - 32) as i8;
+                }
+                SuperParams::Q3K {
+                    d: f16_at(b, 108),
+                    scales,
+                }
+            }
+            _ => SuperParams::WithMins {
+                ty,
+                d: f16_at(b, 80),
+                dmin: f16_at(b, 82),
+                scales: b[..16].iter().map(|v| v & 0x0f).collect(),
+                mins: b[..16].iter().map(|v| v >> 4).collect(),
+            },
+        };
+        out.extend((0..n).map(|j| params.block(j)));
+    }
+    out
+}
+
+/// The inverse of [`pack_q4_k_scales`].
+fn unpack_q4_k_scales(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            scales[j] = packed[j] & 63;
+            mins[j] = packed[j + 4] & 63;
+        } else {
+            scales[j] = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+            mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+        }
+    }
+    (scales, mins)
+}

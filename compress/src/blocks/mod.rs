@@ -17,7 +17,7 @@
 
 use std::borrow::Cow;
 
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use crate::quantize::QuantType;
 use crate::{Error, Result};
 
 mod layout;
-use layout::{write_block, SuperParams};
+use layout::{read_super_blocks, write_block, SuperParams};
 
 /// Which weights share one learnable scale factor γ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +68,10 @@ pub enum ScaleInit {
     /// calibration text ([`crate::importance`]), times `sqrt(σ² + w²)` as llama.cpp weighs
     /// its importance matrix (σ² twice the block's mean squared weight).
     Imatrix,
+    /// ggml's reference quantizer's own blocks (what the round-to-nearest file holds): for
+    /// the k-quants, each block's scale and minimum read back from ggml's encoding of the
+    /// weights, whose search differs from [`ScaleInit::Rtn`]'s; the other types as `Rtn`.
+    Ggml,
 }
 
 /// How much each weight's squared error counts in its block's search: llama.cpp's weighting
@@ -375,14 +379,19 @@ impl QuantGrid {
             _ => None,
         };
         let data = w.flatten_all()?.to_vec1::<f32>()?;
+        let starts = match how {
+            ScaleInit::Ggml if self.format.sub_blocks > 1 => {
+                let ggml = QTensor::quantize(w, self.format.ty.ggml())?;
+                read_super_blocks(self.format.ty, &ggml.data()?)
+            }
+            ScaleInit::Ggml => block_inits(self.format, &data, ScaleInit::Rtn, None),
+            _ => block_inits(self.format, &data, how, importance),
+        };
         let means = self.group_means(&data);
         let mut ratio_sum = vec![0f64; self.groups()];
         let mut count = vec![0usize; self.groups()];
         let mut beta = Vec::with_capacity(self.blocks());
-        for (b, (d, m)) in block_inits(self.format, &data, how, importance)
-            .into_iter()
-            .enumerate()
-        {
+        for (b, (d, m)) in starts.into_iter().enumerate() {
             let g = self.group_of(b);
             self.signs[b] = if d < 0.0 { -1.0 } else { 1.0 };
             ratio_sum[g] += (d.abs() * self.format.levels() / means[g]) as f64;
@@ -482,16 +491,7 @@ impl QuantGrid {
                 write_block(f.ty, f16::from_f32(d), f16::from_f32(m), &codes, &mut bytes);
             }
         }
-        let ggml = match f.ty {
-            QuantType::Q8_0 => GgmlDType::Q8_0,
-            QuantType::Q4_0 => GgmlDType::Q4_0,
-            QuantType::Q4_1 => GgmlDType::Q4_1,
-            QuantType::Q5_0 => GgmlDType::Q5_0,
-            QuantType::Q4K => GgmlDType::Q4K,
-            QuantType::Q3K => GgmlDType::Q3K,
-            _ => GgmlDType::Q2K,
-        };
-        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, ggml)?;
+        let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, f.ty.ggml())?;
         Ok(QTensor::new(storage, (self.rows, self.cols))?)
     }
 }
@@ -620,8 +620,9 @@ impl std::str::FromStr for ScaleInit {
             "rtn" => Ok(ScaleInit::Rtn),
             "mse" => Ok(ScaleInit::Mse),
             "imatrix" => Ok(ScaleInit::Imatrix),
+            "ggml" => Ok(ScaleInit::Ggml),
             other => Err(Error::Config(format!(
-                "unknown scale init `{other}` (mse, imatrix or rtn)"
+                "unknown scale init `{other}` (mse, imatrix, ggml or rtn)"
             ))),
         }
     }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::init::{max_abs_diff, Rng};
+use candle_core::quantized::GgmlDType;
 use candle_core::Var;
 
 fn weights(rows: usize, cols: usize, seed: u64) -> Tensor {
@@ -318,4 +319,31 @@ fn q4_k_grid_starts_about_as_close_as_ggmls_q4_k() {
     // Rows of 512 split into super-blocks of 256; 480 do not.
     let f = BlockFormat::of(QuantType::Q4K).unwrap();
     assert!(QuantGrid::new(f, Granularity::Block, 1, 480).is_err());
+}
+
+#[test]
+fn the_ggml_start_writes_ggmls_own_k_quant_bytes() {
+    for (ty, ggml_ty) in [
+        (QuantType::Q3K, GgmlDType::Q3K),
+        (QuantType::Q2K, GgmlDType::Q2K),
+        (QuantType::Q4K, GgmlDType::Q4K),
+    ] {
+        for seed in [3, 17] {
+            let w = weights(4, 512, seed);
+            let f = BlockFormat::of(ty).unwrap();
+            let mut grid = QuantGrid::new(f, Granularity::Block, 4, 512).unwrap();
+            let (g, b) = grid.init(&w, ScaleInit::Ggml).unwrap();
+            let ours = grid.encode(&w, &g, &b).unwrap();
+            let ggml = QTensor::quantize(&w, ggml_ty).unwrap();
+            let (ours, ggml) = (ours.data().unwrap(), ggml.data().unwrap());
+            let same = ours.iter().zip(ggml.iter()).filter(|(a, b)| a == b).count();
+            assert_eq!(ours.len(), ggml.len());
+            assert!(
+                same == ggml.len(),
+                "{ty:?} seed {seed}: {} of {} bytes differ",
+                ggml.len() - same,
+                ggml.len()
+            );
+        }
+    }
 }

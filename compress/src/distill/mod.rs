@@ -162,7 +162,8 @@ pub enum LearnEvent {
 pub struct LearnSummary {
     /// The configuration.
     pub config: LearnedConfig,
-    /// Held-out KL(teacher ‖ student) per token with round-to-nearest scales.
+    /// Held-out KL(teacher ‖ student) per token of the round-to-nearest file (ggml's reference
+    /// quantizer's blocks, [`ScaleInit::Ggml`]).
     pub rtn_kl: f64,
     /// … with the initial scales.
     pub initial_kl: f64,
@@ -291,11 +292,12 @@ pub fn learn(
     check_rows(rows, config.holdout)?;
     let teacher = AdaptedModel::new(base, None)?;
     let heldout = &rows[rows.len() - config.holdout..];
-    let rtn_kl = if config.init == ScaleInit::Rtn {
+    // Round-to-nearest is what `--method rtn` writes: ggml's reference quantizer's blocks.
+    let rtn_kl = if config.init == ScaleInit::Ggml {
         None
     } else {
         let rtn_config = LearnedConfig {
-            init: ScaleInit::Rtn,
+            init: ScaleInit::Ggml,
             ..config.clone()
         };
         let rtn = LearnedModel::new(base, &rtn_config)?;

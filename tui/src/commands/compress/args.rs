@@ -399,7 +399,8 @@ pub struct LearnedArgs {
     pub granularity: Granularity,
     /// Initial scales: mse (least weight error per block), imatrix (that error weighted by
     /// each input column's mean squared activation on the calibration rows, as llama.cpp's
-    /// importance matrix weighs it) or rtn.
+    /// importance matrix weighs it), ggml (ggml's own round-to-nearest blocks, byte for byte
+    /// what --method rtn writes) or rtn (max magnitude on the grid's end).
     #[arg(long, default_value = "mse")]
     pub init: ScaleInit,
     /// Weight of the token-level contrastive loss (0: logit distillation only).
