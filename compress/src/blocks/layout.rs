@@ -236,7 +236,8 @@ pub(super) fn read_super_blocks(ty: QuantType, bytes: &[u8]) -> Vec<BlockParams>
     let (size, n) = match ty {
         QuantType::Q4K => (144, 8),
         QuantType::Q3K => (110, 16),
-        _ => (84, 16),
+        QuantType::Q2K => (84, 16),
+        other => unreachable!("{other:?} has no super-blocks"),
     };
     let mut out = Vec::with_capacity(bytes.len() / size * n);
     for b in bytes.chunks_exact(size) {
@@ -264,6 +265,7 @@ pub(super) fn read_super_blocks(ty: QuantType, bytes: &[u8]) -> Vec<BlockParams>
                     scales,
                 }
             }
+            // Q2_K
             _ => SuperParams::WithMins {
                 ty,
                 d: f16_at(b, 80),
